@@ -1,0 +1,122 @@
+"""KoSimCSE model: a Hugging Face encoder, a pooler, the SimCSE InfoNCE loss, and saving in a layout
+that both ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load.
+
+Poolers (names as in SimCSE):
+  cls_before_pooler  last_hidden_state[:, 0], the raw [CLS] vector (BM-K's supervised KoSimCSE).
+  cls                [CLS] -> a new Linear+Tanh MLP. With ``mlp_only_train`` the MLP is used in
+                     training only and evaluation/saved embeddings are the raw [CLS] vector
+                     (SimCSE's unsupervised setting); otherwise the MLP is kept and saved.
+  mean               masked mean over tokens.
+  pooler             the checkpoint's own pooler (BERT dense+tanh over [CLS]; KoSimCSE-SKT).
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModel
+
+POOLERS = ("cls", "cls_before_pooler", "mean", "pooler")
+
+
+def mean_pool(hidden, attention_mask):
+    """Average of the token vectors where attention_mask is 1 (padding contributes nothing)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def contrastive_loss(embeddings, num_columns, temperature):
+    """SimCSE's InfoNCE over one batch encoded in a single pass.
+
+    ``embeddings`` is (num_columns*B, d): rows [0:B] are anchors, the rest are candidates (the
+    positives, then the hard negatives if any). Logits are cos(anchor_i, candidate_j) / temperature,
+    shape (B, (num_columns-1)*B), and the target of anchor i is candidate i (its own positive).
+    """
+    batch = embeddings.shape[0] // num_columns
+    anchors = F.normalize(embeddings[:batch].float(), dim=-1)
+    candidates = F.normalize(embeddings[batch:].float(), dim=-1)
+    logits = anchors @ candidates.T / temperature
+    return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+
+
+class SentenceEncoder(nn.Module):
+    def __init__(self, backbone, pooler="cls_before_pooler", mlp_only_train=False):
+        super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
+        if pooler == "pooler" and getattr(backbone, "pooler", None) is None:
+            raise ValueError(f"--pooler pooler needs a checkpoint with a pooler layer; "
+                             f"{type(backbone).__name__} has none (use cls or mean)")
+        self.backbone, self.pooler, self.mlp_only_train = backbone, pooler, mlp_only_train
+        hidden = backbone.config.hidden_size
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        return cls(AutoModel.from_pretrained(name_or_path), **kwargs)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooler == "mean":
+            return mean_pool(out.last_hidden_state, attention_mask)
+        if self.pooler == "pooler":
+            return out.pooler_output
+        cls_vector = out.last_hidden_state[:, 0]
+        if self.mlp is not None and (self.training or not self.mlp_only_train):
+            return self.mlp(cls_vector)
+        return cls_vector
+
+    def head_at_inference(self):
+        """The Linear+Tanh applied after pooling at inference, if any (saved as ST's Dense)."""
+        if self.pooler == "pooler":
+            return self.backbone.pooler.dense
+        if self.mlp is not None and not self.mlp_only_train:
+            return self.mlp[0]
+        return None
+
+    def save(self, out_dir, tokenizer, max_len):
+        """Write a Hugging Face model folder that is also a sentence-transformers model folder."""
+        self.backbone.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        mode = "mean" if self.pooler == "mean" else "cls"
+        dense = self.head_at_inference()
+        write_sentence_transformers_config(out_dir, self.backbone.config.hidden_size, mode, max_len,
+                                           dense=dense)
+
+
+def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dense=None,
+                                       dense_activation="tanh", normalize=False):
+    """modules.json + module configs in the classic layout that sentence-transformers 2.x to 6.x load:
+    0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize]."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": max_len, "do_lower_case": False}, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": dim,
+                   "pooling_mode_cls_token": pooling_mode == "cls",
+                   "pooling_mode_mean_tokens": pooling_mode == "mean",
+                   "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False}, f, indent=2)
+    if dense is not None:
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        os.makedirs(os.path.join(out_dir, "2_Dense"), exist_ok=True)
+        with open(os.path.join(out_dir, "2_Dense", "config.json"), "w") as f:
+            json.dump({"in_features": dense.in_features, "out_features": dense.out_features,
+                       "bias": dense.bias is not None,
+                       "activation_function": {"tanh": "torch.nn.modules.activation.Tanh",
+                                              "identity": "torch.nn.modules.linear.Identity"}[dense_activation]}, f, indent=2)
+        weights = {"linear.weight": dense.weight.detach().float().cpu().contiguous()}
+        if dense.bias is not None:
+            weights["linear.bias"] = dense.bias.detach().float().cpu().contiguous()
+        save_file(weights, os.path.join(out_dir, "2_Dense", "model.safetensors"))
+    if normalize:
+        idx = len(modules)
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out_dir, f"{idx}_Normalize"), exist_ok=True)
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)
