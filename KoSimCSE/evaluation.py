@@ -83,6 +83,16 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def load_tokenizer(path):
+    """AutoTokenizer, refusing the empty vocabulary-less tokenizer that transformers builds silently
+    for a model folder that has no tokenizer files."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.json, vocab.txt, spiece.model, ...); "
+                         f"save the tokenizer into the model folder")
+    return tokenizer
+
+
 def load_backbone(path):
     """The encoder of a checkpoint: AutoModel, or only the encoder of an encoder-decoder model."""
     config = AutoConfig.from_pretrained(path)
@@ -119,7 +129,7 @@ class FolderEncoder(nn.Module):
             raise ValueError(f"{path} has no modules.json, so its pooling is unknown: pass --pooler "
                              f"(cls_before_pooler for [CLS], mean for mean pooling, pooler for pooler_output)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
+            self.tokenizer = load_tokenizer(transformer_dir)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load a tokenizer from {transformer_dir}: {e}") from None
         self.backbone = load_backbone(transformer_dir)

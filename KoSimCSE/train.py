@@ -22,11 +22,11 @@ import time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from dataloader import (ColumnCollator, DataError, TokenizedTexts, build_train_dataset, read_sts,
                         resolve_path)
-from evaluation import DEFAULT_DATA_DIR, encode_tokenized, sts_metrics
+from evaluation import DEFAULT_DATA_DIR, encode_tokenized, load_tokenizer, sts_metrics
 from model import POOLERS, SentenceEncoder, contrastive_loss
 
 MODE_DEFAULTS = {
@@ -132,7 +132,7 @@ def build_optimizer(model, lr, weight_decay):
 
 def load_model(args):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         model = SentenceEncoder.from_pretrained(args.model, pooler=args.pooler, mlp_only_train=args.mlp_only_train)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model '{args.model}': {e}\n"

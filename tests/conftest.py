@@ -1,0 +1,164 @@
+"""Shared fixtures: tiny random models with a locally trained tokenizer, synthetic Korean data in the
+real file layouts, the real data under ../shared/data when present, and per-folder module loading.
+
+Every method folder has modules called dataloader/model/evaluation/train, so ``load_method`` imports
+one folder's set under private names and the folders never see each other's modules.
+"""
+import importlib
+import os
+import random
+import sys
+import types
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("KOSENT_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+METHOD_MODULES = ("dataloader", "model", "evaluation", "train")
+
+# Synthetic "topics": sentences of one topic share content words, so a model can learn that they
+# are similar. Used for NLI triplets, STS pairs and wiki sentences in the real file formats.
+TOPICS = [
+    ["사과", "바나나", "포도", "딸기", "수박", "과일"],
+    ["바다", "파도", "모래", "해변", "수영", "조개"],
+    ["축구", "공", "골", "선수", "경기", "감독"],
+    ["기차", "역", "승객", "표", "선로", "출발"],
+    ["고양이", "강아지", "먹이", "꼬리", "산책", "동물"],
+    ["컴퓨터", "키보드", "화면", "프로그램", "코드", "전원"],
+    ["비", "우산", "구름", "날씨", "바람", "천둥"],
+    ["책", "도서관", "작가", "소설", "페이지", "독서"],
+]
+FILLERS = ["그리고", "오늘", "정말", "아주", "다시", "함께"]
+
+
+def load_method(folder):
+    """Import <folder>/{dataloader,model,evaluation,train}.py as a namespace, isolated from other folders."""
+    path = os.path.join(ROOT, folder)
+    saved = {name: sys.modules.pop(name) for name in METHOD_MODULES if name in sys.modules}
+    sys.path.insert(0, path)
+    try:
+        ns = types.SimpleNamespace(path=path)
+        for name in METHOD_MODULES:
+            if os.path.exists(os.path.join(path, name + ".py")):
+                setattr(ns, name, importlib.import_module(name))
+        return ns
+    finally:
+        sys.path.remove(path)
+        for name in METHOD_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def topic_sentence(rng, topic, n_words=4):
+    words = rng.sample(TOPICS[topic], n_words) + [rng.choice(FILLERS)]
+    rng.shuffle(words)
+    return " ".join(words) + "."
+
+
+def write_synthetic_data(root, seed=0, n_nli=300, n_sts=120, n_wiki=400):
+    """Tiny data in the real layouts: KorNLI TSV, KorSTS TSV (with a raw-quote row and no final
+    newline, like the real dev/test), KLUE-STS JSON, wiki text."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(root, "KorNLI"), exist_ok=True)
+    os.makedirs(os.path.join(root, "KorSTS"), exist_ok=True)
+    os.makedirs(os.path.join(root, "KLUE-STS"), exist_ok=True)
+    os.makedirs(os.path.join(root, "wiki"), exist_ok=True)
+    with open(os.path.join(root, "KorNLI", "nli.train.ko.tsv"), "w") as f:
+        f.write("sentence1\tsentence2\tgold_label\n")
+        for _ in range(n_nli):
+            t, other = rng.sample(range(len(TOPICS)), 2)
+            premise = topic_sentence(rng, t)
+            f.write(f"{premise}\t{topic_sentence(rng, t)}\tentailment\n")
+            f.write(f"{premise}\t{topic_sentence(rng, rng.randrange(len(TOPICS)))}\tneutral\n")
+            f.write(f"{premise}\t{topic_sentence(rng, other)}\tcontradiction\n")
+
+    def sts_rows(n):
+        rows = []
+        for _ in range(n):
+            t = rng.randrange(len(TOPICS))
+            shared = rng.randint(0, 4)  # content words the two sentences share
+            if shared == 0:
+                u = rng.choice([x for x in range(len(TOPICS)) if x != t])
+                s1, s2, score = topic_sentence(rng, t), topic_sentence(rng, u), rng.uniform(0, 1)
+            else:
+                s1 = topic_sentence(rng, t)
+                s2 = topic_sentence(rng, t, n_words=shared)
+                score = min(5.0, 1.0 + shared + rng.uniform(-0.3, 0.3))
+            rows.append((s1, s2, round(score, 3)))
+        return rows
+
+    header = "genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2"
+    for split, n in (("train", n_sts), ("dev", n_sts), ("test", n_sts)):
+        rows = sts_rows(n)
+        if split == "dev":
+            rows[0] = ('"슈퍼맨" 셔츠를 입은 개가 뛴다.', '"more posh" 라는 말', 0.4)  # raw quotes, as KorSTS
+        lines = [header] + [f"main-news\tsynthetic\t2020\t{i:04d}\t{s}\t{a}\t{b}" for i, (a, b, s) in enumerate(rows)]
+        with open(os.path.join(root, "KorSTS", f"sts-{split}.tsv"), "w") as f:
+            f.write("\n".join(lines) + ("\n" if split == "train" else ""))
+    import json
+    with open(os.path.join(root, "KLUE-STS", "klue-sts-v1.1_dev.json"), "w") as f:
+        json.dump([{"guid": f"syn-{i}", "sentence1": a, "sentence2": b,
+                    "labels": {"label": round(s, 1), "real-label": s, "binary-label": int(s >= 3)}}
+                   for i, (a, b, s) in enumerate(sts_rows(60))], f, ensure_ascii=False)
+    with open(os.path.join(root, "wiki", "wiki_corpus.txt"), "w") as f:
+        for _ in range(n_wiki):
+            f.write(topic_sentence(rng, rng.randrange(len(TOPICS))) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    return write_synthetic_data(str(tmp_path_factory.mktemp("data")))
+
+
+def train_tokenizer(out_dir, texts):
+    """A WordPiece tokenizer trained on ``texts``, saved as a BERT-style fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=64)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def corpus_texts():
+    rng = random.Random(1)
+    texts = [topic_sentence(rng, t) for t in range(len(TOPICS)) for _ in range(30)]
+    texts += [" ".join(TOPICS[t]) for t in range(len(TOPICS))] + [" ".join(FILLERS)]
+    texts += ['"슈퍼맨" 셔츠를 입은 개가 뛴다.', '"more posh" 라는 말', "한 남자가 음식을 먹는다."]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """Folder with a random 2-layer BERT (hidden 32) and its tokenizer."""
+    from transformers import BertConfig, BertModel
+    import torch
+    out = str(tmp_path_factory.mktemp("tiny-bert"))
+    tok = train_tokenizer(out, corpus_texts())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not os.path.isdir(os.path.join(SHARED_DATA, "KorSTS")):
+        pytest.skip(f"real data not found at {SHARED_DATA} (set KOSENT_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kosimcse():
+    return load_method("KoSimCSE")

@@ -1,0 +1,206 @@
+"""KoSimCSE: loss, metrics, protocols, training end to end, saved-model loading, search, clustering."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import topic_sentence
+from scipy.stats import pearsonr, spearmanr
+
+
+def test_contrastive_loss_matches_hand_computation(kosimcse):
+    # B=2 triplets, d=2: rows are [a1, a2, p1, p2, n1, n2].
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0], [3.0, 0.0]])
+    tau = 0.05
+    s = 1 / math.sqrt(2)
+    # cosine of a1 with [p1, p2, n1, n2] = [s, 0, -1, 1]; of a2 = [s, 1, 0, 0]
+    loss1 = -math.log(math.exp(s / tau) / sum(math.exp(c / tau) for c in (s, 0, -1, 1)))
+    loss2 = -math.log(math.exp(1 / tau) / sum(math.exp(c / tau) for c in (s, 1, 0, 0)))
+    got = kosimcse.model.contrastive_loss(z, num_columns=3, temperature=tau)
+    assert got.item() == pytest.approx((loss1 + loss2) / 2, rel=1e-5)
+    # Unsupervised: two columns, (B, B) logits.
+    z2 = z[:4]
+    loss_u = (-math.log(math.exp(s / tau) / (math.exp(s / tau) + 1))
+              - math.log(math.exp(1 / tau) / (math.exp(s / tau) + math.exp(1 / tau)))) / 2
+    assert kosimcse.model.contrastive_loss(z2, 2, tau).item() == pytest.approx(loss_u, rel=1e-5)
+
+
+def test_sts_metrics_match_scipy(kosimcse):
+    rng = np.random.default_rng(0)
+    e1, e2 = rng.normal(size=(50, 8)), rng.normal(size=(50, 8))
+    gold = rng.uniform(0, 5, 50)
+    m = kosimcse.evaluation.sts_metrics(e1, e2, gold)
+    cos = (e1 * e2).sum(1) / np.linalg.norm(e1, axis=1) / np.linalg.norm(e2, axis=1)
+    sims = {"cosine": cos, "euclidean": -np.linalg.norm(e1 - e2, axis=1),
+            "manhattan": -np.abs(e1 - e2).sum(1), "dot": (e1 * e2).sum(1)}
+    for name, sim in sims.items():
+        assert m[f"{name}_pearson"] == pytest.approx(100 * pearsonr(gold, sim)[0], abs=1e-9)
+        assert m[f"{name}_spearman"] == pytest.approx(100 * spearmanr(gold, sim)[0], abs=1e-9)
+    keys = kosimcse.evaluation.METRICS
+    assert m["avg"] == pytest.approx(np.mean([m[k] for k in keys]))
+    assert m["max_spearman"] == max(m[k] for k in keys if "spearman" in k)
+
+
+def test_bmk_protocol_averages_shuffled_batches(kosimcse):
+    ev = kosimcse.evaluation
+    rng = np.random.default_rng(1)
+    e1, e2, gold = rng.normal(size=(70, 4)), rng.normal(size=(70, 4)), rng.uniform(0, 5, 70)
+    got = ev.bmk_metrics(e1, e2, gold, batch_size=32, seed=3)
+    order = torch.randperm(70, generator=torch.Generator().manual_seed(3)).numpy()
+    batches = [order[:32], order[32:64], order[64:]]  # the last batch of 6 weighs as much as the others
+    want = np.mean([ev.sts_metrics(e1[b], e2[b], gold[b])["cosine_spearman"] for b in batches])
+    assert got["cosine_spearman"] == pytest.approx(want)
+    whole = ev.sts_metrics(e1, e2, gold)
+    assert ev.bmk_metrics(e1, e2, gold, batch_size=100, seed=3)["avg"] == pytest.approx(whole["avg"])
+    assert got["avg"] != pytest.approx(whole["avg"])
+
+
+def run_train(kosimcse, tiny_bert, data, out, *extra):
+    args = ["--model", tiny_bert, "--data_dir", data, "--output_dir", out, "--batch_size", "16",
+            "--eval_batch_size", "32", "--max_len", "24", "--seed", "0", "--logging_steps", "5", *extra]
+    kosimcse.train.main(args)
+    return os.path.join(out, "best_model")
+
+
+@pytest.fixture(scope="module")
+def sup_run(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sup"))
+    best = run_train(kosimcse, tiny_bert, synthetic_data, out, "--mode", "sup", "--train_file",
+                     "KorNLI/nli.train.ko.tsv", "--max_steps", "150", "--eval_steps", "50", "--lr", "1e-3",
+                     "--warmup_ratio", "0.1", "--pooler", "mean")
+    return out, best
+
+
+def test_sup_training_improves_held_out_sts_and_logs(kosimcse, tiny_bert, synthetic_data, sup_run, capsys):
+    out, best = sup_run
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert [e["step"] for e in log if "dev" in e] == [50, 100, 150]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0]
+    ev = kosimcse.evaluation
+    scores = {}
+    for name, folder, pooler in (("before", tiny_bert, "mean"), ("after", best, None)):
+        rows_json = os.path.join(out, f"{name}.json")
+        args = ["--model_dir", folder, "--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json",
+                rows_json, "--protocol", "standard", "bmk", "--batch_size", "50"]
+        ev.main(args + (["--pooler", pooler] if pooler else []))
+        rows = json.load(open(rows_json))
+        assert [r["protocol"] for r in rows] == ["standard", "bmk"]
+        scores[name] = rows[0]["metrics"]["cosine_spearman"]
+    printed = capsys.readouterr().out
+    assert "| AVG | cosP | cosS | eucP | eucS | manP | manS | dotP | dotS |" in printed
+    assert scores["after"] > scores["before"] + 10, scores  # test split: pairs never seen in training
+
+
+def test_saved_model_loads_in_transformers_and_sentence_transformers(kosimcse, sup_run):
+    from transformers import AutoModel, AutoTokenizer
+    _, best = sup_run
+    sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발.", '"슈퍼맨" 셔츠를 입은 개가 뛴다.']
+    ours = kosimcse.evaluation.encode(kosimcse.evaluation.FolderEncoder(best).eval(),
+                                      AutoTokenizer.from_pretrained(best), sentences, 24)
+    tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
+    batch = tok(sentences, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():  # mean pooling by hand from plain transformers
+        hidden = hf(**batch)[0]
+    mask = batch["attention_mask"].unsqueeze(-1)
+    np.testing.assert_allclose(ours, ((hidden * mask).sum(1) / mask.sum(1)).numpy(), atol=1e-5)
+    st_module = pytest.importorskip("sentence_transformers")
+    st = st_module.SentenceTransformer(best, device="cpu")
+    np.testing.assert_allclose(ours, st.encode(sentences, batch_size=2), atol=1e-5)
+
+
+def test_metrics_agree_with_sentence_transformers_evaluator(kosimcse, sup_run, synthetic_data):
+    st_module = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+    from transformers import AutoTokenizer
+    _, best = sup_run
+    ev = kosimcse.evaluation
+    pairs = kosimcse.dataloader.read_sts(os.path.join(synthetic_data, "KorSTS", "sts-dev.tsv"))
+    ours = ev.evaluate_sts(ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best), pairs, 24, 32, "cpu")
+    evaluator = EmbeddingSimilarityEvaluator([p[0] for p in pairs], [p[1] for p in pairs], [p[2] / 5 for p in pairs],
+                                             similarity_fn_names=["cosine", "euclidean", "manhattan", "dot"])
+    theirs = evaluator(st_module.SentenceTransformer(best, device="cpu"))
+    for key in ev.METRICS:  # ours: cosine_pearson; theirs: pearson_cosine
+        fn, stat = key.split("_")
+        assert ours["standard"][key] / 100 == pytest.approx(theirs[f"{stat}_{fn}"], abs=1e-4), key
+
+
+def test_unsup_mlp_only_train_saves_raw_cls(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    best = run_train(kosimcse, tiny_bert, synthetic_data, str(tmp_path / "unsup"), "--mode", "unsup",
+                     "--max_steps", "6", "--eval_steps", "3", "--max_train_samples", "200")
+    modules = json.load(open(os.path.join(best, "modules.json")))
+    assert [m["path"] for m in modules] == ["", "1_Pooling"]  # the MLP is not part of the saved model
+    from transformers import AutoModel, AutoTokenizer
+    tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
+    sentences = ["바다 파도.", "책 도서관 작가 소설."]
+    ours = kosimcse.evaluation.encode(kosimcse.evaluation.FolderEncoder(best).eval(), tok, sentences, 24)
+    with torch.no_grad():  # the README quick-tour snippet on a CLS-pooled model
+        quick = hf(**tok(sentences, padding=True, truncation=True, return_tensors="pt"), return_dict=False)[0][:, 0]
+    np.testing.assert_allclose(ours, quick.numpy(), atol=1e-5)
+    st_module = pytest.importorskip("sentence_transformers")
+    np.testing.assert_allclose(ours, st_module.SentenceTransformer(best, device="cpu").encode(sentences), atol=1e-5)
+
+
+def test_cls_with_mlp_kept_is_saved_as_dense(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    best = run_train(kosimcse, tiny_bert, synthetic_data, str(tmp_path / "mlp"), "--mode", "sup", "--train_file",
+                     "KorNLI/nli.train.ko.tsv", "--max_steps", "3", "--eval_steps", "3", "--pooler", "cls",
+                     "--no-mlp_only_train")
+    st_module = pytest.importorskip("sentence_transformers")
+    from transformers import AutoTokenizer
+    ours = kosimcse.evaluation.encode(kosimcse.evaluation.FolderEncoder(best).eval(),
+                                      AutoTokenizer.from_pretrained(best), ["바다 파도.", "책 작가."], 24)
+    assert os.path.isdir(os.path.join(best, "2_Dense"))
+    np.testing.assert_allclose(ours, st_module.SentenceTransformer(best, device="cpu").encode(["바다 파도.", "책 작가."]),
+                               atol=1e-5)
+
+
+def test_refuses_to_overwrite_an_earlier_run(kosimcse, tiny_bert, synthetic_data, sup_run):
+    out, best = sup_run
+    before = os.path.getmtime(os.path.join(best, "model.safetensors"))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run_train(kosimcse, tiny_bert, synthetic_data, out, "--mode", "sup", "--train_file", "KorNLI/nli.train.ko.tsv")
+    assert os.path.getmtime(os.path.join(best, "model.safetensors")) == before
+
+
+def test_model_folder_without_tokenizer_is_a_clear_error(kosimcse, synthetic_data, tmp_path):
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match="cannot load model"):
+        run_train(kosimcse, str(tmp_path / "m"), synthetic_data, str(tmp_path / "out"), "--mode", "unsup")
+
+
+def test_search_finds_planted_sentence_across_chunks(kosimcse, sup_run, tmp_path):
+    from transformers import AutoTokenizer
+    _, best = sup_run
+    ev = kosimcse.evaluation
+    encoder, tok = ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best)
+    rng = random.Random(5)
+    corpus = list(dict.fromkeys(topic_sentence(rng, t % 3, 3) for t in range(90)))[:60]  # no train topic 3
+    corpus.insert(30, "기차 역 승객 표 출발.")
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    queries = ["기차 역 승객 표 출발.", corpus[45]]
+    hits = ev.semantic_search(encoder, tok, queries, str(path), top_k=4, chunk_size=7, max_len=24)
+    assert hits[0][0][2] == "기차 역 승객 표 출발." and hits[0][0][1] == 30
+    assert hits[1][0][1] == 45 and hits[1][0][0] == pytest.approx(1.0, abs=1e-5)
+    # Chunked top-k equals brute force over the whole corpus.
+    q = torch.nn.functional.normalize(torch.from_numpy(ev.encode(encoder, tok, queries, 24)), dim=-1)
+    c = torch.nn.functional.normalize(torch.from_numpy(ev.encode(encoder, tok, corpus, 24)), dim=-1)
+    brute = (q @ c.T).topk(4, dim=1)
+    assert [[h[1] for h in row] for row in hits] == brute.indices.tolist()
+
+
+def test_search_and_cluster_cli_output(kosimcse, sup_run, tmp_path, capsys):
+    _, best = sup_run
+    kosimcse.evaluation.main(["--model_dir", best, "--task", "search", "--top_k", "2"])
+    out = capsys.readouterr().out
+    assert out.count("Query:") == 3 and "Top 2 most similar sentences in corpus:" in out and "(Score: " in out
+    plot = str(tmp_path / "clusters.png")
+    kosimcse.evaluation.main(["--model_dir", best, "--task", "cluster", "--num_clusters", "3", "--plot", plot])
+    out = capsys.readouterr().out
+    assert out.count("Cluster  ") == 3 and out.count("'") >= 24  # all 12 sentences listed
+    assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
