@@ -255,6 +255,29 @@ def pad_batch(sequences, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class BatchPlan:
+    """The batches of a run, fixed by (seed, epoch): epoch e visits the examples in the order
+    ``torch.randperm(n)`` seeded with seed + e, cut into global batches of ``global_batch`` (a last
+    partial batch is dropped); under torch.distributed, rank r of W takes the r-th slice of every
+    global batch. Any step can be the starting point, which is what makes ``--resume`` exact."""
+
+    def __init__(self, num_examples, global_batch, seed, rank=0, world_size=1):
+        global_batch = min(global_batch, num_examples)
+        if global_batch % world_size:
+            raise ValueError(f"--batch_size {global_batch} is not divisible by the {world_size} processes")
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.rank, self.local_batch = rank, global_batch // world_size
+
+    def __len__(self):
+        return self.num_examples // self.global_batch
+
+    def batches(self, epoch, start_step=0):
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        for step in range(start_step, len(self)):
+            first = step * self.global_batch + self.rank * self.local_batch
+            yield order[first:first + self.local_batch].tolist()
+
+
 class ContrastiveDataset(torch.utils.data.Dataset):
     """Items are tuples of token-id arrays, one per column.
 

@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
@@ -41,6 +42,21 @@ def contrastive_loss(embeddings, num_columns, temperature):
     return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
 
 
+def gather_columns(embeddings, num_columns):
+    """Under torch.distributed, the (num_columns*b, d) local embeddings -> (num_columns*W*b, d) of
+    the global batch, column by column (all anchors, then all positives, ...), so that every rank
+    scores its anchors against the negatives of all ranks. Only the local slice keeps its gradient
+    (as in SimCSE); the caller multiplies the loss by W so that DDP's gradient averaging gives the
+    single-process gradient of the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings
+    columns = embeddings.reshape(num_columns, -1, embeddings.shape[-1])
+    gathered = [torch.empty_like(columns) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, columns.detach().contiguous())
+    gathered[dist.get_rank()] = columns
+    return torch.cat(gathered, dim=1).reshape(-1, embeddings.shape[-1])
+
+
 class SentenceEncoder(nn.Module):
     def __init__(self, backbone, pooler="cls_before_pooler", mlp_only_train=False):
         super().__init__()
@@ -50,6 +66,8 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"--pooler pooler needs a checkpoint with a pooler layer; "
                              f"{type(backbone).__name__} has none (use cls or mean)")
         self.backbone, self.pooler, self.mlp_only_train = backbone, pooler, mlp_only_train
+        if pooler != "pooler" and getattr(backbone, "pooler", None) is not None:
+            backbone.pooler.requires_grad_(False)  # unused: no gradient, and none for DDP to wait for
         hidden = backbone.config.hidden_size
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
 

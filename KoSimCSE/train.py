@@ -21,13 +21,14 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dataloader import (ColumnCollator, DataError, TokenizedTexts, build_train_dataset, read_sts,
+from dataloader import (BatchPlan, ColumnCollator, DataError, TokenizedTexts, build_train_dataset, read_sts,
                         resolve_path)
 from evaluation import DEFAULT_DATA_DIR, encode_tokenized, load_tokenizer, sts_metrics
-from model import POOLERS, SentenceEncoder, contrastive_loss
+from model import POOLERS, SentenceEncoder, contrastive_loss, gather_columns
 
 MODE_DEFAULTS = {
     "sup": dict(train_file=["KorNLI/snli_1.0_train.ko.tsv", "KorNLI/multinli.train.ko.tsv"], batch_size=256,
@@ -63,6 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=None, help="AdamW; biases and LayerNorm weights get none")
     p.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off (as BM-K)")
     p.add_argument("--eval_steps", type=int, default=None, help="evaluate on --dev_file every N steps and at the end")
+    p.add_argument("--save_steps", type=int, default=None,
+                   help="write output_dir/checkpoint (for --resume) every N steps (default: --eval_steps)")
+    p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
+                   help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
+                        "it was started with (only --device and --num_workers may change)")
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of the training rows")
@@ -72,10 +78,21 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.resume:
+        saved = os.path.join(args.resume, "args.json")
+        if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
+            p.error(f"--resume {args.resume}: no checkpoint/state.pt and args.json there to resume from")
+        with open(saved) as f:
+            for key, value in json.load(f).items():
+                if key not in ("device", "num_workers"):
+                    setattr(args, key, value)
+        args.output_dir = args.resume
+        return args
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.output_dir = args.output_dir or os.path.join("output", f"kosimcse-{args.mode}")
+    args.save_steps = args.save_steps or args.eval_steps
     if args.fp16 and args.bf16:
         p.error("--fp16 and --bf16 are exclusive")
     if args.fp16 and not args.device.startswith("cuda"):
@@ -90,21 +107,27 @@ def set_seed(seed):
     torch.cuda.manual_seed_all(seed)
 
 
-def prepare_output_dir(args):
-    """Refuse to mix two runs in one folder unless --overwrite_output_dir; recover an interrupted save."""
+def check_output_dir(args):
+    """Refuse to mix two runs in one folder unless --overwrite_output_dir (nothing is written here)."""
     best = os.path.join(args.output_dir, "best_model")
     if not os.path.isdir(best) and os.path.isdir(best + ".old"):
         os.replace(best + ".old", best)  # a kill between the two renames of save_atomically
-    earlier = [f for f in ("args.json", "train_log.jsonl", "best_model") if os.path.exists(os.path.join(args.output_dir, f))]
+    earlier = [f for f in ("args.json", "train_log.jsonl", "best_model", "checkpoint")
+               if os.path.exists(os.path.join(args.output_dir, f))]
     if earlier and not args.overwrite_output_dir:
         raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
-                         f"--overwrite_output_dir to replace it or choose another --output_dir")
-    for stale in ("best_model", "train_log.jsonl"):
+                         f"--overwrite_output_dir to replace it, --resume {args.output_dir} to continue it, "
+                         f"or choose another --output_dir")
+
+
+def prepare_output_dir(args):
+    """Clear an earlier run (only once the new one's inputs have loaded) and record the arguments."""
+    for stale in ("best_model", "checkpoint", "train_log.jsonl"):
         path = os.path.join(args.output_dir, stale)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, ensure_ascii=False)
+        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
 
 
 def save_atomically(save, final_dir):
@@ -161,47 +184,123 @@ class DevEvaluator:
         return sts_metrics(emb[:n], emb[n:], self.gold)
 
 
+def setup_distributed(args):
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
+    gloo on CPU; each process drives one GPU (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score):
+    """Everything --resume needs, written atomically: weights, optimizer, schedule, loss scale,
+    the step (which fixes the data position through BatchPlan), the best dev score, RNG states."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+    def write(folder):
+        os.makedirs(folder)
+        torch.save(state, os.path.join(folder, "state.pt"))
+    save_atomically(write, path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler, scaler):
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def restore_rng(rng):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def truncate_log(path, step):
+    """Drop log lines written after the checkpoint a resumed run restarts from."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
 def train(args):
-    set_seed(args.seed)
-    prepare_output_dir(args)
-    log = lambda msg: tqdm.write(msg)
+    rank, world = setup_distributed(args)
+    main_process = rank == 0
+    log = (lambda msg: tqdm.write(msg)) if main_process else (lambda msg: None)
+    if not args.resume:
+        check_output_dir(args)
+    set_seed(args.seed + rank)  # per-rank dropout masks
     tokenizer, model = load_model(args)
     model.to(args.device)
     dataset = build_train_dataset(args, tokenizer, log=log)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) >= args.batch_size,
-        collate_fn=ColumnCollator(tokenizer.pad_token_id), num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed), pin_memory=args.device.startswith("cuda"))
+    plan = BatchPlan(len(dataset), args.batch_size, args.seed, rank, world)
+    collate = ColumnCollator(tokenizer.pad_token_id)
     num_columns = 3 if args.mode == "sup" else 2
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * len(loader)
-    epochs = math.ceil(total_steps / len(loader))
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * len(plan)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    evaluate = DevEvaluator(args, tokenizer, amp_dtype)
+    evaluate = DevEvaluator(args, tokenizer, amp_dtype) if main_process else None
     best_dir = os.path.join(args.output_dir, "best_model")
-    log(f"{len(dataset):,} training examples, batch {args.batch_size}, {total_steps:,} steps "
-        f"({epochs} epoch(s) of {len(loader):,}), eval every {args.eval_steps} on {args.dev_file}")
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    best_score, step = -math.inf, 0
+    if args.resume:
+        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler)
+        best_score, step = state["best_score"], state["step"]
+        restore_rng(state["rng"]) if main_process else torch.manual_seed(args.seed + rank + step)
+        if main_process:
+            truncate_log(log_path, step)
+        log(f"resuming {args.output_dir} at step {step:,} (best dev max-spearman {best_score:.2f})")
+    elif main_process:
+        prepare_output_dir(args)  # only now: bad inputs above must not cost the earlier run anything
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    log(f"{len(dataset):,} training examples, batch {args.batch_size}"
+        + (f" ({world} processes x {plan.local_batch})" if world > 1 else "")
+        + f", {total_steps:,} steps ({len(plan):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
 
-    best_score, step, start = -math.inf, 0, time.time()
-    with open(os.path.join(args.output_dir, "train_log.jsonl"), "a") as log_file, \
-            tqdm(total=total_steps, desc=f"KoSimCSE {args.mode}", unit="step") as bar:
+    start = time.time()
+    with open(log_path, "a") if main_process else open(os.devnull, "w") as log_file, \
+            tqdm(total=total_steps, initial=step, desc=f"KoSimCSE {args.mode}", unit="step",
+                 disable=not main_process) as bar:
         def record(entry):
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
         model.train()
-        for epoch in range(epochs):
+        while step < total_steps:
+            epoch = step // len(plan)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=list(plan.batches(epoch, step % len(plan))), collate_fn=collate,
+                num_workers=args.num_workers, pin_memory=device_type == "cuda",
+                generator=torch.Generator())  # own generator: the global RNG stays untouched
             for batch in loader:
                 batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = contrastive_loss(model(**batch), num_columns, args.temperature)
+                    embeddings = gather_columns(ddp(**batch), num_columns)
+                    loss = contrastive_loss(embeddings, num_columns, args.temperature)
                 if not torch.isfinite(loss):
-                    raise SystemExit(f"error: the loss is {loss.item()} at step {step + 1}; stopping. The best "
-                                     f"model so far is kept in {best_dir}. Try a lower --lr, or --bf16 instead of --fp16.")
-                scaler.scale(loss).backward()
+                    raise SystemExit(f"error: the loss is {loss.item()} at step {step + 1}; stopping. The best model "
+                                     f"so far is kept in {best_dir} and the last checkpoint in {checkpoint_dir}. "
+                                     f"Try a lower --lr, or --bf16 instead of --fp16.")
+                scaler.scale(loss * world).backward()
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -216,17 +315,27 @@ def train(args):
                     record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                             "elapsed_s": round(time.time() - start, 1)})
                 if step % args.eval_steps == 0 or step == total_steps:
-                    metrics = evaluate(model)
-                    record({"step": step, "epoch": epoch, "dev": metrics})
-                    log(f"step {step}: dev avg {metrics['avg']:.2f}, cosine spearman {metrics['cosine_spearman']:.2f}, "
-                        f"max spearman {metrics['max_spearman']:.2f}")
-                    if metrics["max_spearman"] > best_score:
-                        best_score = metrics["max_spearman"]
-                        save_atomically(lambda d: model.save(d, tokenizer, args.max_len), best_dir)
-                        log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
+                    if main_process:
+                        metrics = evaluate(model)
+                        record({"step": step, "epoch": epoch, "dev": metrics})
+                        log(f"step {step}: dev avg {metrics['avg']:.2f}, cosine spearman "
+                            f"{metrics['cosine_spearman']:.2f}, max spearman {metrics['max_spearman']:.2f}")
+                        if metrics["max_spearman"] > best_score:
+                            best_score = metrics["max_spearman"]
+                            save_atomically(lambda d: model.save(d, tokenizer, args.max_len), best_dir)
+                            log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
+                    if world > 1:
+                        dist.barrier()
+                if step % args.save_steps == 0 or step == total_steps:
+                    if main_process:
+                        save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, step, best_score)
+                    if world > 1:
+                        dist.barrier()
                 if step >= total_steps:
                     break
     log(f"done in {time.time() - start:.0f}s: best dev max-spearman {best_score:.2f}, model in {best_dir}")
+    if world > 1:
+        dist.destroy_process_group()
     return best_score
 
 

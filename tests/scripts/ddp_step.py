@@ -1,0 +1,40 @@
+"""One contrastive training step on a fixed global batch, for the DDP equality test.
+
+    python ddp_step.py METHOD_DIR MODEL_DIR OUT.pt               one process, the whole batch
+    torchrun --nproc_per_node 2 ddp_step.py METHOD_DIR MODEL_DIR OUT.pt   gloo, half a batch each
+
+Writes (rank 0) the loss and every parameter gradient after backward (DDP has averaged them).
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+method_dir, model_dir, out = sys.argv[1:4]
+sys.path.insert(0, method_dir)
+from model import SentenceEncoder, contrastive_loss, gather_columns  # noqa: E402
+
+world = int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+model = SentenceEncoder.from_pretrained(model_dir, pooler="cls", mlp_only_train=False)
+torch.manual_seed(0)
+model.mlp[0].reset_parameters()  # the same MLP in every process
+model.train()  # the test model has dropout 0, so train mode is deterministic
+B, L = 8, 6
+g = torch.Generator().manual_seed(1)
+ids = torch.randint(5, 100, (3, B, L), generator=g)  # (columns, batch, length)
+mask = torch.ones_like(ids)
+mask[:, :, 4:] = torch.randint(0, 2, (3, B, 2), generator=g)
+local = slice(rank * B // world, (rank + 1) * B // world)
+ids, mask = ids[:, local].reshape(-1, L), mask[:, local].reshape(-1, L)
+ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+loss = contrastive_loss(gather_columns(ddp(input_ids=ids, attention_mask=mask), 3), 3, 0.05)
+(loss * world).backward()
+if rank == 0:
+    torch.save({"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.grad is not None}}, out)
+if world > 1:
+    dist.destroy_process_group()
