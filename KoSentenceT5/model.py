@@ -1,0 +1,140 @@
+"""KoSentenceT5 model: sentence embeddings from encoder-decoder checkpoints (Sentence-T5 "ST5-Enc mean").
+
+  --arch t5    the ENCODER of a T5 / mT5 / umT5 checkpoint (T5EncoderModel: decoder weights are not
+               loaded), masked mean pooling, and with --st5_head Sentence-T5's projection: a Dense
+               d->d without bias, then L2 normalisation.
+  --arch bart  a BART checkpoint as sentence-transformers and BM-K's KoSentenceBART compute it: the
+               model run on the sentence (decoder input = the sentence shifted right), masked mean
+               pooling of the last hidden states. (sentence-transformers has no encoder-only BART
+               class, so an encoder-only BART embedding could not be saved as a folder that
+               SentenceTransformer reproduces; this choice keeps train, evaluation and ST identical.)
+
+Saved folders are Transformer -> Pooling(mean) -> [Dense(no bias, identity) -> Normalize] for
+sentence-transformers, and plain Hugging Face model folders for transformers.
+"""
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+T5_FAMILY = ("t5", "mt5", "umt5")
+ARCHS = ("t5", "bart")
+
+
+# Copied from KoSimCSE/model.py:mean_pool
+def mean_pool(hidden, attention_mask):
+    """Average of the token vectors where attention_mask is 1 (padding contributes nothing)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+# Copied from KoSimCSE/model.py:contrastive_loss
+def contrastive_loss(embeddings, num_columns, temperature):
+    """SimCSE's InfoNCE over one batch encoded in a single pass.
+
+    ``embeddings`` is (num_columns*B, d): rows [0:B] are anchors, the rest are candidates (the
+    positives, then the hard negatives if any). Logits are cos(anchor_i, candidate_j) / temperature,
+    shape (B, (num_columns-1)*B), and the target of anchor i is candidate i (its own positive).
+    """
+    batch = embeddings.shape[0] // num_columns
+    anchors = F.normalize(embeddings[:batch].float(), dim=-1)
+    candidates = F.normalize(embeddings[batch:].float(), dim=-1)
+    logits = anchors @ candidates.T / temperature
+    return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+
+
+def load_encoder(name_or_path, arch):
+    """The backbone for --arch: T5EncoderModel-style for t5, the full BART-like model for bart."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if arch == "t5":
+        if config.model_type not in T5_FAMILY:
+            raise ValueError(f"--arch t5 needs a T5/mT5/umT5 checkpoint; {name_or_path} is '{config.model_type}'")
+        return getattr(transformers, f"{config.model_type.upper()}EncoderModel").from_pretrained(name_or_path)
+    if not config.is_encoder_decoder or config.model_type in T5_FAMILY:
+        raise ValueError(f"--arch bart needs a BART-like encoder-decoder checkpoint; {name_or_path} is '{config.model_type}'")
+    return AutoModel.from_pretrained(name_or_path)
+
+
+class SentenceT5(nn.Module):
+    def __init__(self, backbone, st5_head=False):
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.config.d_model
+        self.head = nn.Linear(dim, dim, bias=False) if st5_head else None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, arch="t5", st5_head=False):
+        return cls(load_encoder(name_or_path, arch), st5_head=st5_head)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeddings = mean_pool(hidden, attention_mask)
+        if self.head is not None:
+            embeddings = F.normalize(self.head(embeddings), dim=-1)
+        return embeddings
+
+    def save(self, out_dir, tokenizer, max_len):
+        """A Hugging Face model folder that is also a sentence-transformers model folder."""
+        self.backbone.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        write_sentence_transformers_config(out_dir, self.backbone.config.d_model, "mean", max_len, dense=self.head,
+                                           dense_activation="identity", normalize=self.head is not None)
+
+
+# Copied from KoSimCSE/model.py:gather_columns
+def gather_columns(embeddings, num_columns):
+    """Under torch.distributed, the (num_columns*b, d) local embeddings -> (num_columns*W*b, d) of
+    the global batch, column by column (all anchors, then all positives, ...), so that every rank
+    scores its anchors against the negatives of all ranks. Only the local slice keeps its gradient
+    (as in SimCSE); the caller multiplies the loss by W so that DDP's gradient averaging gives the
+    single-process gradient of the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings
+    columns = embeddings.reshape(num_columns, -1, embeddings.shape[-1])
+    gathered = [torch.empty_like(columns) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, columns.detach().contiguous())
+    gathered[dist.get_rank()] = columns
+    return torch.cat(gathered, dim=1).reshape(-1, embeddings.shape[-1])
+
+
+# Copied from KoSimCSE/model.py:write_sentence_transformers_config
+def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dense=None,
+                                       dense_activation="tanh", normalize=False):
+    """modules.json + module configs in the classic layout that sentence-transformers 2.x to 6.x load:
+    0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize]."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": max_len, "do_lower_case": False}, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": dim,
+                   "pooling_mode_cls_token": pooling_mode == "cls",
+                   "pooling_mode_mean_tokens": pooling_mode == "mean",
+                   "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False}, f, indent=2)
+    if dense is not None:
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        os.makedirs(os.path.join(out_dir, "2_Dense"), exist_ok=True)
+        with open(os.path.join(out_dir, "2_Dense", "config.json"), "w") as f:
+            json.dump({"in_features": dense.in_features, "out_features": dense.out_features,
+                       "bias": dense.bias is not None,
+                       "activation_function": {"tanh": "torch.nn.modules.activation.Tanh",
+                                              "identity": "torch.nn.modules.linear.Identity"}[dense_activation]}, f, indent=2)
+        weights = {"linear.weight": dense.weight.detach().float().cpu().contiguous()}
+        if dense.bias is not None:
+            weights["linear.bias"] = dense.bias.detach().float().cpu().contiguous()
+        save_file(weights, os.path.join(out_dir, "2_Dense", "model.safetensors"))
+    if normalize:
+        idx = len(modules)
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out_dir, f"{idx}_Normalize"), exist_ok=True)
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)

@@ -1,0 +1,135 @@
+"""KoSentenceT5: tiny random T5 and BART with locally trained tokenizers -- shapes, padding-invariant
+pooling, loss, train -> save -> SentenceTransformer reload, evaluation row."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import corpus_texts, load_method
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    return load_method("KoSentenceT5")
+
+
+def seq2seq_tokenizer(out_dir, specials, single):
+    """A WordPiece tokenizer over the test corpus with T5- or BART-style special tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    unk = "<unk>"
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus_texts(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(s, tok.token_to_id(s)) for s in specials if s in single])
+    names = {"<pad>": "pad_token", "</s>": "eos_token", "<unk>": "unk_token", "<s>": "bos_token"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **{names[s]: s for s in specials})
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    from transformers import T5Config, T5ForConditionalGeneration
+    out = str(tmp_path_factory.mktemp("tiny-t5"))
+    tok = seq2seq_tokenizer(out, ["<pad>", "</s>", "<unk>"], "$A </s>")
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                        num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                               ).save_pretrained(out)  # full model on disk: the decoder must not be loaded
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bart(tmp_path_factory):
+    from transformers import BartConfig, BartModel
+    out = str(tmp_path_factory.mktemp("tiny-bart"))
+    tok = seq2seq_tokenizer(out, ["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>")
+    torch.manual_seed(0)
+    BartModel(BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2,
+                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                         decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                         eos_token_id=2, decoder_start_token_id=2)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch, st5_head", [("t5", False), ("t5", True), ("bart", False)])
+def test_shapes_and_padding_is_masked_out(t5, tiny_t5, tiny_bart, arch, st5_head):
+    from transformers import AutoTokenizer
+    path = tiny_t5 if arch == "t5" else tiny_bart
+    model = t5.model.SentenceT5.from_pretrained(path, arch=arch, st5_head=st5_head).eval()
+    if arch == "t5":
+        assert type(model.backbone).__name__ == "T5EncoderModel"
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok(["사과 바나나 포도.", "기차."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        emb = model(**batch)
+        assert emb.shape == (2, 32)
+        if st5_head:
+            assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+        changed = batch["input_ids"].clone()
+        changed[batch["attention_mask"] == 0] = 7  # other tokens at padded positions
+        assert (batch["attention_mask"] == 0).any()
+        if arch == "t5":  # an encoder with masked attention: padded positions cannot matter
+            torch.testing.assert_close(model(changed, batch["attention_mask"]), emb)
+        # and a sentence embeds the same alone as padded inside a batch
+        alone = tok(["기차."], return_tensors="pt")
+        torch.testing.assert_close(model(**alone)[0], emb[1], atol=1e-5, rtol=1e-5)
+
+
+def test_arch_mismatch_is_a_clear_error(t5, tiny_t5, tiny_bart):
+    with pytest.raises(ValueError, match="--arch t5 needs a T5"):
+        t5.model.SentenceT5.from_pretrained(tiny_bart, arch="t5")
+    with pytest.raises(ValueError, match="--arch bart needs a BART-like"):
+        t5.model.SentenceT5.from_pretrained(tiny_t5, arch="bart")
+
+
+def test_loss_matches_hand_computation(t5):
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 3.0]])  # anchors a1 a2, positives p1 p2
+    tau = 0.05
+    c = 1 / math.sqrt(2)
+    want = (-math.log(math.exp(c / tau) / (math.exp(c / tau) + 1))
+            - math.log(math.exp(1 / tau) / (math.exp(c / tau) + math.exp(1 / tau)))) / 2
+    assert t5.model.contrastive_loss(z, 2, tau).item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch, extra", [("t5", []), ("t5", ["--st5_head"]), ("bart", [])])
+def test_train_save_reload_and_evaluate(t5, tiny_t5, tiny_bart, synthetic_data, tmp_path, arch, extra):
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import AutoTokenizer
+    out = str(tmp_path / "run")
+    t5.train.main(["--model", tiny_t5 if arch == "t5" else tiny_bart, "--arch", arch, *extra, "--mode", "sup",
+                   "--data_dir", synthetic_data, "--train_file", "KorNLI/nli.train.ko.tsv", "--output_dir", out,
+                   "--batch_size", "16", "--max_len", "24", "--max_steps", "30", "--eval_steps", "15",
+                   "--lr", "1e-3", "--warmup_ratio", "0.1", "--seed", "0"])
+    best = os.path.join(out, "best_model")
+    modules = [m["type"].rsplit(".", 1)[-1] for m in json.load(open(os.path.join(best, "modules.json")))]
+    assert modules == (["Transformer", "Pooling", "Dense", "Normalize"] if extra else ["Transformer", "Pooling"])
+    sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발.", '"슈퍼맨" 셔츠를 입은 개가 뛴다.']
+    ev = t5.evaluation
+    ours = ev.encode(ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best), sentences, 24)
+    theirs = st.SentenceTransformer(best, device="cpu").encode(sentences)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    if arch == "t5":
+        assert type(st.SentenceTransformer(best, device="cpu")[0].auto_model).__name__ == "T5EncoderModel"
+    rows_json = os.path.join(out, "test.json")
+    ev.main(["--model_dir", best, "--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json", rows_json])
+    row = json.load(open(rows_json))[0]
+    assert row["n_pairs"] == 120 and set(ev.METRICS) <= set(row["metrics"])
+
+
+def test_training_beats_untrained_on_held_out_pairs(t5, tiny_t5, synthetic_data, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json"]
+    t5.evaluation.main(["--model_dir", tiny_t5, "--pooler", "mean", *common, str(tmp_path / "before.json")])
+    t5.train.main(["--model", tiny_t5, "--mode", "sup", "--data_dir", synthetic_data, "--train_file",
+                   "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
+                   "--max_steps", "80", "--eval_steps", "40", "--lr", "1e-3", "--warmup_ratio", "0.1", "--seed", "0"])
+    t5.evaluation.main(["--model_dir", os.path.join(out, "best_model"), *common, str(tmp_path / "after.json")])
+    before, after = (json.load(open(tmp_path / f"{n}.json"))[0]["metrics"]["cosine_spearman"] for n in ("before", "after"))
+    assert after > before + 10, (before, after)
