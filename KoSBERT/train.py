@@ -315,13 +315,18 @@ def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evalua
 
 
 def train(args):
+    """Everything that can fail on bad input (model, tokenizer, data) is loaded before the output
+    folder is touched, so a failed start leaves no half-run behind to refuse the next attempt."""
     set_seed(args.seed)
-    prepare_output_dir(args)
     log = lambda msg: tqdm.write(msg)
     tokenizer, model = load_model(args)
     model.to(args.device)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     evaluate = DevEvaluator(args, tokenizer, amp_dtype)
+    classifier = SoftmaxClassifier(model.dim, num_labels=3).to(args.device) if args.task != "sts" else None
+    sources = {name: build_source(name, args, tokenizer, classifier, log=log)
+               for name in (("nli", "sts") if args.task in ("nli_sts", "multitask") else (args.task,))}
+    prepare_output_dir(args)
     best_dir, nli_dir = os.path.join(args.output_dir, "best_model"), os.path.join(args.output_dir, "nli_model")
     shutil.rmtree(nli_dir, ignore_errors=True)  # a stale stage-1 model of an overwritten run
     with open(os.path.join(args.output_dir, "train_log.jsonl"), "a") as log_file:
@@ -329,33 +334,22 @@ def train(args):
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
-        def new_classifier():
-            return SoftmaxClassifier(model.dim, num_labels=3).to(args.device)
-
         if args.task in ("nli", "sts"):
-            classifier = new_classifier() if args.task == "nli" else None
-            sources = [build_source(args.task, args, tokenizer, classifier, log=log)]
             epochs = args.nli_epochs if args.task == "nli" else args.sts_epochs
-            return run_stage(args, args.task, model, tokenizer, sources, epochs, classifier, evaluate, best_dir,
-                             record, log)
-        if args.task == "multitask":
-            classifier = new_classifier()
-            sources = [build_source("nli", args, tokenizer, classifier, log=log),
-                       build_source("sts", args, tokenizer, log=log)]
-            return run_stage(args, "multitask", model, tokenizer, sources, args.epochs, classifier, evaluate,
+            return run_stage(args, args.task, model, tokenizer, [sources[args.task]], epochs, classifier, evaluate,
                              best_dir, record, log)
+        if args.task == "multitask":
+            return run_stage(args, "multitask", model, tokenizer, [sources["nli"], sources["sts"]], args.epochs,
+                             classifier, evaluate, best_dir, record, log)
         # nli_sts: NLI, then STS continued from the best NLI checkpoint (BM-K's two scripts in one run).
-        classifier = new_classifier()
-        nli_source = build_source("nli", args, tokenizer, classifier, log=log)
-        run_stage(args, "nli", model, tokenizer, [nli_source], args.nli_epochs, classifier, evaluate, nli_dir,
+        run_stage(args, "nli", model, tokenizer, [sources["nli"]], args.nli_epochs, classifier, evaluate, nli_dir,
                   record, log)
-        del nli_source, classifier
+        del model, classifier
         set_seed(args.seed)
         _, model = load_model(args, nli_dir)
         model.to(args.device)
         log(f"[sts] continuing from {nli_dir}")
-        sts_source = build_source("sts", args, tokenizer, log=log)
-        return run_stage(args, "sts", model, tokenizer, [sts_source], args.sts_epochs, None, evaluate, best_dir,
+        return run_stage(args, "sts", model, tokenizer, [sources["sts"]], args.sts_epochs, None, evaluate, best_dir,
                          record, log)
 
 

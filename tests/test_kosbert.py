@@ -170,6 +170,9 @@ def test_refuses_to_overwrite_and_reports_bad_model(kosbert, tiny_bert, syntheti
     assert os.path.getmtime(os.path.join(best, "model.safetensors")) == before
     with pytest.raises(SystemExit, match="cannot load model"):
         run_train(kosbert, str(tmp_path / "missing"), synthetic_data, str(tmp_path / "o"), "--task", "sts")
+    with pytest.raises(SystemExit, match="file not found"):
+        run_train(kosbert, tiny_bert, synthetic_data, str(tmp_path / "o"), "--task", "sts", "--train_file", "no.tsv")
+    assert not os.path.exists(tmp_path / "o")  # a failed start leaves nothing that blocks the next attempt
     with pytest.raises(SystemExit):  # --train_file is ambiguous for the two-source tasks
         kosbert.train.parse_args(["--task", "multitask", "--train_file", "x.tsv"])
 
