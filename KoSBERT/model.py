@@ -71,8 +71,14 @@ class SentenceEncoder(nn.Module):
         self.backbone, self.pooler = backbone, pooler
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs):
-        return cls(AutoModel.from_pretrained(name_or_path), **kwargs)
+    def from_pretrained(cls, name_or_path, pooler="mean"):
+        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+        if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
+            # transformers builds a pooler for every BertModel and initialises it randomly when the
+            # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.
+            raise ValueError(f"--pooler pooler: {name_or_path} has no trained pooler weights, so its pooler "
+                             f"would be random (use mean or cls_before_pooler)")
+        return cls(backbone, pooler=pooler)
 
     @property
     def dim(self):

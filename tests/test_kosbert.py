@@ -177,6 +177,14 @@ def test_refuses_to_overwrite_and_reports_bad_model(kosbert, tiny_bert, syntheti
         kosbert.train.parse_args(["--task", "multitask", "--train_file", "x.tsv"])
 
 
+def test_pooler_refuses_randomly_initialised_pooler(kosbert, tiny_bert, tmp_path):
+    from transformers import AutoModel
+    AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
+    with pytest.raises(ValueError, match="no trained pooler weights"):
+        kosbert.model.SentenceEncoder.from_pretrained(str(tmp_path / "nopool"), pooler="pooler")
+    assert kosbert.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="pooler").pooler == "pooler"
+
+
 def test_search_cli_on_trained_model(kosbert, sts_run, capsys):
     kosbert.evaluation.main(["--model_dir", sts_run[1], "--task", "search", "--top_k", "2"])
     out = capsys.readouterr().out
