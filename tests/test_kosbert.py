@@ -56,6 +56,34 @@ def test_regression_loss_matches_hand_computation(kosbert):
     assert got.item() == pytest.approx(want, rel=1e-6)
 
 
+def test_objectives_equal_sentence_transformers_losses(kosbert, tiny_bert):
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import losses
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import AutoTokenizer
+    transformer = Transformer(tiny_bert, max_seq_length=24)
+    model = st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(),
+                                                                 pooling_mode="mean")], device="cpu").eval()
+    firsts, seconds = ["사과 바나나 포도.", "기차 역.", "비 우산 구름 날씨 바람."], ["사과 과일.", "책 작가 소설 독서.", "비 천둥."]
+    features = [model.tokenize(firsts), model.tokenize(seconds)]
+    m, dl = kosbert.model, kosbert.dataloader
+    encoder, tok = m.SentenceEncoder.from_pretrained(tiny_bert).eval(), AutoTokenizer.from_pretrained(tiny_bert)
+    scores, classes = [0.9, 0.1, 0.5], [1, 0, 2]
+    items = lambda targets: [dl.PairDataset(tok, list(zip(firsts, seconds, targets)), 24)[i] for i in range(3)]
+    with torch.no_grad():
+        theirs = losses.CosineSimilarityLoss(model)(features, torch.tensor(scores))
+        batch = dl.PairCollator(tok.pad_token_id, torch.float)(items(scores))
+        ours = m.cosine_regression_loss(encoder(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+        softmax = losses.SoftmaxLoss(model, sentence_embedding_dimension=32, num_labels=3)
+        theirs = softmax(features, torch.tensor(classes))
+        classifier = m.SoftmaxClassifier(32)
+        classifier.linear.load_state_dict(softmax.classifier.state_dict())
+        batch = dl.PairCollator(tok.pad_token_id, torch.long)(items(classes))
+        ours = m.softmax_loss(classifier, encoder(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
 def test_sts_targets_are_score_over_five(kosbert, synthetic_data):
     dl = kosbert.dataloader
     path = os.path.join(synthetic_data, "KorSTS", "sts-train.tsv")
