@@ -1,0 +1,277 @@
+"""Readers for the Korean STS/NLI files and the tokenised sentence-pair datasets KoSBERT trains on.
+
+Formats (see data/README.md):
+  * KorNLU TSVs (KorSTS ``sts-*.tsv``, KorNLI ``*.ko.tsv``): tab-separated with a header row and
+    **no quoting** -- many fields start with a raw ``"`` that a CSV reader would swallow.
+  * KLUE-STS: the official dev JSON or the CSV export (ordinary RFC-4180 quoting).
+  * KLUE-NLI: the official JSON.
+
+Every reader stops on a malformed row with a ``DataError`` whose message names the file, the line
+and the problem; nothing is dropped or altered silently. The readers are copied from
+KoSimCSE/dataloader.py (``python utils/check_copies.py`` keeps them identical).
+
+KoSBERT trains on sentence *pairs*:
+  nli  (premise, hypothesis, class id) with BM-K's label ids ``LABEL_IDS`` (contradiction 0,
+       entailment 1, neutral 2), for the softmax classification objective;
+  sts  (sentence1, sentence2, score / 5) for the cosine-regression objective.
+"""
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+LABEL_IDS = {"contradiction": 0, "entailment": 1, "neutral": 2}  # BM-K's training_nli.py
+STS_SPLITS = {
+    "korsts-train": "KorSTS/sts-train.tsv",
+    "korsts-dev": "KorSTS/sts-dev.tsv",
+    "korsts-test": "KorSTS/sts-test.tsv",
+    "klue-sts-train": "KLUE-STS/klue_sts_train.csv",
+    "klue-sts-dev": "KLUE-STS/klue-sts-v1.1_dev.json",
+}
+
+
+# Copied from KoSimCSE/dataloader.py:DataError
+class DataError(ValueError):
+    """An input file is missing or malformed; the message says which file, which line, what."""
+
+
+# Copied from KoSimCSE/dataloader.py:resolve_path
+def resolve_path(path, data_dir):
+    """``path`` as given if it exists, else relative to ``data_dir``; named split aliases allowed."""
+    path = STS_SPLITS.get(path, path)
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    return os.path.join(data_dir, path)
+
+
+# Copied from KoSimCSE/dataloader.py:iter_lines
+def iter_lines(path):
+    """Yield (line_number, text) for the non-blank lines of a UTF-8 file, newline stripped."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (fetch the data with `bash data/download.sh` "
+                        f"or point --data_dir at a folder that has it)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}: "
+                                f"{raw[max(0, e.start - 4):e.start + 4]!r})") from None
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield lineno, line
+
+
+# Copied from KoSimCSE/dataloader.py:read_tsv
+def read_tsv(path, columns):
+    """Yield (line_number, [values of ``columns``]) from a headed TSV, with quoting off."""
+    lines = iter_lines(path)
+    for _, header_line in lines:
+        break
+    else:
+        raise DataError(f"{path}: file is empty")
+    header = header_line.split("\t")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: header {header} lacks column(s) {missing}")
+    index = [header.index(c) for c in columns]
+    for lineno, line in lines:
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{lineno}: expected {len(header)} tab-separated fields "
+                            f"({', '.join(header)}), found {len(fields)}")
+        yield lineno, [fields[i] for i in index]
+
+
+# Copied from KoSimCSE/dataloader.py:parse_score
+def parse_score(value, where):
+    try:
+        score = float(value)
+    except ValueError:
+        raise DataError(f"{where}: score {value!r} is not a number") from None
+    if not 0.0 <= score <= 5.0:
+        raise DataError(f"{where}: score {value!r} is outside 0-5")
+    return score
+
+
+# Copied from KoSimCSE/dataloader.py:read_sts
+def read_sts(path):
+    """(sentence1, sentence2, score in 0-5) triples from KorSTS TSV, KLUE-STS CSV or KLUE-STS JSON.
+
+    KLUE-STS JSON gives ``labels["real-label"]`` (the unrounded annotator mean), which is what the
+    KLUE-STS CSV export holds too, so both files of the same split score identically.
+    """
+    rows = []
+    if path.endswith(".json"):
+        for i, item in enumerate(_read_json_list(path)):
+            where = f"{path}: item {i} (guid {item.get('guid', '?')})"
+            try:
+                s1, s2, label = item["sentence1"], item["sentence2"], item["labels"]["real-label"]
+            except (KeyError, TypeError) as e:
+                raise DataError(f"{where}: missing field {e}") from None
+            rows.append((s1, s2, parse_score(str(label), where)))
+    elif path.endswith(".csv"):
+        list(iter_lines(path))  # same missing/empty/UTF-8 checks as the TSV readers
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"sentence1", "sentence2", "label"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}:1: header {reader.fieldnames} lacks column(s) {sorted(missing)}")
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in row or None in row.values():
+                    raise DataError(f"{where}: expected {len(reader.fieldnames)} comma-separated fields")
+                rows.append((row["sentence1"], row["sentence2"], parse_score(row["label"], where)))
+    else:
+        for lineno, (score, s1, s2) in read_tsv(path, ["score", "sentence1", "sentence2"]):
+            rows.append((s1, s2, parse_score(score, f"{path}:{lineno}")))
+    if not rows:
+        raise DataError(f"{path}: no rows after the header")
+    return rows
+
+
+# Copied from KoSimCSE/dataloader.py:_read_json_list
+def _read_json_list(path):
+    list(iter_lines(path))  # missing / empty / UTF-8 checks with line numbers
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of examples, found {type(data).__name__}")
+    return data
+
+
+# Copied from KoSimCSE/dataloader.py:read_nli
+def read_nli(path):
+    """(premise, hypothesis, label) rows from a KorNLI TSV or a KLUE-NLI JSON.
+
+    Rows whose gold label is ``-`` (SNLI's "annotators did not agree") carry no label and are
+    skipped; their count is returned so callers can report it. Any other unknown label is an error.
+    """
+    rows, unlabeled = [], 0
+    if path.endswith(".json"):
+        items = ((f"{path}: item {i}", item) for i, item in enumerate(_read_json_list(path)))
+        fields = (("premise", "hypothesis", "gold_label"))
+        records = []
+        for where, item in items:
+            try:
+                records.append((where, [item[k] for k in fields]))
+            except (KeyError, TypeError) as e:
+                raise DataError(f"{where}: missing field {e}") from None
+    else:
+        records = ((f"{path}:{n}", r) for n, r in read_tsv(path, ["sentence1", "sentence2", "gold_label"]))
+    for where, (premise, hypothesis, label) in records:
+        label = label.strip()
+        if label == "-":
+            unlabeled += 1
+            continue
+        if label not in NLI_LABELS:
+            raise DataError(f"{where}: unknown NLI label {label!r} (expected one of {', '.join(NLI_LABELS)})")
+        rows.append((premise, hypothesis, label))
+    return rows, unlabeled
+
+
+# Copied from KoSimCSE/dataloader.py:TokenizedTexts
+class TokenizedTexts:
+    """Token ids of many texts, tokenised once, kept in one flat int32 array plus offsets.
+
+    A million wiki sentences take ~100 MB this way instead of several GB as padded tensors or
+    Python lists. Texts longer than ``max_len`` tokens are truncated (special tokens kept) and
+    counted in ``num_truncated``.
+    """
+
+    def __init__(self, tokenizer, texts, max_len, desc="tokenize", chunk_size=10_000):
+        if max_len <= tokenizer.num_special_tokens_to_add(pair=False):
+            raise ValueError(f"--max_len {max_len} leaves no room for tokens besides the special ones")
+        pieces, self.num_truncated = [], 0
+        for start in tqdm(range(0, len(texts), chunk_size), desc=desc, unit_scale=chunk_size,
+                          disable=desc is None or len(texts) <= chunk_size):
+            # Overflow rows mark the texts that truncation cut; only each text's first row is kept.
+            enc = tokenizer(list(texts[start:start + chunk_size]), truncation=True, max_length=max_len,
+                            return_overflowing_tokens=True, return_attention_mask=False,
+                            return_token_type_ids=False)
+            rows = {}
+            for ids, sample in zip(enc["input_ids"], enc["overflow_to_sample_mapping"]):
+                rows.setdefault(sample, []).append(ids)
+            self.num_truncated += sum(len(r) > 1 for r in rows.values())
+            pieces += [np.asarray(rows[i][0], dtype=np.int32) for i in range(len(rows))]
+        self.ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        self.offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in pieces], out=self.offsets[1:])
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self):
+        return np.diff(self.offsets)
+
+
+# Copied from KoSimCSE/dataloader.py:pad_batch
+def pad_batch(sequences, pad_id):
+    """Right-pad a list of 1-D int arrays to the longest one: input_ids and attention_mask."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+        attention_mask[row, :len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def load_nli_pairs(paths, log=print):
+    """(premise, hypothesis, class id) rows of every NLI file; rows with the label ``-`` are skipped."""
+    pairs = []
+    for path in paths:
+        rows, unlabeled = read_nli(path)
+        note = f", {unlabeled:,} rows without a gold label skipped" if unlabeled else ""
+        log(f"{path}: {len(rows):,} labelled NLI pairs{note}")
+        pairs += [(premise, hypothesis, LABEL_IDS[label]) for premise, hypothesis, label in rows]
+    if not pairs:
+        raise DataError(f"{', '.join(paths)}: no labelled NLI pairs")
+    return pairs
+
+
+def load_sts_pairs(path, log=print):
+    """(sentence1, sentence2, score / 5) rows: the regression target is a similarity in 0-1."""
+    pairs = [(s1, s2, score / 5.0) for s1, s2, score in read_sts(path)]
+    log(f"{path}: {len(pairs):,} STS pairs")
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Sentence pairs tokenised once: item i is (ids of sentence1, ids of sentence2, target)."""
+
+    def __init__(self, tokenizer, pairs, max_len, desc="tokenize pairs"):
+        self.tokenized = TokenizedTexts(tokenizer, [s for a, b, _ in pairs for s in (a, b)], max_len, desc=desc)
+        self.targets = [target for _, _, target in pairs]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.tokenized[2 * i], self.tokenized[2 * i + 1], self.targets[i]
+
+
+class PairCollator:
+    """B pairs -> one (2B, L) batch (rows [0:B] the first sentences, [B:2B] the second ones), padded
+    dynamically, plus ``labels``: class ids (long) for NLI or 0-1 similarities (float) for STS."""
+
+    def __init__(self, pad_id, label_dtype):
+        self.pad_id, self.label_dtype = pad_id, label_dtype
+
+    def __call__(self, batch):
+        firsts, seconds, targets = zip(*batch)
+        out = pad_batch(list(firsts) + list(seconds), self.pad_id)
+        out["labels"] = torch.tensor(targets, dtype=self.label_dtype)
+        return out

@@ -1,0 +1,138 @@
+"""KoSBERT model: a Hugging Face encoder with a pooler (masked mean by default, as SBERT), the two
+SBERT objectives, and saving in a layout that both ``transformers.AutoModel`` and
+``sentence_transformers.SentenceTransformer`` load.
+
+Objectives (sentence-transformers' SoftmaxLoss and CosineSimilarityLoss):
+  softmax     NLI classification: logits = Linear(3d -> 3)([u, v, |u - v|]), cross-entropy against
+              the class id. The classifier exists for training only and is not saved.
+  regression  STS: MSE(cos(u, v), score / 5).
+
+Poolers:
+  mean               masked mean over tokens (SBERT/KoSBERT; the default).
+  cls_before_pooler  last_hidden_state[:, 0], the raw [CLS] vector.
+  pooler             the checkpoint's own pooler (BERT dense+tanh over [CLS]); saved as a Dense.
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModel
+
+POOLERS = ("mean", "cls_before_pooler", "pooler")
+
+
+# Copied from KoSimCSE/model.py:mean_pool
+def mean_pool(hidden, attention_mask):
+    """Average of the token vectors where attention_mask is 1 (padding contributes nothing)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def split_pairs(embeddings):
+    """(u, v) from a (2B, d) batch whose rows [0:B] are first sentences and [B:2B] second ones."""
+    batch = embeddings.shape[0] // 2
+    return embeddings[:batch], embeddings[batch:]
+
+
+class SoftmaxClassifier(nn.Module):
+    """SBERT's NLI head: Linear(3d -> num_labels) over concat(u, v, |u - v|). Training only."""
+
+    def __init__(self, dim, num_labels=3):
+        super().__init__()
+        self.linear = nn.Linear(3 * dim, num_labels)
+
+    def forward(self, u, v):
+        return self.linear(torch.cat([u, v, (u - v).abs()], dim=-1))
+
+
+def softmax_loss(classifier, embeddings, labels):
+    """Cross-entropy of the NLI classifier on a (2B, d) pair batch; ``labels`` are class ids (B,)."""
+    u, v = split_pairs(embeddings)
+    return F.cross_entropy(classifier(u, v).float(), labels)
+
+
+def cosine_regression_loss(embeddings, scores):
+    """MSE between cos(u, v) and the gold similarity in 0-1 (score / 5), on a (2B, d) pair batch."""
+    u, v = split_pairs(embeddings.float())
+    return F.mse_loss(F.cosine_similarity(u, v, dim=-1), scores.float())
+
+
+class SentenceEncoder(nn.Module):
+    def __init__(self, backbone, pooler="mean"):
+        super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
+        if pooler == "pooler" and getattr(backbone, "pooler", None) is None:
+            raise ValueError(f"--pooler pooler needs a checkpoint with a pooler layer; "
+                             f"{type(backbone).__name__} has none (use mean or cls_before_pooler)")
+        self.backbone, self.pooler = backbone, pooler
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, pooler="mean"):
+        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+        if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
+            # transformers builds a pooler for every BertModel and initialises it randomly when the
+            # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.
+            raise ValueError(f"--pooler pooler: {name_or_path} has no trained pooler weights, so its pooler "
+                             f"would be random (use mean or cls_before_pooler)")
+        return cls(backbone, pooler=pooler)
+
+    @property
+    def dim(self):
+        return self.backbone.config.hidden_size
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooler == "mean":
+            return mean_pool(out.last_hidden_state, attention_mask)
+        if self.pooler == "pooler":
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+    def save(self, out_dir, tokenizer, max_len):
+        """Write a Hugging Face model folder that is also a sentence-transformers model folder."""
+        self.backbone.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        dense = self.backbone.pooler.dense if self.pooler == "pooler" else None
+        write_sentence_transformers_config(out_dir, self.dim, "mean" if self.pooler == "mean" else "cls",
+                                           max_len, dense=dense)
+
+
+# Copied from KoSimCSE/model.py:write_sentence_transformers_config
+def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dense=None,
+                                       dense_activation="tanh", normalize=False):
+    """modules.json + module configs in the classic layout that sentence-transformers 2.x to 6.x load:
+    0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize]."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": max_len, "do_lower_case": False}, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": dim,
+                   "pooling_mode_cls_token": pooling_mode == "cls",
+                   "pooling_mode_mean_tokens": pooling_mode == "mean",
+                   "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False}, f, indent=2)
+    if dense is not None:
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        os.makedirs(os.path.join(out_dir, "2_Dense"), exist_ok=True)
+        with open(os.path.join(out_dir, "2_Dense", "config.json"), "w") as f:
+            json.dump({"in_features": dense.in_features, "out_features": dense.out_features,
+                       "bias": dense.bias is not None,
+                       "activation_function": {"tanh": "torch.nn.modules.activation.Tanh",
+                                              "identity": "torch.nn.modules.linear.Identity"}[dense_activation]}, f, indent=2)
+        weights = {"linear.weight": dense.weight.detach().float().cpu().contiguous()}
+        if dense.bias is not None:
+            weights["linear.bias"] = dense.bias.detach().float().cpu().contiguous()
+        save_file(weights, os.path.join(out_dir, "2_Dense", "model.safetensors"))
+    if normalize:
+        idx = len(modules)
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out_dir, f"{idx}_Normalize"), exist_ok=True)
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)
