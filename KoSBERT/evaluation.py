@@ -102,12 +102,13 @@ def load_tokenizer(path):
 
 # Copied from KoSimCSE/evaluation.py:load_backbone
 def load_backbone(path):
-    """The encoder of a checkpoint: AutoModel, or only the encoder of an encoder-decoder model."""
+    """The model whose last_hidden_state sentence-transformers pools for this checkpoint: the
+    encoder alone for the T5 family (T5EncoderModel, no decoder weights), else AutoModel -- which,
+    for BART-like encoder-decoders, returns the decoder states over the right-shifted input."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type in ("t5", "mt5", "umt5"):
         return getattr(transformers, f"{config.model_type.upper()}EncoderModel").from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
-    return model.get_encoder() if config.is_encoder_decoder else model
+    return AutoModel.from_pretrained(path)
 
 
 # Copied from KoSimCSE/evaluation.py:FolderEncoder

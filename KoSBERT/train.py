@@ -119,22 +119,29 @@ def set_seed(seed):
     torch.cuda.manual_seed_all(seed)
 
 
-# Copied from KoSimCSE/train.py:prepare_output_dir
-def prepare_output_dir(args):
-    """Refuse to mix two runs in one folder unless --overwrite_output_dir; recover an interrupted save."""
+# Copied from KoSimCSE/train.py:check_output_dir
+def check_output_dir(args):
+    """Refuse to mix two runs in one folder unless --overwrite_output_dir (nothing is written here)."""
     best = os.path.join(args.output_dir, "best_model")
     if not os.path.isdir(best) and os.path.isdir(best + ".old"):
         os.replace(best + ".old", best)  # a kill between the two renames of save_atomically
-    earlier = [f for f in ("args.json", "train_log.jsonl", "best_model") if os.path.exists(os.path.join(args.output_dir, f))]
+    earlier = [f for f in ("args.json", "train_log.jsonl", "best_model", "checkpoint")
+               if os.path.exists(os.path.join(args.output_dir, f))]
     if earlier and not args.overwrite_output_dir:
+        resume = f", --resume {args.output_dir} to continue it," if hasattr(args, "resume") else ""
         raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
-                         f"--overwrite_output_dir to replace it or choose another --output_dir")
-    for stale in ("best_model", "train_log.jsonl"):
+                         f"--overwrite_output_dir to replace it{resume} or choose another --output_dir")
+
+
+# Copied from KoSimCSE/train.py:prepare_output_dir
+def prepare_output_dir(args):
+    """Clear an earlier run (only once the new one's inputs have loaded) and record the arguments."""
+    for stale in ("best_model", "checkpoint", "train_log.jsonl"):
         path = os.path.join(args.output_dir, stale)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, ensure_ascii=False)
+        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
 
 
 # Copied from KoSimCSE/train.py:save_atomically
@@ -317,6 +324,7 @@ def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evalua
 def train(args):
     """Everything that can fail on bad input (model, tokenizer, data) is loaded before the output
     folder is touched, so a failed start leaves no half-run behind to refuse the next attempt."""
+    check_output_dir(args)
     set_seed(args.seed)
     log = lambda msg: tqdm.write(msg)
     tokenizer, model = load_model(args)

@@ -118,9 +118,9 @@ def check_output_dir(args):
     earlier = [f for f in ("args.json", "train_log.jsonl", "best_model", "checkpoint")
                if os.path.exists(os.path.join(args.output_dir, f))]
     if earlier and not args.overwrite_output_dir:
+        resume = f", --resume {args.output_dir} to continue it," if hasattr(args, "resume") else ""
         raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
-                         f"--overwrite_output_dir to replace it, --resume {args.output_dir} to continue it, "
-                         f"or choose another --output_dir")
+                         f"--overwrite_output_dir to replace it{resume} or choose another --output_dir")
 
 
 # Copied from KoSimCSE/train.py:prepare_output_dir

@@ -72,8 +72,14 @@ class SentenceEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if pooler == "cls" else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs):
-        return cls(AutoModel.from_pretrained(name_or_path), **kwargs)
+    def from_pretrained(cls, name_or_path, pooler="cls_before_pooler", **kwargs):
+        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+        if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
+            # transformers builds a pooler for every BertModel and initialises it randomly when the
+            # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.
+            raise ValueError(f"--pooler pooler: {name_or_path} has no trained pooler weights, so its pooler "
+                             f"would be random (use cls, cls_before_pooler or mean)")
+        return cls(backbone, pooler=pooler, **kwargs)
 
     def forward(self, input_ids, attention_mask):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
