@@ -12,14 +12,15 @@
 #                 contrastive training from scratch makes a random encoder worse, not better.
 #   DATA_DIR=...  data folder (default data/; fetched with data/download.sh if absent)
 #   OUT=...       where models, logs and result JSONs go (default output/<preset>)
-#   METHODS=...   subset of "kosimcse-sup kosimcse-unsup" (default: all)
+#   METHODS=...   subset of "kosimcse-sup kosimcse-unsup kosbert kosentencet5" (default: all)
+#   T5_MODEL=...  quick preset: a pretrained T5/mT5 folder for KoSentenceT5 (skipped when unset)
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=${PRESET:-quick}
 DATA_DIR=${DATA_DIR:-data}
 OUT=${OUT:-output/$PRESET}
 PY=${PY:-python}
-METHODS=${METHODS:-kosimcse-sup kosimcse-unsup}
+METHODS=${METHODS:-kosimcse-sup kosimcse-unsup kosbert kosentencet5}
 ROOT=$(pwd)
 DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$ROOT/$DATA_DIR")
 mkdir -p "$OUT"
@@ -79,6 +80,25 @@ if [ "$PRESET" = quick ]; then
     "$PY" KoSimCSE/evaluation.py --model_dir "$OUT/kosimcse-unsup/best_model" --data_dir "$DATA_DIR" \
         --dataset korsts-test --protocol standard bmk --output_json "$OUT/results/kosimcse-unsup.json"
   fi
+  if wants kosbert; then  # SBERT cosine regression on KorSTS train
+    "$PY" KoSBERT/train.py --task sts --model "$MODEL" --data_dir "$DATA_DIR" --output_dir "$OUT/kosbert-sts" \
+        --overwrite_output_dir --max_steps 20 --max_len 64
+    "$PY" KoSBERT/evaluation.py --model_dir "$OUT/kosbert-sts/best_model" --data_dir "$DATA_DIR" \
+        --dataset korsts-test --output_json "$OUT/results/kosbert-sts.json"
+    "$PY" KoSBERT/evaluation.py --model_dir "$OUT/kosbert-sts/best_model" --task search
+  fi
+  if wants kosentencet5; then
+    if [ -n "${T5_MODEL:-}" ]; then
+      check_model "$T5_MODEL"
+      "$PY" KoSentenceT5/train.py --mode sup --model "$T5_MODEL" --data_dir "$DATA_DIR" --train_file $NLI \
+          --output_dir "$OUT/kosentencet5" --overwrite_output_dir --batch_size 32 --max_len 32 --max_steps 40 \
+          --eval_steps 20 --lr 3e-5
+      "$PY" KoSentenceT5/evaluation.py --model_dir "$OUT/kosentencet5/best_model" --data_dir "$DATA_DIR" \
+          --dataset korsts-test --protocol standard bmk --output_json "$OUT/results/kosentencet5.json"
+    else
+      echo "KoSentenceT5: skipped (set T5_MODEL=<pretrained T5/mT5 folder or hub id> to include it)"
+    fi
+  fi
 elif [ "$PRESET" = paper ]; then
   # BM-K's published settings (reference: KoSimCSE README / run_example.sh); fp16 on a GPU.
   for M in klue/bert-base klue/roberta-base; do
@@ -95,7 +115,21 @@ elif [ "$PRESET" = paper ]; then
           --overwrite_output_dir --batch_size 64 --epochs 1 --lr 3e-5 --max_len 32 --eval_steps 125 --fp16 --num_workers 2
       evaluate KoSimCSE "$OUT/kosimcse-unsup-$N/best_model" "kosimcse-unsup-$N"
     fi
+    if wants kosbert; then  # BM-K's KoSBERT: SNLI 1 epoch, then KorSTS 4 epochs
+      "$PY" KoSBERT/train.py --task nli_sts --model $M --data_dir "$DATA_DIR" --output_dir "$OUT/kosbert-$N" \
+          --overwrite_output_dir --batch_size 32 --nli_epochs 1 --sts_epochs 4 --lr 2e-5 --eval_steps 1000 --fp16
+      evaluate KoSBERT "$OUT/kosbert-$N/best_model" "kosbert-$N"
+    fi
   done
+  if wants kosentencet5; then  # BM-K's KoSentenceT5 settings; KoSentenceBART with the public KoBART
+    for spec in "t5 KETI-AIR/ke-t5-base" "bart gogamza/kobart-base-v2"; do
+      set -- $spec
+      "$PY" KoSentenceT5/train.py --mode sup --arch $1 --model $2 --data_dir "$DATA_DIR" \
+          --output_dir "$OUT/kosentence$1" --overwrite_output_dir --max_len 110 --batch_size 64 --epochs 2 \
+          --lr 1e-4 --warmup_ratio 0.01 --temperature 0.05 --eval_steps 125
+      evaluate KoSentenceT5 "$OUT/kosentence$1/best_model" "kosentence$1"
+    done
+  fi
 else
   echo "error: PRESET must be quick or paper" >&2; exit 1
 fi
