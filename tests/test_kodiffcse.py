@@ -1,0 +1,160 @@
+"""KoDiffCSE on a tiny encoder + tiny MLM generator sharing one tokenizer: masking statistics,
+replaced-token labels, gradient through the conditioning vector, lambda=0 == unsup SimCSE, vocabulary
+check, train -> save -> reload."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import corpus_texts, load_method, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dc():
+    return load_method("KoDiffCSE")
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_bert, tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    out = str(tmp_path_factory.mktemp("tiny-generator"))
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.save_pretrained(out)
+    torch.manual_seed(1)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    return out
+
+
+def batch_of(tok, texts):
+    return tok(texts, padding=True, return_tensors="pt")
+
+
+def test_dynamic_masking_ratio_and_80_10_10(dc, tiny_bert):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = batch_of(tok, corpus_texts()[:200])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    special = dc.dataloader.special_token_mask(ids, tok)
+    real = mask.bool() & ~special
+    chosen_total = real_total = masked_as_mask = kept = 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        masked, chosen = dc.dataloader.mask_tokens(ids, mask, tok, 0.3, generator=g)
+        assert not (chosen & ~real).any()  # never specials or padding
+        assert torch.equal(masked[~chosen], ids[~chosen])
+        chosen_total += chosen.sum().item()
+        real_total += real.sum().item()
+        masked_as_mask += (masked[chosen] == tok.mask_token_id).sum().item()
+        kept += (masked[chosen] == ids[chosen]).sum().item()
+    assert chosen_total / real_total == pytest.approx(0.3, abs=0.01)
+    assert masked_as_mask / chosen_total == pytest.approx(0.8, abs=0.015)
+    assert kept / chosen_total == pytest.approx(0.1, abs=0.015)  # 10% kept (+ random hits of the same id)
+
+
+def test_static_sep_masking_is_exact_k(dc, tiny_bert):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = corpus_texts()[:50]
+    tt = dc.dataloader.TokenizedTexts(tok, texts, 32)
+    masked = dc.dataloader.static_sep_masks(tt, tok, 0.15, seed=0)
+    for i in range(len(tt)):
+        a, b = tt.offsets[i], tt.offsets[i + 1]
+        n_content = len(tt[i]) - 2
+        changed = masked[a:b] != tt.ids[a:b]
+        assert changed.sum() == max(1, int(n_content * 0.15))
+        assert (masked[a:b][changed] == tok.sep_token_id).all() and not changed[[0, -1]].any()
+
+
+@pytest.fixture
+def model(dc, tiny_bert, generator):
+    torch.manual_seed(0)
+    return dc.model.DiffCSE.from_pretrained(tiny_bert, generator, projection="mlp")
+
+
+def test_replaced_labels_and_padding_excluded(dc, tiny_bert, model):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = batch_of(tok, ["사과 바나나 포도 딸기.", "기차.", "사과 바나나 포도 딸기.", "기차."])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlm, _ = dc.dataloader.mask_tokens(ids, mask, tok, 0.5, generator=torch.Generator().manual_seed(0))
+    model.eval()  # no dropout: the pieces can be recomputed by hand below
+    _, rtd, replaced, _ = model(ids, mask, mlm)
+    with torch.no_grad():
+        generated = model.generator(input_ids=mlm, attention_mask=mask).logits.argmax(-1)
+        generated[:, 0] = ids[:, 0]
+        assert torch.equal(replaced, (generated != ids) & mask.bool())
+        assert replaced.any() and not replaced[mask == 0].any()
+        z = model.projection(model(ids, mask))
+        embeds = model.discriminator.get_input_embeddings()(generated)
+        embeds[:, 0] = z  # the sentence vector replaces the first input embedding
+        logits = model.rtd_head(model.discriminator(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
+        real = mask.bool()
+        want = torch.nn.functional.cross_entropy(logits[real], replaced[real].long())
+        with_pads = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), replaced.reshape(-1).long())
+    assert rtd.item() == pytest.approx(want.item(), abs=1e-6)
+    assert (mask == 0).any() and rtd.item() != pytest.approx(with_pads.item(), abs=1e-6)  # pads excluded
+
+
+def test_rtd_loss_alone_reaches_the_encoder(dc, tiny_bert, model):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = batch_of(tok, ["사과 바나나 포도 딸기.", "바다 파도 모래.", "사과 바나나 포도 딸기.", "바다 파도 모래."])
+    mlm, _ = dc.dataloader.mask_tokens(batch["input_ids"], batch["attention_mask"], tok, 0.5,
+                                       generator=torch.Generator().manual_seed(1))
+    model.train()
+    _, rtd, _, _ = model(batch["input_ids"], batch["attention_mask"], mlm)
+    rtd.backward()
+    grads = [p.grad for n, p in model.encoder.named_parameters() if "pooler" not in n]
+    assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+    assert all(p.grad is None for p in model.generator.parameters())  # frozen
+
+
+def test_lambda_zero_is_unsupervised_simcse(dc, tiny_bert, model):
+    from transformers import AutoTokenizer
+    kosimcse = load_method("KoSimCSE")
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = batch_of(tok, ["사과 바나나.", "바다 파도 모래.", "사과 바나나.", "바다 파도 모래."])
+    model.eval()  # deterministic views: compare the losses on identical embeddings
+    contrastive, rtd, _, _ = model(batch["input_ids"], batch["attention_mask"], batch["input_ids"])
+    z = model.projection(model(batch["input_ids"], batch["attention_mask"]))
+    assert (contrastive + 0.0 * rtd).item() == pytest.approx(kosimcse.model.contrastive_loss(z, 2, 0.05).item(), abs=1e-6)
+
+
+def test_generator_vocabulary_mismatch_stops_before_training(dc, tiny_bert, synthetic_data, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+    other = str(tmp_path / "other-generator")
+    tok = train_tokenizer(other, ["완전히 다른 말뭉치 입니다."] * 20 + ["abc def ghi"] * 20)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(other)
+    with pytest.raises(SystemExit, match="does not share the vocabulary"):
+        dc.train.main(["--model", tiny_bert, "--generator_name", other, "--data_dir", synthetic_data,
+                       "--output_dir", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("extra", [[], ["--static_sep_masking", "--projection", "bn_mlp"]])
+def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data, tmp_path, extra):
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import AutoModel, AutoTokenizer
+    out = str(tmp_path / "run")
+    dc.train.main(["--model", tiny_bert, "--generator_name", generator, "--data_dir", synthetic_data,
+                   "--output_dir", out, "--batch_size", "16", "--max_len", "24", "--max_steps", "6",
+                   "--eval_steps", "3", "--logging_steps", "2", "--lambda_weight", "0.1", *extra])
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert all("rtd_loss" in e and "contrastive_loss" in e for e in log if "loss" in e)
+    best = os.path.join(out, "best_model")
+    assert sorted(f for f in os.listdir(best) if f.endswith(".safetensors")) == ["model.safetensors"]
+    tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
+    sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발."]
+    ev = dc.evaluation
+    ours = ev.encode(ev.FolderEncoder(best).eval(), tok, sentences, 24)
+    with torch.no_grad():
+        quick = hf(**tok(sentences, padding=True, return_tensors="pt"), return_dict=False)[0][:, 0]
+    np.testing.assert_allclose(ours, quick.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours, st.SentenceTransformer(best, device="cpu").encode(sentences), atol=1e-5)
+    ev.main(["--model_dir", best, "--data_dir", synthetic_data, "--output_json", os.path.join(out, "t.json")])
+    assert json.load(open(os.path.join(out, "t.json")))[0]["n_pairs"] == 120
