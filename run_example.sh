@@ -12,15 +12,17 @@
 #                 contrastive training from scratch makes a random encoder worse, not better.
 #   DATA_DIR=...  data folder (default data/; fetched with data/download.sh if absent)
 #   OUT=...       where models, logs and result JSONs go (default output/<preset>)
-#   METHODS=...   subset of "kosimcse-sup kosimcse-unsup kosbert kosentencet5" (default: all)
+#   METHODS=...   subset of "kosimcse-sup kosimcse-unsup kosbert kosentencet5 kodiffcse" (default: all)
 #   T5_MODEL=...  quick preset: a pretrained T5/mT5 folder for KoSentenceT5 (skipped when unset)
+#   DIFFCSE_GENERATOR=...  quick preset: a masked-LM generator sharing MODEL's vocabulary for KoDiffCSE
+#                 (skipped when unset)
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=${PRESET:-quick}
 DATA_DIR=${DATA_DIR:-data}
 OUT=${OUT:-output/$PRESET}
 PY=${PY:-python}
-METHODS=${METHODS:-kosimcse-sup kosimcse-unsup kosbert kosentencet5}
+METHODS=${METHODS:-kosimcse-sup kosimcse-unsup kosbert kosentencet5 kodiffcse}
 ROOT=$(pwd)
 DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$ROOT/$DATA_DIR")
 mkdir -p "$OUT"
@@ -99,6 +101,18 @@ if [ "$PRESET" = quick ]; then
       echo "KoSentenceT5: skipped (set T5_MODEL=<pretrained T5/mT5 folder or hub id> to include it)"
     fi
   fi
+  if wants kodiffcse; then
+    if [ -n "${DIFFCSE_GENERATOR:-}" ]; then
+      check_model "$DIFFCSE_GENERATOR"
+      "$PY" KoDiffCSE/train.py --model "$MODEL" --generator_name "$DIFFCSE_GENERATOR" --data_dir "$DATA_DIR" \
+          --output_dir "$OUT/kodiffcse" --overwrite_output_dir --max_train_samples 4000 --batch_size 32 \
+          --max_len 32 --max_steps 20 --eval_steps 20 --lr 1e-5
+      "$PY" KoDiffCSE/evaluation.py --model_dir "$OUT/kodiffcse/best_model" --data_dir "$DATA_DIR" \
+          --dataset korsts-test --protocol standard bmk --output_json "$OUT/results/kodiffcse.json"
+    else
+      echo "KoDiffCSE: skipped (set DIFFCSE_GENERATOR=<masked-LM sharing MODEL's vocabulary> to include it)"
+    fi
+  fi
 elif [ "$PRESET" = paper ]; then
   # BM-K's published settings (reference: KoSimCSE README / run_example.sh); fp16 on a GPU.
   for M in klue/bert-base klue/roberta-base; do
@@ -129,6 +143,11 @@ elif [ "$PRESET" = paper ]; then
           --lr 1e-4 --warmup_ratio 0.01 --temperature 0.05 --eval_steps 125
       evaluate KoSentenceT5 "$OUT/kosentence$1/best_model" "kosentence$1"
     done
+  fi
+  if wants kodiffcse; then  # BM-K's KoDiffCSE-RoBERTa settings (the defaults of KoDiffCSE/train.py)
+    "$PY" KoDiffCSE/train.py --model klue/roberta-base --generator_name klue/roberta-small --data_dir "$DATA_DIR" \
+        --output_dir "$OUT/kodiffcse-roberta-base" --overwrite_output_dir --fp16 --num_workers 2
+    evaluate KoDiffCSE "$OUT/kodiffcse-roberta-base/best_model" "kodiffcse-roberta-base"
   fi
 else
   echo "error: PRESET must be quick or paper" >&2; exit 1
