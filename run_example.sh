@@ -70,7 +70,7 @@ if [ "$PRESET" = quick ]; then
   if wants kosimcse-sup; then
     "$PY" KoSimCSE/train.py --mode sup --model "$MODEL" --data_dir "$DATA_DIR" --train_file $NLI \
         --output_dir "$OUT/kosimcse-sup" --overwrite_output_dir --pooler mean \
-        --batch_size 32 --max_len 32 --max_steps 40 --eval_steps 20 --lr 3e-5 --warmup_ratio 0.1
+        --batch_size 32 --max_len 32 --max_steps 40 --eval_steps 40 --lr 3e-5 --warmup_ratio 0.1
     "$PY" KoSimCSE/evaluation.py --model_dir "$OUT/kosimcse-sup/best_model" --data_dir "$DATA_DIR" \
         --dataset korsts-test --protocol standard bmk --output_json "$OUT/results/kosimcse-sup.json"
     "$PY" KoSimCSE/evaluation.py --model_dir "$OUT/kosimcse-sup/best_model" --task search
