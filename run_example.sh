@@ -156,3 +156,7 @@ fi
 echo
 echo "KorSTS test (x100; standard = whole set, bmk = BM-K's per-batch average):"
 "$PY" utils/results_table.py "$OUT/results" --dataset korsts-test
+for run in "$OUT"/*/; do
+  [ -f "$run/train_log.jsonl" ] && "$PY" utils/plot_training.py "$run" >/dev/null && echo "training curve: ${run}training_curve.png"
+done
+true
