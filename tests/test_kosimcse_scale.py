@@ -1,6 +1,7 @@
 """KoSimCSE at scale and under failure: DDP (gloo, 2 processes), resume after SIGKILL, atomic saves,
 NaN stop, and bad input that must not cost an earlier run anything."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -150,3 +151,16 @@ def test_long_sentences_are_truncated_and_reported(kosimcse, tiny_bert, tmp_path
     dataset = kosimcse.dataloader.build_train_dataset(args, AutoTokenizer.from_pretrained(tiny_bert))
     assert len(dataset) == 3 and all(len(x[0]) <= 8 for x in (dataset[i] for i in range(3)))
     assert "1 of 3 training sentences were longer than --max_len 8 tokens and were truncated" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["--fp16", "--bf16"])
+def test_amp_training_on_cuda(kosimcse, tiny_bert, synthetic_data, tmp_path, amp):
+    out = str(tmp_path / "amp")
+    kosimcse.train.main(["--model", tiny_bert, "--data_dir", synthetic_data, "--mode", "sup", "--train_file",
+                         "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
+                         "--max_steps", "20", "--eval_steps", "10", "--lr", "1e-3", "--device", "cuda", amp])
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
+    assert [e["step"] for e in log if "dev" in e] == [10, 20]
+    assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
