@@ -108,6 +108,17 @@ class DiffCSE(nn.Module):
         write_sentence_transformers_config(out_dir, self.encoder.config.hidden_size, "cls", max_len)
 
 
+def backward_objective(contrastive, rtd, lambda_weight, world_size=1):
+    """The scalar to call backward() on: contrastive + lambda * rtd, arranged for DDP's gradient averaging.
+
+    Under torch.distributed the contrastive loss scores local anchors against the gathered global batch
+    with only the local slice differentiable (see gather_columns), so it is multiplied by the world size;
+    the replaced-token loss is purely local (each rank's own discriminator pass), so it is not -- DDP's
+    averaging then gives lambda times the mean of the per-rank RTD gradients. With one process this is
+    exactly ``contrastive + lambda_weight * rtd``."""
+    return contrastive * world_size + lambda_weight * rtd
+
+
 # Copied from KoSimCSE/model.py:gather_columns
 def gather_columns(embeddings, num_columns):
     """Under torch.distributed, the (num_columns*b, d) local embeddings -> (num_columns*W*b, d) of

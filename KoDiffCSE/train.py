@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import AutoConfig, get_linear_schedule_with_warmup
 
 from dataloader import (BatchPlan, ColumnCollator, DataError, TokenizedTexts, build_train_dataset, mask_tokens,
                         read_sts, resolve_path)
 from evaluation import DEFAULT_DATA_DIR, encode_tokenized, load_tokenizer, sts_metrics
-from model import PROJECTIONS, DiffCSE
+from model import PROJECTIONS, DiffCSE, backward_objective
 
 DEFAULTS = dict(train_file=["wiki/wiki_corpus.txt"], batch_size=256, epochs=1, lr=5e-5, max_len=64,
                 warmup_ratio=0.05, weight_decay=0.0, eval_steps=125)
@@ -39,10 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--generator_name", default="klue/roberta-small",
                    help="frozen masked-LM generator with the encoder's vocabulary (default: %(default)s)")
     p.add_argument("--masking_ratio", type=float, default=0.15, help="share of real tokens masked for the generator")
-    p.add_argument("--lambda_weight", type=float, default=0.005, help="weight of the replaced-token loss")
-    p.add_argument("--projection", choices=PROJECTIONS, default="mlp",
-                   help="training-only head over [CLS]: mlp (new Linear+Tanh), bn_mlp (DiffCSE --batchnorm), "
-                        "pooler (the checkpoint's pretrained pooler, as BM-K's KoDiffCSE); evaluation uses raw [CLS]")
+    p.add_argument("--lambda_weight", type=float, default=0.005,
+                   help="weight of the replaced-token loss, a cross-entropy over real tokens only (DiffCSE and BM-K's "
+                        "KoDiffCSE also count padded positions, labelled 'original') (default: %(default)s)")
+    p.add_argument("--projection", choices=PROJECTIONS, default=None,
+                   help="training-only head over [CLS]: mlp (new Linear+Tanh; default), bn_mlp (DiffCSE's BN-MLP), "
+                        "pooler (the checkpoint's pretrained pooler, as BM-K's KoDiffCSE; refused if the checkpoint "
+                        "has no pooler weights, as MLM-only RoBERTa checkpoints often lack); evaluation uses raw [CLS]")
+    p.add_argument("--batchnorm", action="store_true",
+                   help="DiffCSE's flag name for --projection bn_mlp: Linear(d,2d,no bias) -> BatchNorm -> ReLU -> "
+                        "Linear(2d,d,no bias) -> BatchNorm(affine=False)")
     p.add_argument("--static_sep_masking", action="store_true",
                    help="BM-K's masking, for parity: fixed at load time, exactly max(1, int(n*ratio)) tokens replaced "
                         "by [SEP] (default: dynamic per-batch masking with 80/10/10 [MASK]/random/keep)")
@@ -90,6 +96,9 @@ def parse_args(argv=None):
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.batchnorm and args.projection not in (None, "bn_mlp"):
+        p.error(f"--batchnorm means --projection bn_mlp; it contradicts --projection {args.projection}")
+    args.projection = "bn_mlp" if args.batchnorm else args.projection or "mlp"
     args.output_dir = args.output_dir or os.path.join("output", "kodiffcse")
     args.save_steps = args.save_steps or args.eval_steps
     if args.fp16 and args.bf16:
@@ -157,21 +166,38 @@ def build_optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
+def check_same_vocabulary(args):
+    """The generator's token ids are fed to the discriminator as they are, so the generator must use the
+    encoder's tokenizer and may not predict ids outside the encoder's embedding table. Checked from the
+    tokenizers and configs alone, before any model is loaded or anything is written."""
+    def load(what, name, loader):
+        try:
+            return loader(name)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot load the {what} '{name}': {e}\nPass a Hugging Face model folder "
+                             f"(config.json, weights and tokenizer files) or a hub id reachable from this machine.") from None
+    tokenizer = load("encoder (--model)", args.model, load_tokenizer)
+    generator_tokenizer = load("generator (--generator_name)", args.generator_name, load_tokenizer)
+    encoder_size = load("encoder (--model)", args.model, AutoConfig.from_pretrained).vocab_size
+    generator_size = load("generator (--generator_name)", args.generator_name, AutoConfig.from_pretrained).vocab_size
+    if generator_tokenizer.get_vocab() != tokenizer.get_vocab() or generator_size > encoder_size:
+        raise SystemExit(
+            f"error: the generator {args.generator_name} (tokenizer {len(generator_tokenizer):,} tokens, vocab_size "
+            f"{generator_size:,}) does not share the vocabulary of the encoder {args.model} (tokenizer "
+            f"{len(tokenizer):,} tokens, vocab_size {encoder_size:,}); pick a masked-LM generator trained with the "
+            f"same tokenizer (e.g. klue/roberta-small for klue/roberta-base)")
+    return tokenizer
+
+
 def load_model(args):
-    try:
-        tokenizer = load_tokenizer(args.model)
-        generator_tokenizer = load_tokenizer(args.generator_name)
-        if generator_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"the generator {args.generator_name} ({len(generator_tokenizer):,} tokens) does not share "
-                             f"the vocabulary of the encoder {args.model} ({len(tokenizer):,} tokens); pick a generator "
-                             f"trained with the same tokenizer (e.g. klue/roberta-small for klue/roberta-base)")
-        model = DiffCSE.from_pretrained(args.model, args.generator_name, projection=args.projection)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load model '{args.model}': {e}\n"
-                         f"Pass --model with a Hugging Face model folder (config.json, weights and "
-                         f"tokenizer files) or a hub id reachable from this machine.") from None
+    tokenizer = check_same_vocabulary(args)
     if tokenizer.pad_token_id is None or tokenizer.mask_token_id is None:
         raise SystemExit(f"error: the tokenizer of {args.model} needs a padding and a mask token")
+    try:
+        model = DiffCSE.from_pretrained(args.model, args.generator_name, projection=args.projection)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the encoder '{args.model}' with the generator "
+                         f"'{args.generator_name}': {e}") from None
     return tokenizer, model
 
 
@@ -319,7 +345,7 @@ def train(args):
                     raise SystemExit(f"error: the loss is {loss.item()} at step {step + 1}; stopping. The best model "
                                      f"so far is kept in {best_dir} and the last checkpoint in {checkpoint_dir}. "
                                      f"Try a lower --lr, or --bf16 instead of --fp16.")
-                scaler.scale(loss * world).backward()
+                scaler.scale(backward_objective(contrastive, rtd, args.lambda_weight, world)).backward()
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

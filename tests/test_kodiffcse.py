@@ -158,3 +158,69 @@ def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data
     np.testing.assert_allclose(ours, st.SentenceTransformer(best, device="cpu").encode(sentences), atol=1e-5)
     ev.main(["--model_dir", best, "--data_dir", synthetic_data, "--output_json", os.path.join(out, "t.json")])
     assert json.load(open(os.path.join(out, "t.json")))[0]["n_pairs"] == 120
+
+
+def test_generator_vocab_size_larger_than_the_encoders_stops(dc, tiny_bert, synthetic_data, tmp_path):
+    """Same tokenizer, but the generator could predict ids the discriminator has no embedding for."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    big = str(tmp_path / "big-generator")
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.save_pretrained(big)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok) + 8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, pad_token_id=tok.pad_token_id)).save_pretrained(big)
+    with pytest.raises(SystemExit, match="does not share the vocabulary"):
+        dc.train.main(["--model", tiny_bert, "--generator_name", big, "--data_dir", synthetic_data,
+                       "--output_dir", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_batchnorm_flag_is_the_bn_mlp_projection(dc, tiny_bert, generator):
+    assert dc.train.parse_args(["--batchnorm"]).projection == "bn_mlp"
+    assert dc.train.parse_args([]).projection == "mlp"
+    with pytest.raises(SystemExit):
+        dc.train.parse_args(["--batchnorm", "--projection", "pooler"])
+    head = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, projection="bn_mlp").projection
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in head if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [m.bias for m in linears] == [None, None] and linears[0].out_features == 2 * linears[0].in_features
+    assert [m.affine for m in norms] == [True, False]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_no_dropout(tiny_bert, tmp_path_factory):
+    """tiny_bert's tokenizer and size with dropout 0 (so train mode is deterministic); it shares the
+    generator's vocabulary."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    out = str(tmp_path_factory.mktemp("tiny-bert-nodrop"))
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(out)
+    return out
+
+
+def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, generator, tmp_path):
+    """torchrun (gloo, 2 processes) vs one process: the same gradients, the RTD part included (its loss
+    is local to each rank, so it must not be scaled by the world size as the gathered contrastive loss is)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = os.path.join(ROOT, "tests", "scripts", "kodiffcse_ddp_step.py")
+    method = os.path.join(ROOT, "KoDiffCSE")
+    single, double = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, script, method, tiny_bert_no_dropout, generator, single],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          script, method, tiny_bert_no_dropout, generator, double],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = torch.load(single), torch.load(double)
+    torch.testing.assert_close(b["losses"], a["losses"], atol=1e-5, rtol=0)
+    assert a["grads"].keys() == b["grads"].keys()
+    assert any(k.startswith("discriminator.") for k in a["grads"]) and any(k.startswith("rtd_head.") for k in a["grads"])
+    worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
+    assert worst < 1e-5, worst

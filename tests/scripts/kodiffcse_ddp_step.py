@@ -1,0 +1,50 @@
+"""One KoDiffCSE training step (contrastive + lambda * replaced-token loss) on a fixed global batch, for
+the DDP equality test in tests/test_kodiffcse.py.
+
+    python kodiffcse_ddp_step.py METHOD_DIR MODEL_DIR GENERATOR_DIR OUT.pt            one process
+    torchrun --nproc_per_node 2 kodiffcse_ddp_step.py METHOD_DIR MODEL_DIR GENERATOR_DIR OUT.pt
+
+Writes (rank 0) the losses averaged over ranks and every parameter gradient after backward (DDP has
+averaged them). Every rank holds the same number of real tokens, so the mean of the per-rank RTD means
+is the global mean.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+method_dir, model_dir, generator_dir, out = sys.argv[1:5]
+sys.path.insert(0, method_dir)
+from model import DiffCSE, backward_objective  # noqa: E402
+
+LAMBDA = 1.0  # large, so that a wrongly scaled RTD gradient cannot hide under the tolerance
+world = int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+torch.manual_seed(0)  # the same new projection and RTD head in every process
+model = DiffCSE.from_pretrained(model_dir, generator_dir, projection="mlp")
+model.train()  # the test models have dropout 0, so train mode is deterministic
+B, L = 8, 7
+g = torch.Generator().manual_seed(1)
+ids = torch.randint(5, 60, (B, L), generator=g)
+ids = torch.stack([ids, ids])  # (views, batch, length): each sentence twice
+mlm = ids.clone()
+mlm[torch.rand(ids.shape, generator=g) < 0.4] = 4  # a fixed masking of both views
+mask = torch.ones_like(ids)
+local = slice(rank * B // world, (rank + 1) * B // world)
+ids, mlm, mask = (t[:, local].reshape(-1, L) for t in (ids, mlm, mask))
+ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+contrastive, rtd, _, _ = ddp(ids, mask, mlm, 0.05)
+backward_objective(contrastive, rtd, LAMBDA, world).backward()
+losses = torch.stack([contrastive.detach(), rtd.detach()])
+if world > 1:
+    dist.all_reduce(losses)
+    losses /= world
+if rank == 0:
+    torch.save({"losses": losses, "grads": {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}}, out)
+if world > 1:
+    dist.barrier()  # no rank tears gloo down while another still works (seen: "terminate called" aborts)
+    dist.destroy_process_group()
