@@ -224,3 +224,57 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout
     assert any(k.startswith("discriminator.") for k in a["grads"]) and any(k.startswith("rtd_head.") for k in a["grads"])
     worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
     assert worst < 1e-5, worst
+
+
+def test_lambda_zero_step_equals_kosimcse_unsup_step_with_dropout(dc, tiny_bert, generator):
+    """Train mode, dropout on, same seed: KoDiffCSE with lambda=0 gives unsupervised KoSimCSE's loss
+    (pooler cls + MLP in training) and the same encoder gradients, since the encoder's dropout draws come
+    first in both and the generator/discriminator only run afterwards."""
+    from transformers import AutoTokenizer
+    kosimcse = load_method("KoSimCSE")
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["사과 바나나.", "바다 파도 모래.", "기차 역 승객."]
+    batch = batch_of(tok, texts + texts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlm, _ = dc.dataloader.mask_tokens(ids, mask, tok, 0.3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ours = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, projection="mlp").train()
+    theirs = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="cls", mlp_only_train=True).train()
+    theirs.mlp.load_state_dict(ours.projection.state_dict())
+    torch.manual_seed(123)
+    contrastive, rtd, _, _ = ours(ids, mask, mlm, 0.05)
+    dc.model.backward_objective(contrastive, rtd, 0.0).backward()
+    torch.manual_seed(123)
+    reference = kosimcse.model.contrastive_loss(theirs(ids, mask), 2, 0.05)
+    reference.backward()
+    assert contrastive.item() == pytest.approx(reference.item(), abs=1e-6)
+    theirs_grads = dict(theirs.backbone.named_parameters())
+    for name, param in ours.encoder.named_parameters():
+        if param.grad is not None or theirs_grads[name].grad is not None:
+            torch.testing.assert_close(param.grad, theirs_grads[name].grad, atol=1e-6, rtol=0)
+    assert ours.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    torch.manual_seed(124)  # dropout really is on: other draws, another loss
+    with torch.no_grad():
+        assert kosimcse.model.contrastive_loss(theirs(ids, mask), 2, 0.05).item() != pytest.approx(reference.item(), abs=1e-4)
+    assert all(p.grad is None or not p.grad.any() for p in ours.rtd_head.parameters())
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_inputs_embeds_route_changes_only_position_zero(tiny_bert, arch):
+    """The conditioning passes word embeddings as inputs_embeds. Unmodified, that route must give the
+    input_ids forward on every real token (right padding: RoBERTa's position ids from inputs_embeds are
+    sequential, which equals its pad-skipping ids on real tokens), so swapping position 0 is the only change."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    kwargs = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=80, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = (BertModel(BertConfig(**kwargs)) if arch == "bert" else RobertaModel(RobertaConfig(**kwargs))).eval()
+    batch = batch_of(tok, ["사과 바나나 포도 딸기 기차.", "기차."])
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        by_ids = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        by_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    assert (~real).any()
+    torch.testing.assert_close(by_embeds[real], by_ids[real], atol=1e-5, rtol=0)
