@@ -37,4 +37,5 @@ if rank == 0:
     torch.save({"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()
                                                  if p.grad is not None}}, out)
 if world > 1:
+    dist.barrier()  # no rank tears the group down while rank 0 is still saving
     dist.destroy_process_group()
