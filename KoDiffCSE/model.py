@@ -69,10 +69,11 @@ class DiffCSE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model, generator_name, projection="mlp"):
-        encoder, info = AutoModel.from_pretrained(model, output_loading_info=True)
+        encoder, info = AutoModel.from_pretrained(model, output_loading_info=True, dtype=torch.float32)
         if projection == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
             raise ValueError(f"--projection pooler: {model} has no trained pooler weights (use mlp or bn_mlp)")
-        return cls(encoder, AutoModel.from_pretrained(model), AutoModelForMaskedLM.from_pretrained(generator_name),
+        return cls(encoder, AutoModel.from_pretrained(model, dtype=torch.float32),
+                   AutoModelForMaskedLM.from_pretrained(generator_name, dtype=torch.float32),
                    projection)
 
     def train(self, mode=True):

@@ -104,11 +104,13 @@ def load_tokenizer(path):
 def load_backbone(path):
     """The model whose last_hidden_state sentence-transformers pools for this checkpoint: the
     encoder alone for the T5 family (T5EncoderModel, no decoder weights), else AutoModel -- which,
-    for BART-like encoder-decoders, returns the decoder states over the right-shifted input."""
+    for BART-like encoder-decoders, returns the decoder states over the right-shifted input. Weights
+    are loaded in float32 whatever dtype they were saved in (transformers 5 would otherwise keep it)."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type in ("t5", "mt5", "umt5"):
-        return getattr(transformers, f"{config.model_type.upper()}EncoderModel").from_pretrained(path)
-    return AutoModel.from_pretrained(path)
+        model_class = getattr(transformers, f"{config.model_type.upper()}EncoderModel")
+        return model_class.from_pretrained(path, dtype=torch.float32)
+    return AutoModel.from_pretrained(path, dtype=torch.float32)
 
 
 # Copied from KoSimCSE/evaluation.py:FolderEncoder

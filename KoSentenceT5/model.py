@@ -55,10 +55,10 @@ def load_encoder(name_or_path, arch):
     if arch == "t5":
         if config.model_type not in T5_FAMILY:
             raise ValueError(f"--arch t5 needs a T5/mT5/umT5 checkpoint; {name_or_path} is '{config.model_type}'")
-        return getattr(transformers, f"{config.model_type.upper()}EncoderModel").from_pretrained(name_or_path)
+        return getattr(transformers, f"{config.model_type.upper()}EncoderModel").from_pretrained(name_or_path, dtype=torch.float32)
     if not config.is_encoder_decoder or config.model_type in T5_FAMILY:
         raise ValueError(f"--arch bart needs a BART-like encoder-decoder checkpoint; {name_or_path} is '{config.model_type}'")
-    return AutoModel.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
 
 
 class SentenceT5(nn.Module):

@@ -207,13 +207,14 @@ def setup_distributed(args):
 
 
 # Copied from KoSimCSE/train.py:save_checkpoint
-def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score):
+def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score, **extra):
     """Everything --resume needs, written atomically: weights, optimizer, schedule, loss scale,
-    the step (which fixes the data position through BatchPlan), the best dev score, RNG states."""
+    the step (which fixes the data position through BatchPlan), the best dev score, RNG states,
+    and any ``extra`` entries of the caller's."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, **extra}
 
     def write(folder):
         os.makedirs(folder)

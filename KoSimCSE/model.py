@@ -73,7 +73,7 @@ class SentenceEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, pooler="cls_before_pooler", **kwargs):
-        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32)
         if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
             # transformers builds a pooler for every BertModel and initialises it randomly when the
             # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.
