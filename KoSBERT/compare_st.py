@@ -2,7 +2,7 @@
 
 Trains ``--model`` with SentenceTransformer(Transformer + mean Pooling) and
 ``losses.CosineSimilarityLoss`` in a plain loop that mirrors train.py --task sts exactly: the same
-pairs (score / 5), the same seeded shuffle and batches (DataLoader, batch 32, last batch kept),
+pairs (score / 5), the same seeded shuffle and batches (BatchPlan, batch 32, last batch kept),
 AdamW with weight decay 0.01 except biases and LayerNorm weights, linear schedule with 10% warmup,
 gradient clipping at 1.0, the same number of steps. The final model is saved to --output_dir; score
 it with evaluation.py so that both runs are measured by the same code:
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dataloader import load_sts_pairs, resolve_path
+from dataloader import BatchPlan, load_sts_pairs, resolve_path
 from evaluation import DEFAULT_DATA_DIR
 
 
@@ -54,9 +54,8 @@ def main(argv=None):
                                 device="cpu")
     loss_model = losses.CosineSimilarityLoss(model)
     pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir))
-    loader = torch.utils.data.DataLoader(range(len(pairs)), batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    total = args.max_steps if args.max_steps > 0 else args.epochs * len(loader)
+    plan = BatchPlan(len(pairs), args.batch_size, args.seed, drop_last=False)
+    total = args.max_steps if args.max_steps > 0 else args.epochs * len(plan)
     decay = [p for n, p in loss_model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in loss_model.named_parameters() if p.ndim < 2 or "LayerNorm" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -66,8 +65,8 @@ def main(argv=None):
     step, start = 0, time.time()
     with tqdm(total=total, desc="sentence-transformers CosineSimilarityLoss") as bar:
         while step < total:
-            for idx in loader:
-                batch = [pairs[i] for i in idx.tolist()]
+            for idx in plan.batches(step // len(plan), step % len(plan)):
+                batch = [pairs[i] for i in idx]
                 features = [model.tokenize([b[0] for b in batch]), model.tokenize([b[1] for b in batch])]
                 labels = torch.tensor([b[2] for b in batch], dtype=torch.float)
                 loss = loss_model(features, labels)

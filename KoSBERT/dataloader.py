@@ -229,6 +229,34 @@ def pad_batch(sequences, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+# Copied from KoSimCSE/dataloader.py:BatchPlan
+class BatchPlan:
+    """The batches of a run, fixed by (seed, epoch): epoch e visits the examples in the order
+    ``torch.randperm(n)`` seeded with seed + e, cut into global batches of ``global_batch`` (a last
+    partial batch is dropped unless drop_last=False); under torch.distributed, rank r of W takes
+    the r-th slice of every global batch. Any step can be the starting point, which is what makes
+    ``--resume`` exact."""
+
+    def __init__(self, num_examples, global_batch, seed, rank=0, world_size=1, drop_last=True):
+        global_batch = min(global_batch, num_examples)
+        if global_batch % world_size:
+            raise ValueError(f"--batch_size {global_batch} is not divisible by the {world_size} processes")
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.rank, self.local_batch = rank, global_batch // world_size
+        # drop_last=False keeps a last partial batch, as a DataLoader does, in a single process only:
+        # under torch.distributed every rank must take an equal slice, so it is dropped there.
+        self.keep_partial = not drop_last and world_size == 1 and num_examples % global_batch > 0
+
+    def __len__(self):
+        return self.num_examples // self.global_batch + self.keep_partial
+
+    def batches(self, epoch, start_step=0):
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        for step in range(start_step, len(self)):
+            first = step * self.global_batch + self.rank * self.local_batch
+            yield order[first:first + self.local_batch].tolist()
+
+
 def load_nli_pairs(paths, log=print):
     """(premise, hypothesis, class id) rows of every NLI file; rows with the label ``-`` are skipped."""
     pairs = []

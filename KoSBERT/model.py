@@ -69,10 +69,12 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"--pooler pooler needs a checkpoint with a pooler layer; "
                              f"{type(backbone).__name__} has none (use mean or cls_before_pooler)")
         self.backbone, self.pooler = backbone, pooler
+        if pooler != "pooler" and getattr(backbone, "pooler", None) is not None:
+            backbone.pooler.requires_grad_(False)  # unused: no gradient, and none for DDP to wait for
 
     @classmethod
     def from_pretrained(cls, name_or_path, pooler="mean"):
-        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32)
         if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
             # transformers builds a pooler for every BertModel and initialises it randomly when the
             # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.

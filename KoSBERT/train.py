@@ -35,12 +35,13 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dataloader import (DataError, PairCollator, PairDataset, TokenizedTexts, load_nli_pairs, load_sts_pairs,
-                        read_sts, resolve_path)
+from dataloader import (BatchPlan, DataError, PairCollator, PairDataset, TokenizedTexts, load_nli_pairs,
+                        load_sts_pairs, read_sts, resolve_path)
 from evaluation import DEFAULT_DATA_DIR, encode_tokenized, load_tokenizer, sts_metrics
 from model import POOLERS, SentenceEncoder, SoftmaxClassifier, cosine_regression_loss, softmax_loss
 
@@ -80,6 +81,12 @@ def parse_args(argv=None):
                    help="max tokens per sentence, special tokens included; longer ones are truncated and counted")
     p.add_argument("--eval_steps", type=int, default=1000,
                    help="evaluate on --dev_file every N steps and at the end of every epoch")
+    p.add_argument("--save_steps", type=int, default=None,
+                   help="write output_dir/checkpoint (for --resume) every N steps and at the end of every "
+                        "epoch and stage (default: --eval_steps)")
+    p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
+                   help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
+                        "it was started with (only --device and --num_workers may change)")
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--max_train_samples", type=int, default=None,
@@ -90,6 +97,17 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.resume:
+        saved = os.path.join(args.resume, "args.json")
+        if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
+            p.error(f"--resume {args.resume}: no checkpoint/state.pt and args.json there to resume from")
+        with open(saved) as f:
+            for key, value in json.load(f).items():
+                if key not in ("device", "num_workers"):
+                    setattr(args, key, value)
+        args.output_dir = args.resume
+        return args
+    args.save_steps = args.save_steps or args.eval_steps
     if args.train_file:
         if args.task == "nli":
             args.nli_file = args.train_file
@@ -203,20 +221,70 @@ def load_model(args, path=None):
     return tokenizer, model
 
 
+# Copied from KoSimCSE/train.py:setup_distributed
+def setup_distributed(args):
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
+    gloo on CPU; each process drives one GPU (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# Copied from KoSimCSE/train.py:save_checkpoint
+def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score, **extra):
+    """Everything --resume needs, written atomically: weights, optimizer, schedule, loss scale,
+    the step (which fixes the data position through BatchPlan), the best dev score, RNG states,
+    and any ``extra`` entries of the caller's."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, **extra}
+
+    def write(folder):
+        os.makedirs(folder)
+        torch.save(state, os.path.join(folder, "state.pt"))
+    save_atomically(write, path)
+
+
+# Copied from KoSimCSE/train.py:load_checkpoint
+def load_checkpoint(path, model, optimizer, scheduler, scaler):
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state
+
+
+# Copied from KoSimCSE/train.py:restore_rng
+def restore_rng(rng):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 class Source:
-    """One training objective: its name, its pair DataLoader and its loss on a (2B, d) batch."""
+    """One training objective: its name, its tokenised pairs, its batch plan and collator."""
 
-    def __init__(self, name, loader, loss_fn):
-        self.name, self.loader, self.loss_fn = name, loader, loss_fn
+    def __init__(self, name, dataset, plan, collate):
+        self.name, self.dataset, self.plan, self.collate = name, dataset, plan, collate
 
 
-def build_source(name, args, tokenizer, classifier=None, log=print):
+def build_source(name, args, tokenizer, rank=0, world=1, log=print):
     if name == "nli":
         pairs = load_nli_pairs([resolve_path(p, args.data_dir) for p in args.nli_file], log=log)
-        loss_fn, label_dtype = (lambda emb, labels: softmax_loss(classifier, emb, labels)), torch.long
+        label_dtype = torch.long
     else:
         pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir), log=log)
-        loss_fn, label_dtype = cosine_regression_loss, torch.float
+        label_dtype = torch.float
     if args.max_train_samples is not None and args.max_train_samples < len(pairs):
         pairs = random.Random(args.seed).sample(pairs, args.max_train_samples)
         log(f"using {len(pairs):,} {name} pairs (--max_train_samples)")
@@ -224,11 +292,25 @@ def build_source(name, args, tokenizer, classifier=None, log=print):
     if dataset.tokenized.num_truncated:
         log(f"{dataset.tokenized.num_truncated:,} of {len(dataset.tokenized):,} {name} sentences were longer "
             f"than --max_len {args.max_len} tokens and were truncated")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, collate_fn=PairCollator(tokenizer.pad_token_id, label_dtype),
-        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
-        pin_memory=args.device.startswith("cuda"))
-    return Source(name, loader, loss_fn)
+    # A seeded shuffle per epoch (the last partial batch kept, as sentence-transformers' fit, in a single
+    # process); any step can be the starting point, which makes --resume exact.
+    plan = BatchPlan(len(dataset), args.batch_size, args.seed, rank, world, drop_last=False)
+    return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, label_dtype))
+
+
+class PairObjective(nn.Module):
+    """The encoder and the NLI classifier in one module, so that DistributedDataParallel sees every
+    trainable parameter; forward returns the loss of one source's batch."""
+
+    def __init__(self, encoder, classifier=None):
+        super().__init__()
+        self.encoder, self.classifier = encoder, classifier
+
+    def forward(self, source, labels, **batch):
+        embeddings = self.encoder(**batch)
+        if source == "nli":
+            return softmax_loss(self.classifier, embeddings, labels)
+        return cosine_regression_loss(embeddings, labels)
 
 
 def interleave(sizes):
@@ -243,23 +325,54 @@ def interleave(sizes):
     return order
 
 
-def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evaluate, best_dir, record, log):
+def truncate_stage_log(path, stages, stage, step):
+    """Drop log lines written after the checkpoint (``stage``, ``step``) a resumed run restarts from."""
+    if os.path.exists(path):
+        position = (stages.index(stage), step)
+        with open(path) as f:
+            kept = [line for line in f
+                    if (stages.index(json.loads(line)["stage"]), json.loads(line)["step"]) <= position]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evaluate, best_dir, record, log,
+              rank=0, world=1, state=None):
     """Train ``model`` on ``sources`` (interleaved) for ``epochs`` or --max_steps; evaluate every
-    --eval_steps and at the end of every epoch; keep the best dev checkpoint in ``best_dir``."""
-    schedule = interleave([len(s.loader) for s in sources])
+    --eval_steps and at the end of every epoch; keep the best dev checkpoint in ``best_dir``; write
+    output_dir/checkpoint every --save_steps. ``state``: a checkpoint of this stage to resume from.
+    Under torch.distributed every process takes its slice of each batch (the losses are means over
+    pairs, so DDP's gradient average is the gradient of the global batch); rank 0 evaluates and saves."""
+    main_process = rank == 0
+    schedule = interleave([len(s.plan) for s in sources])
     total_steps = args.max_steps if args.max_steps > 0 else epochs * len(schedule)
     epochs = math.ceil(total_steps / len(schedule))
-    trainable = nn.ModuleDict({"encoder": model, **({"classifier": classifier} if classifier is not None else {})})
+    objective = PairObjective(model, classifier)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(trainable, args.lr, args.weight_decay)
+    optimizer = build_optimizer(objective, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    sizes = ", ".join(f"{s.name} {len(s.loader.dataset):,} pairs / {len(s.loader):,} batches" for s in sources)
-    log(f"[{stage}] {sizes}; batch {args.batch_size}, {total_steps:,} steps ({epochs} epoch(s) of "
-        f"{len(schedule):,}), eval every {args.eval_steps} steps and each epoch on {args.dev_file}")
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
+    best_score, step = -math.inf, 0
+    if state is not None:
+        objective.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        best_score, step = state["best_score"], state["step"]
+        restore_rng(state["rng"]) if main_process else torch.manual_seed(args.seed + rank + step)
+        log(f"[{stage}] resuming {args.output_dir} at step {step:,} (best dev max-spearman {best_score:.2f})")
+    # The classifier is idle on the STS batches of multitask: DDP must not wait for its gradients.
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        objective, find_unused_parameters=classifier is not None and len(sources) > 1) if world > 1 else objective
+    sizes = ", ".join(f"{s.name} {len(s.dataset):,} pairs / {len(s.plan):,} batches" for s in sources)
+    log(f"[{stage}] {sizes}; batch {args.batch_size}" + (f" ({world} processes x {sources[0].plan.local_batch})"
+                                                         if world > 1 else "")
+        + f", {total_steps:,} steps ({epochs} epoch(s) of {len(schedule):,}), eval every {args.eval_steps} steps "
+          f"and each epoch on {args.dev_file}")
 
-    best_score, step, start = -math.inf, 0, time.time()
+    start = time.time()
     window = {s.name: [] for s in sources}  # losses since the last log line, per source
 
     def evaluate_and_save(epoch):
@@ -273,24 +386,29 @@ def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evalua
             save_atomically(lambda d: model.save(d, tokenizer, args.max_len), best_dir)
             log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
 
-    trainable.train()
-    with tqdm(total=total_steps, desc=f"KoSBERT {stage}", unit="step") as bar:
-        for epoch in range(epochs):
-            iterators = [iter(s.loader) for s in sources]
-            for index in schedule:
+    objective.train()
+    with tqdm(total=total_steps, initial=step, desc=f"KoSBERT {stage}", unit="step", disable=not main_process) as bar:
+        while step < total_steps:
+            epoch, offset = divmod(step, len(schedule))
+            # Where each source stands in this epoch: the batches the schedule has taken from it so far.
+            taken = [schedule[:offset].count(i) for i in range(len(sources))]
+            iterators = [iter(torch.utils.data.DataLoader(
+                s.dataset, batch_sampler=list(s.plan.batches(epoch, taken[i])), collate_fn=s.collate,
+                num_workers=args.num_workers, pin_memory=device_type == "cuda", generator=torch.Generator()))
+                for i, s in enumerate(sources)]
+            for index in schedule[offset:]:
                 source = sources[index]
                 batch = {k: v.to(args.device, non_blocking=True) for k, v in next(iterators[index]).items()}
-                labels = batch.pop("labels")
                 with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = source.loss_fn(model(**batch), labels)
+                    loss = ddp(source.name, **batch)
                 if not torch.isfinite(loss):
                     raise SystemExit(f"error: the {source.name} loss is {loss.item()} at step {step + 1}; stopping. "
-                                     f"The best model so far is kept in {best_dir}. Try a lower --lr, or --bf16 "
-                                     f"instead of --fp16.")
+                                     f"The best model so far is kept in {best_dir} and the last checkpoint in "
+                                     f"{checkpoint_dir}. Try a lower --lr, or --bf16 instead of --fp16.")
                 scaler.scale(loss).backward()
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), args.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -305,16 +423,21 @@ def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evalua
                             **{f"loss_{k}": float(np.mean(v)) for k, v in window.items() if v},
                             "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)})
                     window = {k: [] for k in window}
-                if step % args.eval_steps == 0 or step == total_steps:
-                    evaluate_and_save(epoch)
+                boundary = step % len(schedule) == 0 or step == total_steps  # end of an epoch or of the stage
+                if step % args.eval_steps == 0 or boundary:
+                    if main_process:
+                        evaluate_and_save(epoch)
+                    if world > 1:
+                        dist.barrier()
+                if step % args.save_steps == 0 or boundary:
+                    if main_process:
+                        save_checkpoint(checkpoint_dir, objective, optimizer, scheduler, scaler, step, best_score,
+                                        stage=stage)
+                    if world > 1:
+                        dist.barrier()
                 if step >= total_steps:
                     break
-            else:  # a full epoch ended without an evaluation on its last step
-                if step % args.eval_steps != 0:
-                    evaluate_and_save(epoch)
-                continue
-            break
-    if not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings): keep the last model
+    if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
         save_atomically(lambda d: model.save(d, tokenizer, args.max_len), best_dir)
         log(f"warning: no dev score was a number; saved the final model to {best_dir}")
     log(f"[{stage}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score:.2f}, model in {best_dir}")
@@ -324,41 +447,67 @@ def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evalua
 def train(args):
     """Everything that can fail on bad input (model, tokenizer, data) is loaded before the output
     folder is touched, so a failed start leaves no half-run behind to refuse the next attempt."""
-    check_output_dir(args)
-    set_seed(args.seed)
-    log = lambda msg: tqdm.write(msg)
+    rank, world = setup_distributed(args)
+    main_process = rank == 0
+    log = (lambda msg: tqdm.write(msg)) if main_process else (lambda msg: None)
+    if not args.resume:
+        check_output_dir(args)
+    set_seed(args.seed + rank)  # per-rank dropout masks
     tokenizer, model = load_model(args)
     model.to(args.device)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    evaluate = DevEvaluator(args, tokenizer, amp_dtype)
+    evaluate = DevEvaluator(args, tokenizer, amp_dtype) if main_process else None
     classifier = SoftmaxClassifier(model.dim, num_labels=3).to(args.device) if args.task != "sts" else None
-    sources = {name: build_source(name, args, tokenizer, classifier, log=log)
-               for name in (("nli", "sts") if args.task in ("nli_sts", "multitask") else (args.task,))}
-    prepare_output_dir(args)
+    names = ("nli", "sts") if args.task in ("nli_sts", "multitask") else (args.task,)
+    sources = {name: build_source(name, args, tokenizer, rank, world, log=log) for name in names}
+    stages = ["nli", "sts"] if args.task == "nli_sts" else [args.task]
     best_dir, nli_dir = os.path.join(args.output_dir, "best_model"), os.path.join(args.output_dir, "nli_model")
-    shutil.rmtree(nli_dir, ignore_errors=True)  # a stale stage-1 model of an overwritten run
-    with open(os.path.join(args.output_dir, "train_log.jsonl"), "a") as log_file:
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    state = None
+    if args.resume:
+        state = torch.load(os.path.join(args.output_dir, "checkpoint", "state.pt"), map_location="cpu",
+                           weights_only=False)
+        if main_process:
+            truncate_stage_log(log_path, stages, state["stage"], state["step"])
+    elif main_process:
+        prepare_output_dir(args)  # only now: bad inputs above must not cost the earlier run anything
+        shutil.rmtree(nli_dir, ignore_errors=True)  # a stale stage-1 model of an overwritten run
+    if world > 1:
+        dist.barrier()  # nobody starts before rank 0 has set up (or truncated) the output folder
+    with open(log_path, "a") if main_process else open(os.devnull, "w") as log_file:
         def record(entry):
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
+        def stage_state(stage):
+            return state if state is not None and state["stage"] == stage else None
+
+        common = dict(evaluate=evaluate, record=record, log=log, rank=rank, world=world)
         if args.task in ("nli", "sts"):
             epochs = args.nli_epochs if args.task == "nli" else args.sts_epochs
-            return run_stage(args, args.task, model, tokenizer, [sources[args.task]], epochs, classifier, evaluate,
-                             best_dir, record, log)
-        if args.task == "multitask":
-            return run_stage(args, "multitask", model, tokenizer, [sources["nli"], sources["sts"]], args.epochs,
-                             classifier, evaluate, best_dir, record, log)
-        # nli_sts: NLI, then STS continued from the best NLI checkpoint (BM-K's two scripts in one run).
-        run_stage(args, "nli", model, tokenizer, [sources["nli"]], args.nli_epochs, classifier, evaluate, nli_dir,
-                  record, log)
-        del model, classifier
-        set_seed(args.seed)
-        _, model = load_model(args, nli_dir)
-        model.to(args.device)
-        log(f"[sts] continuing from {nli_dir}")
-        return run_stage(args, "sts", model, tokenizer, [sources["sts"]], args.sts_epochs, None, evaluate, best_dir,
-                         record, log)
+            best = run_stage(args, args.task, model, tokenizer, [sources[args.task]], epochs, classifier,
+                             best_dir=best_dir, state=stage_state(args.task), **common)
+        elif args.task == "multitask":
+            best = run_stage(args, "multitask", model, tokenizer, [sources["nli"], sources["sts"]], args.epochs,
+                             classifier, best_dir=best_dir, state=stage_state("multitask"), **common)
+        else:
+            # nli_sts: NLI, then STS continued from the best NLI checkpoint (BM-K's two scripts in one run).
+            # A run resumed in its STS stage skips the finished NLI stage.
+            if stage_state("sts") is None:
+                run_stage(args, "nli", model, tokenizer, [sources["nli"]], args.nli_epochs, classifier,
+                          best_dir=nli_dir, state=stage_state("nli"), **common)
+            if world > 1:
+                dist.barrier()  # rank 0 has written nli_model
+            del model, classifier
+            set_seed(args.seed + rank)
+            _, model = load_model(args, nli_dir)
+            model.to(args.device)
+            log(f"[sts] continuing from {nli_dir}")
+            best = run_stage(args, "sts", model, tokenizer, [sources["sts"]], args.sts_epochs, None,
+                             best_dir=best_dir, state=stage_state("sts"), **common)
+    if world > 1:
+        dist.destroy_process_group()
+    return best
 
 
 def main(argv=None):

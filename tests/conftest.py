@@ -153,6 +153,29 @@ def tiny_bert(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tiny_bert, tmp_path_factory):
+    """tiny_bert's tokenizer and size with dropout 0, so that train mode is deterministic (DDP tests)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    import torch
+    out = str(tmp_path_factory.mktemp("tiny-bert-nodrop"))
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(out)
+    return out
+
+
+def torchrun(*args, nproc=2, timeout=180):
+    """``torchrun --standalone --nproc_per_node nproc args...`` (gloo on CPU), one thread per process."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--standalone", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     if not os.path.isdir(os.path.join(SHARED_DATA, "KorSTS")):
         pytest.skip(f"real data not found at {SHARED_DATA} (set KOSENT_SHARED_DATA)")

@@ -186,21 +186,6 @@ def test_batchnorm_flag_is_the_bn_mlp_projection(dc, tiny_bert, generator):
     assert [m.affine for m in norms] == [True, False]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tiny_bert, tmp_path_factory):
-    """tiny_bert's tokenizer and size with dropout 0 (so train mode is deterministic); it shares the
-    generator's vocabulary."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    out = str(tmp_path_factory.mktemp("tiny-bert-nodrop"))
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(out)
-    return out
-
-
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, generator, tmp_path):
     """torchrun (gloo, 2 processes) vs one process: the same gradients, the RTD part included (its loss
     is local to each rank, so it must not be scaled by the world size as the gathered contrastive loss is)."""

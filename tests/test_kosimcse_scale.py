@@ -11,27 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, train_tokenizer, corpus_texts
+from conftest import ROOT, torchrun
 
 TRAIN = os.path.join(ROOT, "KoSimCSE", "train.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-    out = str(tmp_path_factory.mktemp("tiny-bert-nodrop"))
-    tok = train_tokenizer(out, corpus_texts())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(out)
-    return out
-
-
-def torchrun(*args, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--standalone", *args], env=env, capture_output=True, text=True, timeout=180)
 
 
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, tmp_path):
