@@ -263,3 +263,45 @@ def test_inputs_embeds_route_changes_only_position_zero(tiny_bert, arch):
         by_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
     assert (~real).any()
     torch.testing.assert_close(by_embeds[real], by_ids[real], atol=1e-5, rtol=0)
+
+
+def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_path):
+    from conftest import ROOT, torchrun
+    out = str(tmp_path / "ddp")
+    run = torchrun(os.path.join(ROOT, "KoDiffCSE", "train.py"), "--model", tiny_bert, "--generator_name", generator,
+                   "--data_dir", synthetic_data, "--output_dir", out, "--batch_size", "16", "--max_len", "24",
+                   "--max_steps", "4", "--eval_steps", "2", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes x 8" in run.stderr + run.stdout
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert [e["step"] for e in log if "dev" in e] == [2, 4]  # one log, from rank 0 only
+    assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
+
+
+def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, synthetic_data, tmp_path,
+                                                      monkeypatch):
+    """Dropout and the random masking both draw from the restored RNG states: every loss after the
+    resume and every dev score equal the uninterrupted run's."""
+    def args(out):
+        return ["--model", tiny_bert, "--generator_name", generator, "--data_dir", synthetic_data,
+                "--output_dir", out, "--batch_size", "16", "--max_len", "24", "--max_steps", "9", "--eval_steps",
+                "3", "--save_steps", "2", "--logging_steps", "1", "--lambda_weight", "0.1", "--device", "cpu"]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    dc.train.main(args(straight))
+    original = dc.train.save_checkpoint
+
+    def save_then_crash(*a, **k):
+        original(*a, **k)
+        raise KeyboardInterrupt  # killed right after the first checkpoint (step 2)
+    monkeypatch.setattr(dc.train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        dc.train.main(args(crashed))
+    monkeypatch.setattr(dc.train, "save_checkpoint", original)
+    dc.train.main(["--resume", crashed])
+    a, b = ([json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (straight, crashed))
+    assert [e["step"] for e in a] == [e["step"] for e in b] and len(a) == 9 + 3
+    for x, y in zip(a, b):
+        for key in ("loss", "rtd_loss", "contrastive_loss"):
+            assert y.get(key) == pytest.approx(x.get(key), abs=1e-6), (x["step"], key)
+        for key in x.get("dev", {}):
+            assert y["dev"][key] == pytest.approx(x["dev"][key], abs=1e-6), (x["step"], key)

@@ -133,3 +133,60 @@ def test_training_beats_untrained_on_held_out_pairs(t5, tiny_t5, synthetic_data,
     t5.evaluation.main(["--model_dir", os.path.join(out, "best_model"), *common, str(tmp_path / "after.json")])
     before, after = (json.load(open(tmp_path / f"{n}.json"))[0]["metrics"]["cosine_spearman"] for n in ("before", "after"))
     assert after > before + 10, (before, after)
+
+
+def test_ddp_step_equals_single_process_on_the_global_batch(tiny_t5, tmp_path):
+    """torchrun (gloo, 2 processes, embeddings all-gathered) vs one process on the same global batch."""
+    import subprocess
+    import sys
+    from conftest import ROOT, torchrun
+    script, method = os.path.join(ROOT, "tests", "scripts", "ddp_step.py"), os.path.join(ROOT, "KoSentenceT5")
+    single, double = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
+    run = subprocess.run([sys.executable, script, method, tiny_t5, single], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(script, method, tiny_t5, double)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = torch.load(single), torch.load(double)
+    assert b["loss"].item() == pytest.approx(a["loss"].item(), abs=1e-5)
+    assert a["grads"].keys() == b["grads"].keys() and any(k.startswith("head.") or "dense" in k for k in a["grads"])
+    worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
+    assert worst < 1e-5, worst
+
+
+def test_torchrun_training_end_to_end(tiny_t5, synthetic_data, tmp_path):
+    from conftest import ROOT, torchrun
+    out = str(tmp_path / "ddp")
+    run = torchrun(os.path.join(ROOT, "KoSentenceT5", "train.py"), "--model", tiny_t5, "--mode", "sup",
+                   "--data_dir", synthetic_data, "--train_file", "KorNLI/nli.train.ko.tsv", "--output_dir", out,
+                   "--batch_size", "16", "--max_len", "24", "--max_steps", "4", "--eval_steps", "2", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes x 8" in run.stderr + run.stdout
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert [e["step"] for e in log if "dev" in e] == [2, 4]  # one log, from rank 0 only
+    assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
+
+
+def test_resume_after_a_crash_reaches_the_same_result(t5, tiny_t5, synthetic_data, tmp_path, monkeypatch):
+    def args(out):
+        return ["--model", tiny_t5, "--mode", "sup", "--data_dir", synthetic_data, "--train_file",
+                "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
+                "--max_steps", "9", "--eval_steps", "3", "--save_steps", "2", "--logging_steps", "1", "--lr", "1e-3",
+                "--device", "cpu"]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    t5.train.main(args(straight))
+    original = t5.train.save_checkpoint
+
+    def save_then_crash(*a, **k):
+        original(*a, **k)
+        raise KeyboardInterrupt  # killed right after the first checkpoint (step 2)
+    monkeypatch.setattr(t5.train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        t5.train.main(args(crashed))
+    monkeypatch.setattr(t5.train, "save_checkpoint", original)
+    t5.train.main(["--resume", crashed])
+    a, b = ([json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (straight, crashed))
+    assert [e["step"] for e in a] == [e["step"] for e in b] and len(a) == 9 + 3
+    for x, y in zip(a, b):  # every loss after the resume and every dev score as if never interrupted
+        assert y.get("loss") == pytest.approx(x.get("loss"), abs=1e-6), x["step"]
+        for key in x.get("dev", {}):
+            assert y["dev"][key] == pytest.approx(x["dev"][key], abs=1e-6), (x["step"], key)

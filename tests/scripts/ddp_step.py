@@ -1,4 +1,5 @@
-"""One contrastive training step on a fixed global batch, for the DDP equality test.
+"""One contrastive training step on a fixed global batch, for the DDP equality tests of KoSimCSE
+(SentenceEncoder, pooler cls with its MLP) and KoSentenceT5 (SentenceT5 with the ST5 head).
 
     python ddp_step.py METHOD_DIR MODEL_DIR OUT.pt               one process, the whole batch
     torchrun --nproc_per_node 2 ddp_step.py METHOD_DIR MODEL_DIR OUT.pt   gloo, half a batch each
@@ -13,16 +14,20 @@ import torch.distributed as dist
 
 method_dir, model_dir, out = sys.argv[1:4]
 sys.path.insert(0, method_dir)
-from model import SentenceEncoder, contrastive_loss, gather_columns  # noqa: E402
+import model as method_model  # noqa: E402
+from model import contrastive_loss, gather_columns  # noqa: E402
 
 world = int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
     dist.init_process_group("gloo")
 rank = dist.get_rank() if world > 1 else 0
-model = SentenceEncoder.from_pretrained(model_dir, pooler="cls", mlp_only_train=False)
-torch.manual_seed(0)
-model.mlp[0].reset_parameters()  # the same MLP in every process
-model.train()  # the test model has dropout 0, so train mode is deterministic
+torch.manual_seed(0)  # the same new head in every process
+if hasattr(method_model, "SentenceT5"):
+    model = method_model.SentenceT5.from_pretrained(model_dir, arch="t5", st5_head=True)
+    model.eval()  # no dropout: deterministic (gradients flow all the same)
+else:
+    model = method_model.SentenceEncoder.from_pretrained(model_dir, pooler="cls", mlp_only_train=False)
+    model.train()  # the test model has dropout 0, so train mode is deterministic
 B, L = 8, 6
 g = torch.Generator().manual_seed(1)
 ids = torch.randint(5, 100, (3, B, L), generator=g)  # (columns, batch, length)
