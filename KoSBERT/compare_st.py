@@ -13,7 +13,6 @@ it with evaluation.py so that both runs are measured by the same code:
 (SentenceTransformerTrainer needs the ``datasets`` and ``accelerate`` packages; this loop does not.)
 """
 import argparse
-import os
 import random
 import time
 

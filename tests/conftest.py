@@ -175,6 +175,52 @@ def torchrun(*args, nproc=2, timeout=180):
                            "--standalone", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def seq2seq_tokenizer(out_dir, specials, single):
+    """A WordPiece tokenizer over the test corpus with T5- or BART-style special tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    unk = "<unk>"
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus_texts(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(s, tok.token_to_id(s)) for s in specials if s in single])
+    names = {"<pad>": "pad_token", "</s>": "eos_token", "<unk>": "unk_token", "<s>": "bos_token"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **{names[s]: s for s in specials})
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """Folder with a random 2-layer T5 (d_model 32; the full model on disk) and its tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    out = str(tmp_path_factory.mktemp("tiny-t5"))
+    tok = seq2seq_tokenizer(out, ["<pad>", "</s>", "<unk>"], "$A </s>")
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                        num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                               ).save_pretrained(out)  # full model on disk: the decoder must not be loaded
+    return out
+
+
+@pytest.fixture(scope="session")
+def generator(tiny_bert, tmp_path_factory):
+    """A random 1-layer MLM generator (hidden 16) sharing tiny_bert's tokenizer (KoDiffCSE)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    out = str(tmp_path_factory.mktemp("tiny-generator"))
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.save_pretrained(out)
+    torch.manual_seed(1)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not os.path.isdir(os.path.join(SHARED_DATA, "KorSTS")):

@@ -1,7 +1,5 @@
 """The "Copied from" blocks of the method folders match their origins, and the checker catches drift."""
 import os
-import shutil
-import subprocess
 import sys
 
 from conftest import ROOT

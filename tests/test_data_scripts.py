@@ -1,11 +1,8 @@
 """data/: download.sh (offline, with a stand-in curl), check_data.py and build_wiki_corpus.py."""
 import itertools
 import os
-import shutil
 import subprocess
 import sys
-
-import pytest
 
 from conftest import ROOT
 

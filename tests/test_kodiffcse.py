@@ -16,19 +16,6 @@ def dc():
     return load_method("KoDiffCSE")
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_bert, tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-    out = str(tmp_path_factory.mktemp("tiny-generator"))
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    tok.save_pretrained(out)
-    torch.manual_seed(1)
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64,
-                               pad_token_id=tok.pad_token_id)).save_pretrained(out)
-    return out
-
-
 def batch_of(tok, texts):
     return tok(texts, padding=True, return_tensors="pt")
 

@@ -8,41 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import corpus_texts, load_method
+from conftest import load_method, seq2seq_tokenizer
 
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     return load_method("KoSentenceT5")
-
-
-def seq2seq_tokenizer(out_dir, specials, single):
-    """A WordPiece tokenizer over the test corpus with T5- or BART-style special tokens."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    unk = "<unk>"
-    tok = Tokenizer(models.WordPiece(unk_token=unk))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(corpus_texts(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(s, tok.token_to_id(s)) for s in specials if s in single])
-    names = {"<pad>": "pad_token", "</s>": "eos_token", "<unk>": "unk_token", "<s>": "bos_token"}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **{names[s]: s for s in specials})
-    fast.save_pretrained(out_dir)
-    return fast
-
-
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
-    from transformers import T5Config, T5ForConditionalGeneration
-    out = str(tmp_path_factory.mktemp("tiny-t5"))
-    tok = seq2seq_tokenizer(out, ["<pad>", "</s>", "<unk>"], "$A </s>")
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                                        num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-                               ).save_pretrained(out)  # full model on disk: the decoder must not be loaded
-    return out
 
 
 @pytest.fixture(scope="module")
