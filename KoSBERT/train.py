@@ -21,8 +21,9 @@ epoch, STS 4 epochs, mean pooling, evaluation on KorSTS dev every 1000 steps and
 epoch; the best checkpoint (max of the 4 dev Spearman values) is kept.
 
 Outputs in --output_dir: best_model/ (a Hugging Face + sentence-transformers folder: encoder and
-pooling, no classifier), train_log.jsonl (step, stage, losses, lr, dev metrics), args.json, and for
-nli_sts also nli_model/ (the best checkpoint of the NLI stage).
+pooling, no classifier), train_log.jsonl (step, stage, losses, lr, dev metrics), args.json,
+checkpoint/ (for --resume), and for nli_sts also nli_model/ (the best checkpoint of the NLI stage).
+Multi-GPU: torchrun --nproc_per_node N KoSBERT/train.py ... (--batch_size is the global batch).
 """
 import argparse
 import json
