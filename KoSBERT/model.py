@@ -31,6 +31,48 @@ def mean_pool(hidden, attention_mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+# Copied from KoSimCSE/model.py:length_buckets
+def length_buckets(lengths, min_tokens, ratio=0.8):
+    """Row groups of a batch for encoding each group padded only to its own longest row.
+
+    ``lengths``: real tokens per row (a CPU tensor). Rows are sorted longest first and cut into
+    contiguous groups: a new group starts where a row is shorter than ``ratio`` x the group's longest
+    row, once the group already holds ``min_tokens`` padded tokens (so no forward pass gets too small
+    to run efficiently). Returns [(row indices, padded length)]; one group when min_tokens <= 0."""
+    if min_tokens <= 0:
+        return [(torch.arange(len(lengths)), int(lengths.max()))]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ordered = lengths[order].tolist()
+    groups, start = [], 0
+    for j in range(1, len(ordered)):
+        if ordered[j] < ratio * ordered[start] and (j - start) * ordered[start] >= min_tokens:
+            groups.append((order[start:j], ordered[start]))
+            start = j
+    groups.append((order[start:], ordered[start]))
+    return groups
+
+
+# Copied from KoSimCSE/model.py:encode_in_length_buckets
+def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
+    """``embed(input_ids, attention_mask) -> (rows, d)`` over a right-padded batch, run per length
+    bucket (see length_buckets) with the padding columns each bucket does not need cut off, then put
+    back in row order. The result equals one pass over the whole batch (padding is masked out), but
+    the encoder runs on far fewer padding tokens: a (3B, L) SimCSE batch is padded to the longest of
+    all 3B sentences, which is about half padding on KorNLI. All in one call, so DDP sees one forward."""
+    groups = length_buckets(attention_mask.sum(1).cpu(), min_tokens)
+    if len(groups) == 1:
+        return embed(input_ids, attention_mask)
+    parts, rows = [], []
+    for idx, length in groups:
+        idx = idx.to(input_ids.device)
+        parts.append(embed(input_ids[idx, :length], attention_mask[idx, :length]))
+        rows.append(idx)
+    rows = torch.cat(rows)
+    inverse = torch.empty_like(rows)
+    inverse[rows] = torch.arange(len(rows), device=rows.device)
+    return torch.cat(parts)[inverse]  # back in input order
+
+
 def split_pairs(embeddings):
     """(u, v) from a (2B, d) batch whose rows [0:B] are first sentences and [B:2B] second ones."""
     batch = embeddings.shape[0] // 2
@@ -61,8 +103,9 @@ def cosine_regression_loss(embeddings, scores):
 
 
 class SentenceEncoder(nn.Module):
-    def __init__(self, backbone, pooler="mean"):
+    def __init__(self, backbone, pooler="mean", bucket_tokens=0):
         super().__init__()
+        self.bucket_tokens = bucket_tokens  # > 0: encode in length buckets (encode_in_length_buckets)
         if pooler not in POOLERS:
             raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
         if pooler == "pooler" and getattr(backbone, "pooler", None) is None:
@@ -87,6 +130,9 @@ class SentenceEncoder(nn.Module):
         return self.backbone.config.hidden_size
 
     def forward(self, input_ids, attention_mask):
+        return encode_in_length_buckets(self.embed, input_ids, attention_mask, self.bucket_tokens)
+
+    def embed(self, input_ids, attention_mask):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         if self.pooler == "mean":
             return mean_pool(out.last_hidden_state, attention_mask)

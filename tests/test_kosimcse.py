@@ -204,3 +204,37 @@ def test_search_and_cluster_cli_output(kosimcse, sup_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("Cluster  ") == 3 and out.count("'") >= 24  # all 12 sentences listed
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_length_buckets_partition_rows_and_pad_each_to_its_longest(kosimcse):
+    lengths = torch.tensor([5, 30, 6, 29, 12, 31, 7, 11, 30, 5])
+    groups = kosimcse.model.length_buckets(lengths, min_tokens=60)
+    rows = torch.cat([idx for idx, _ in groups])
+    assert sorted(rows.tolist()) == list(range(10)) and len(groups) > 1
+    for i, (idx, padded) in enumerate(groups):
+        assert padded == lengths[idx].max().item()
+        if i < len(groups) - 1:  # every group but the last holds at least min_tokens padded tokens
+            assert len(idx) * padded >= 60
+    assert sum(len(idx) * p for idx, p in groups) < 10 * 31  # less padding than one pass
+    assert len(kosimcse.model.length_buckets(lengths, min_tokens=0)) == 1
+
+
+def test_encoding_in_length_buckets_equals_one_pass(kosimcse, tiny_bert):
+    """Same embeddings and the same gradients as one pass over the whole padded batch."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["사과.", " ".join(["바다 파도 모래"] * 6), "기차 역.", " ".join(["축구 공 골"] * 5), "비.", "책 작가 소설."]
+    batch = tok(texts * 4, padding=True, return_tensors="pt")
+    results = []
+    for bucket_tokens in (0, 16):
+        torch.manual_seed(0)
+        model = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="mean", bucket_tokens=bucket_tokens)
+        model.eval()  # no dropout: both runs deterministic
+        emb = model(batch["input_ids"], batch["attention_mask"])
+        emb.pow(2).sum().backward()
+        results.append((emb.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    lengths = batch["attention_mask"].sum(1)
+    assert len(kosimcse.model.length_buckets(lengths, 16)) > 2
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
