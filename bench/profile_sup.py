@@ -1,0 +1,133 @@
+"""Where the time of a supervised SimCSE step goes: our loop (KoSimCSE/train.py's pieces) vs sentence-transformers.
+
+    OMP_NUM_THREADS=2 python bench/profile_sup.py --model MODEL_DIR --data_dir /work/shared/data --steps 12
+
+MODEL_DIR: any HF BERT folder, e.g. the small random KLUE-shape model bench/bench_vs_st.py builds
+(`python bench/bench_vs_st.py --_job build --tokenizer ... --out DIR --hidden 256 --layers 4 --max_len 64`).
+Both loops see the same batches (BatchPlan, same seed), batch, max_len, lr and fused AdamW, mean pooling.
+Per step, wall-clock split into: batch preparation (ours: ColumnCollator over pre-tokenised ids;
+ST: tokenising the three columns), forward + loss, backward, optimizer; the padding fraction of the
+tokens each forward runs; and torch.profiler's top operators over the timed steps.
+"""
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
+NLI_FILES = ["KorNLI/xnli.dev.ko.tsv", "KorNLI/xnli.test.ko.tsv", "KLUE-NLI/klue-nli-v1.1_dev.json"]
+
+
+def timed_loop(name, steps, warmup, prepare, forward_loss, optimizer, profile):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    parts = {"prepare": [], "forward+loss": [], "backward": [], "optimizer": []}
+    pad = {"real": 0, "run": 0}
+    prof = None
+    for step in range(steps):
+        if step == warmup and profile:
+            prof = tprofile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        t0 = time.perf_counter()
+        batch = prepare(step)
+        t1 = time.perf_counter()
+        loss, real, run = forward_loss(batch)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        t4 = time.perf_counter()
+        if step >= warmup:
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                parts[k].append(v)
+            pad["real"] += real
+            pad["run"] += run
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    total = sum(np.mean(v) for v in parts.values())
+    print(f"\n== {name}: {total * 1000:.0f} ms/step over {steps - warmup} steps; padding {100 * (1 - pad['real'] / pad['run']):.1f}% "
+          f"of {pad['run'] / (steps - warmup):.0f} tokens/step run ({pad['real'] / (steps - warmup):.0f} real)")
+    for k, v in parts.items():
+        print(f"   {k:14s} {np.mean(v) * 1000:8.1f} ms  ({100 * np.mean(v) / total:4.1f}%)")
+    if prof is not None:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+    return {k: float(np.mean(v)) for k, v in parts.items()}, pad
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no_profiler", action="store_true", help="timings only (the profiler adds overhead)")
+    p.add_argument("--only", choices=("ours", "st"), default=None)
+    args = p.parse_args()
+    from dataloader import BatchPlan, ColumnCollator, build_train_dataset, load_triplets, resolve_path
+    from evaluation import load_tokenizer
+    from model import SentenceEncoder, contrastive_loss
+    from train import build_optimizer
+
+    torch.manual_seed(42)
+    plan = BatchPlan(3500, args.batch_size, 42)  # re-made below with the real size
+    results = {}
+    if args.only in (None, "ours"):
+        ns = SimpleNamespace(data_dir=args.data_dir, train_file=NLI_FILES, mode="sup", max_train_samples=None,
+                             seed=42, max_len=args.max_len)
+        tokenizer = load_tokenizer(args.model)
+        dataset = build_train_dataset(ns, tokenizer, log=lambda m: None)
+        plan = BatchPlan(len(dataset), args.batch_size, 42)
+        batches = list(plan.batches(0))
+        collate = ColumnCollator(tokenizer.pad_token_id)
+        model = SentenceEncoder.from_pretrained(args.model, pooler="mean").train()
+        opt = build_optimizer(model, 5e-5, 0.1)
+
+        def fl(batch):
+            emb = model(**batch)
+            m = batch["attention_mask"]
+            return contrastive_loss(emb, 3, 0.05), int(m.sum()), m.numel()
+
+        results["ours"] = timed_loop("ours (one forward of 3B rows padded to the max of all)", args.steps, args.warmup,
+                                     lambda s: collate([dataset[i] for i in batches[s]]), fl, opt,
+                                     not args.no_profiler)
+    if args.only in (None, "st"):
+        from sentence_transformers import SentenceTransformer, losses
+        from sentence_transformers.models import Pooling, Transformer
+        triplets = load_triplets([resolve_path(f, args.data_dir) for f in NLI_FILES], log=lambda m: None)
+        plan = BatchPlan(len(triplets), args.batch_size, 42)
+        batches = list(plan.batches(0))
+        transformer = Transformer(args.model, max_seq_length=args.max_len)
+        st = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+                                 device="cpu")
+        loss_model = losses.MultipleNegativesRankingLoss(st, scale=20.0).train()
+        named = [(n, q) for n, q in loss_model.named_parameters() if q.requires_grad]
+        opt = torch.optim.AdamW([{"params": [q for n, q in named if q.ndim >= 2 and "LayerNorm" not in n],
+                                  "weight_decay": 0.1},
+                                 {"params": [q for n, q in named if q.ndim < 2 or "LayerNorm" in n],
+                                  "weight_decay": 0.0}], lr=5e-5, fused=True)
+        shapes = []
+        st[0].register_forward_pre_hook(lambda mod, a: shapes.append(tuple(a[0]["input_ids"].shape)))
+
+        def prep(s):
+            batch = [triplets[i] for i in batches[s]]
+            return [st.preprocess([t[c] for t in batch]) for c in range(3)]
+
+        def fl(features):
+            del shapes[:]
+            loss = loss_model(features, torch.zeros(len(features[0]["input_ids"])))
+            return loss, sum(int(f["attention_mask"].sum()) for f in features), sum(r * w for r, w in shapes)
+
+        results["st"] = timed_loop("sentence-transformers MNRL (anchor forward + merged positive/negative forward)",
+                                   args.steps, args.warmup, prep, fl, opt, not args.no_profiler)
+
+
+if __name__ == "__main__":
+    main()
