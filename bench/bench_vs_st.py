@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python bench/bench_vs_st.py --data_dir /work/shared/data \\
         --tokenizer /work/shared/tokenizers/klue-roberta-base --proxy_model /tmp/me5-small \\
         --output_json output/bench_vs_st.json            # default run, <= 20 min on 2 CPU cores
-    ... same with --quick                                 # smoke run, a few minutes
+    ... same with --quick                                 # smoke run, about 4 minutes
 
 Four objectives, each ours vs ST on the same model folder, data, batch, max_len, steps, lr, warmup,
 weight decay, clipping and seed, mean pooling everywhere:
@@ -63,17 +63,36 @@ TARGETS = {"train": 1.3, "encode": 1.2, "quality": -0.3, "mfu": 50.0}
 
 # A fresh wrapper process per job, so that RUSAGE_CHILDREN's peak is that job's alone.
 WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-           "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+           "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+           "print('PEAK_KB', u.ru_maxrss, 'CPU_S', u.ru_utime + u.ru_stime); sys.exit(rc)")
+LAST_FOREIGN = [0.0]  # CPU share taken by other processes during the last job
+
+
+def busy_seconds():
+    """CPU-seconds the whole machine has been busy (all processes), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
 
 
 def run_job(cmd, env):
-    start = time.time()
+    """Run ``cmd`` in a fresh wrapper process: (wall s, peak RSS GB, stdout). Also notes in
+    LAST_FOREIGN the fraction of the machine's CPU that *other* processes used meanwhile (another
+    job on the same cores slows OpenMP threads far more than its share: such figures are suspect)."""
+    start, busy0 = time.time(), busy_seconds()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=env)
+    wall, busy1 = time.time() - start, busy_seconds()
     if proc.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-4000:]}")
-    peak_kb = int(proc.stdout.rsplit("PEAK_KB", 1)[1].split()[0])
-    return time.time() - start, peak_kb / 1024 ** 2, proc.stdout
+    tail = proc.stdout.rsplit("PEAK_KB", 1)[1].split()
+    peak_kb, cpu_s = int(tail[0]), float(tail[2])
+    if busy0 is not None and busy1 is not None:
+        LAST_FOREIGN[0] = max(0.0, (busy1 - busy0 - cpu_s) / (wall * (os.cpu_count() or 1)))
+    return wall, peak_kb / 1024 ** 2, proc.stdout
 
 
 def job_result(stdout):
@@ -337,9 +356,10 @@ class Bench:
         return {**job_result(stdout), "peak_gb": gb, "wall_s": wall, "model_dir": out}
 
     def record(self, **kw):
+        kw.setdefault("foreign_cpu", LAST_FOREIGN[0])
         self.records.append(kw)
         extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in kw.items()
-                 if k in ("examples_per_s", "sentences_per_s", "peak_gb", "wall_s", "seconds")}
+                 if k in ("examples_per_s", "sentences_per_s", "peak_gb", "wall_s", "seconds", "foreign_cpu")}
         self.log(f"{kw['kind']} {kw.get('objective', kw.get('corpus', ''))} {kw['model']} {kw['impl']}: {extra}")
 
     def throughput(self, model_name, model, objectives, batch, steps, warmup, repeats):
@@ -366,7 +386,9 @@ class Bench:
         for obj in objectives:
             c = self.train_cfg(obj, self.args.proxy_model, batch, steps, min(2, steps - 1))
             ours = self.run_ours(c, os.path.join(self.work, f"q-ours-{obj}"))
+            ours["foreign_cpu"] = LAST_FOREIGN[0]
             st = self.run_st(c, os.path.join(self.work, f"q-st-{obj}"))
+            st["foreign_cpu"] = LAST_FOREIGN[0]
             for impl, r in (("ours", ours), ("st", st)):
                 out_json = os.path.join(self.work, f"q-{impl}-{obj}.json")
                 run_job([sys.executable, os.path.join(ROOT, "KoSimCSE", "evaluation.py"), "--model_dir", r["model_dir"],
@@ -376,7 +398,7 @@ class Bench:
                     m = json.load(f)[0]["metrics"]
                 self.record(kind="quality", objective=obj, model="proxy", impl=impl, avg=m["avg"],
                             cosine_spearman=m["cosine_spearman"], train_examples_per_s=r["examples_per_s"],
-                            peak_gb=r["peak_gb"], wall_s=r["wall_s"])
+                            peak_gb=r["peak_gb"], wall_s=r["wall_s"], foreign_cpu=r["foreign_cpu"])
 
     def matmul_peak(self):
         _, _, stdout = run_job([sys.executable, *self.me("matmul", n=self.args.matmul_n, reps=5)], self.env)
@@ -432,12 +454,13 @@ def report(b, sizes, peak, mfus, elapsed):
             sg = median(recs, "peak_gb", kind="train", model=model_name, objective=obj, impl="st")
             lines.append(f"{'  peak RSS GB train ' + obj + ' [' + model_name + ']':44s} {og:10.2f} {sg:10.2f} {og / sg:8.2f}")
     for model_name in sizes:
-        for corpus in ("korsts-test", "wiki20k"):
+        for corpus in ("korsts-test", "wiki"):
             o = median(recs, "sentences_per_s", kind="encode", model=model_name, corpus=corpus, impl="ours")
             s = median(recs, "sentences_per_s", kind="encode", model=model_name, corpus=corpus, impl="st")
             if o is None:
                 continue
-            lines.append(f"{'encode sent/s ' + corpus + ' [' + model_name + ']':44s} {o:10.1f} {s:10.1f} {o / s:8.2f}  "
+            n = median(recs, "n", kind="encode", model=model_name, corpus=corpus, impl="ours")
+            lines.append(f"{'encode sent/s ' + corpus + f' ({n:,})' + ' [' + model_name + ']':44s} {o:10.1f} {s:10.1f} {o / s:8.2f}  "
                          f">= {TARGETS['encode']}x: {verdict(o / s >= TARGETS['encode'])}")
             og = median(recs, "peak_gb", kind="encode", model=model_name, corpus=corpus, impl="ours")
             sg = median(recs, "peak_gb", kind="encode", model=model_name, corpus=corpus, impl="st")
@@ -464,6 +487,12 @@ def report(b, sizes, peak, mfus, elapsed):
                      f"{verdict(o['mfu_real_pct'] >= TARGETS['mfu'])}")
         lines.append(f"{'padding fraction sup [base] (of tokens run)':44s} {o['padding_fraction'] * 100:9.1f}% "
                      f"{s['padding_fraction'] * 100:9.1f}%")
+    timed = [r for r in recs if r["kind"] in ("train", "encode")]
+    busy = [r for r in timed if r["foreign_cpu"] > 0.05]
+    if busy:
+        lines.append(f"WARNING: {len(busy)} of {len(timed)} timed jobs ran while other processes used > 5% of the CPUs "
+                     f"(worst {100 * max(r['foreign_cpu'] for r in busy):.0f}%): their figures are slowed by contention; "
+                     f"medians over the A/B pairs soften this but do not remove it")
     lines.append(f"total runtime {elapsed:.0f} s")
     return "\n".join(lines)
 
@@ -482,7 +511,7 @@ def main():
     p.add_argument("--small_hidden", type=int, default=256)
     p.add_argument("--small_layers", type=int, default=4)
     p.add_argument("--encode_batch", type=int, default=128)
-    p.add_argument("--n_wiki", type=int, default=20_000)
+    p.add_argument("--n_wiki", type=int, default=None, help="wiki lines to encode (default 20,000; quick 2,000)")
     p.add_argument("--unsup_samples", type=int, default=20_000)
     p.add_argument("--matmul_n", type=int, default=2048)
     p.add_argument("--skip", nargs="*", default=[], choices=("small", "base", "encode", "quality"))
@@ -501,6 +530,7 @@ def main():
     args.data_dir = os.path.abspath(args.data_dir)
     q = args.quick
     repeats = args.repeats or (1 if q else 3)
+    args.n_wiki = args.n_wiki or (2_000 if q else 20_000)
     start = time.time()
     b = Bench(args)
     b.log(f"work folder {b.work}; OMP_NUM_THREADS={args.threads}")
@@ -511,21 +541,20 @@ def main():
             b.log(f"small model {args.small_hidden}/{args.small_layers}: {n_small:,} params")
         if "small" not in args.skip:
             sizes["small"] = 1
-            b.throughput("small", small, OBJECTIVES, batch=32, steps=8 if q else 25, warmup=3 if q else 5,
+            b.throughput("small", small, OBJECTIVES, batch=32, steps=6 if q else 16, warmup=2 if q else 4,
                          repeats=repeats)
         if "encode" not in args.skip:
-            b.encoding("small", small, ("korsts-test", "wiki20k"), repeats)
+            b.encoding("small", small, ("korsts-test", "wiki"), repeats)
         if "base" not in args.skip:
             base, n_base = b.build("base", 768, 12)
             peak = b.matmul_peak()
             b.log(f"fp32 matmul peak {peak['gflops']:.1f} GFLOP/s")
             sizes["base"] = 1
-            b.throughput("base", base, ("sup",), batch=8 if q else 16, steps=3 if q else 6, warmup=1 if q else 2,
-                         repeats=repeats)
+            b.throughput("base", base, ("sup",), batch=4, steps=3 if q else 5, warmup=1, repeats=repeats)
             nonemb = base_nonembedding_params(768, 12)
             mfus = mfu(b.records, "base", nonemb, 12, 768, peak["gflops"])
         if "quality" not in args.skip:
-            b.quality(("sup",) if q else OBJECTIVES, batch=32, steps=5 if q else 30)
+            b.quality(("sup",) if q else OBJECTIVES, batch=8 if q else 16, steps=3 if q else 8)
     finally:
         elapsed = time.time() - start
     text = report(b, sizes, peak, mfus, elapsed)

@@ -60,6 +60,35 @@ def timed_loop(name, steps, warmup, prepare, forward_loss, optimizer, profile):
     return {k: float(np.mean(v)) for k, v in parts.items()}, pad
 
 
+def padding_over_epoch(model_dir, data_dir, batch_size, max_len):
+    """Token counts over one whole epoch of sup batches under three padding rules: ours (3B rows padded
+    to the longest of all), per column (each of the 3 columns padded to its own longest), and ST 6.x
+    (anchor column alone, positive+negative merged and padded together); with the L^2 attention sum."""
+    from dataloader import BatchPlan, build_train_dataset
+    from evaluation import load_tokenizer
+    ns = SimpleNamespace(data_dir=data_dir, train_file=NLI_FILES, mode="sup", max_train_samples=None, seed=42,
+                         max_len=max_len)
+    dataset = build_train_dataset(ns, load_tokenizer(model_dir), log=lambda m: None)
+    plan = BatchPlan(len(dataset), batch_size, 42)
+    tot = {k: 0 for k in ("real", "ours", "per_column", "st", "ours_l2", "per_column_l2", "st_l2")}
+    for idx in plan.batches(0):
+        cols = [[len(dataset[i][c]) for i in idx] for c in range(3)]
+        b, allmax = len(idx), max(max(c) for c in cols)
+        tot["real"] += sum(map(sum, cols))
+        tot["ours"] += 3 * b * allmax
+        tot["ours_l2"] += 3 * b * allmax ** 2
+        tot["per_column"] += sum(b * max(c) for c in cols)
+        tot["per_column_l2"] += sum(b * max(c) ** 2 for c in cols)
+        cand = max(max(cols[1]), max(cols[2]))
+        tot["st"] += b * max(cols[0]) + 2 * b * cand
+        tot["st_l2"] += b * max(cols[0]) ** 2 + 2 * b * cand ** 2
+    print(f"\n== padding over one epoch ({len(plan)} batches of {batch_size} triplets, max_len {max_len}):")
+    for k in ("ours", "per_column", "st"):
+        print(f"   {k:11s} {tot[k]:>9,} tokens run, padding {100 * (1 - tot['real'] / tot[k]):4.1f}%, "
+              f"{tot[k] / tot['ours']:.3f}x ours' tokens, attention L^2 sum {tot[k + '_l2'] / tot['ours_l2']:.3f}x ours'")
+    return tot
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -69,8 +98,12 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_profiler", action="store_true", help="timings only (the profiler adds overhead)")
-    p.add_argument("--only", choices=("ours", "st"), default=None)
+    p.add_argument("--only", choices=("ours", "st", "padding"), default=None)
     args = p.parse_args()
+    if args.only in (None, "padding"):
+        padding_over_epoch(args.model, args.data_dir, args.batch_size, args.max_len)
+        if args.only:
+            return
     from dataloader import BatchPlan, ColumnCollator, build_train_dataset, load_triplets, resolve_path
     from evaluation import load_tokenizer
     from model import SentenceEncoder, contrastive_loss
