@@ -33,8 +33,10 @@ Figures:
   * MFU on a random BERT-base-shape model (768/12, KLUE vocabulary), sup objective:
     FLOPs = 6 x non-embedding params x padded tokens + 12 x layers x hidden x L^2 per sequence
     (attention, fwd+bwd), per second, over the fp32 torch.matmul peak measured in this run with the
-    same thread count. "padded" counts the tokens the forward really processes; the figure over
-    real (unpadded) tokens is printed beside it.
+    same thread count. "padded" counts the tokens the forward really processes (padding counted as
+    useful work, which flatters the implementation that pads more); the figure over real (unpadded)
+    tokens is printed beside it (its attention term uses the padded width, ~1% of the FLOPs here).
+    Padded token counts come from the ST job, which replays both padding rules on the same batches.
 Models: random-init KLUE-shape encoders built from --tokenizer (small: --small_hidden/--small_layers
 for the throughput and encoding runs; BERT-base shape for throughput + MFU), and --proxy_model for quality.
 """

@@ -7,7 +7,8 @@ MODEL_DIR: any HF BERT folder, e.g. the small random KLUE-shape model bench/benc
 Both loops see the same batches (BatchPlan, same seed), batch, max_len, lr and fused AdamW, mean pooling.
 Per step, wall-clock split into: batch preparation (ours: ColumnCollator over pre-tokenised ids;
 ST: tokenising the three columns), forward + loss, backward, optimizer; the padding fraction of the
-tokens each forward runs; and torch.profiler's top operators over the timed steps.
+tokens each forward runs; and torch.profiler's top operators over the timed steps. --chunks 3 4 also
+times a what-if (not what train.py does): ours with the 3B rows length-sorted into k forwards.
 """
 import argparse
 import os
@@ -99,6 +100,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_profiler", action="store_true", help="timings only (the profiler adds overhead)")
     p.add_argument("--only", choices=("ours", "st", "padding"), default=None)
+    p.add_argument("--chunks", type=int, nargs="*", default=[],
+                   help="also time ours with the rows length-sorted into k forwards (what-if, e.g. 3 4)")
     args = p.parse_args()
     if args.only in (None, "padding"):
         padding_over_epoch(args.model, args.data_dir, args.batch_size, args.max_len)
@@ -131,6 +134,31 @@ def main():
         results["ours"] = timed_loop("ours (one forward of 3B rows padded to the max of all)", args.steps, args.warmup,
                                      lambda s: collate([dataset[i] for i in batches[s]]), fl, opt,
                                      not args.no_profiler)
+        from dataloader import pad_batch
+
+        def chunked(k):
+            """What-if, not train.py: the 3B rows sorted by length, run as k forwards each padded to its
+            own longest row, embeddings put back in row order; same loss."""
+            def prep(s):
+                rows = [seq for column in zip(*[dataset[i] for i in batches[s]]) for seq in column]
+                order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+                parts = [order[j * len(rows) // k:(j + 1) * len(rows) // k] for j in range(k)]
+                return [(torch.tensor(part), pad_batch([rows[r] for r in part], tokenizer.pad_token_id)) for part in parts]
+
+            def fwd(chunks):
+                n = sum(len(part) for part, _ in chunks)
+                emb = torch.empty(n, model.backbone.config.hidden_size)
+                embs = [(part, model(**b)) for part, b in chunks]
+                emb = torch.zeros(n, embs[0][1].shape[1]).index_copy(0, torch.cat([p for p, _ in embs]),
+                                                                     torch.cat([e for _, e in embs]))
+                real = sum(int(b["attention_mask"].sum()) for _, b in chunks)
+                return contrastive_loss(emb, 3, 0.05), real, sum(b["attention_mask"].numel() for _, b in chunks)
+            return prep, fwd
+
+        for k in args.chunks:
+            prep, fwd = chunked(k)
+            results[f"ours_chunks{k}"] = timed_loop(f"what-if: ours with the 3B rows length-sorted into {k} forwards",
+                                                    args.steps, args.warmup, prep, fwd, opt, False)
     if args.only in (None, "st"):
         from sentence_transformers import SentenceTransformer, losses
         from sentence_transformers.models import Pooling, Transformer
