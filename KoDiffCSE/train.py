@@ -360,7 +360,7 @@ def train(args):
                 if step % args.logging_steps == 0:
                     record({"step": step, "epoch": epoch, "loss": loss.item(), "contrastive_loss": contrastive.item(),
                             "rtd_loss": rtd.item(), "rtd_accuracy": rtd_accuracy.item(),
-                            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)})
+                            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 3)})
                 if step % args.eval_steps == 0 or step == total_steps:
                     if main_process:
                         metrics = evaluate(model)

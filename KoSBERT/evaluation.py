@@ -216,8 +216,13 @@ def encode_tokenized(embed, tokenized, pad_id, batch_size=64, device="cpu", desc
 
 # Copied from KoSimCSE/evaluation.py:encode
 def encode(embed, tokenizer, sentences, max_len, batch_size=64, device="cpu", desc=None):
-    tokenized = TokenizedTexts(tokenizer, sentences, max_len, desc="tokenize" if desc else None)
-    return encode_tokenized(embed, tokenized, tokenizer.pad_token_id, batch_size, device, desc)
+    """Embeddings (float32 numpy, input order) of ``sentences``; a sentence that occurs more than once
+    is encoded once (KorSTS test repeats 9% of its sentences)."""
+    index = {}
+    rows = np.array([index.setdefault(s, len(index)) for s in sentences], dtype=np.int64)
+    tokenized = TokenizedTexts(tokenizer, list(index), max_len, desc="tokenize" if desc else None)
+    emb = encode_tokenized(embed, tokenized, tokenizer.pad_token_id, batch_size, device, desc)
+    return emb[rows] if emb is not None else emb
 
 
 # Copied from KoSimCSE/evaluation.py:evaluate_sts

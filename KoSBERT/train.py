@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--bucket_tokens", type=int, default=None,
                    help="encode each training batch in length buckets of at least N padded tokens, each padded "
                         "only to its own longest sentence (same result, far less padding); 0 = one pass over the "
-                        "batch padded to its longest sentence (default: 1024 on CPU, 8192 on GPU)")
+                        "batch padded to its longest sentence (default: 512 on CPU, 8192 on GPU)")
     p.add_argument("--batch_size", type=int, default=32, help="pairs per batch, both objectives (default: %(default)s)")
     p.add_argument("--nli_epochs", type=int, default=1, help="epochs of --task nli and of the nli_sts NLI stage")
     p.add_argument("--sts_epochs", type=int, default=4, help="epochs of --task sts and of the nli_sts STS stage")
@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.bucket_tokens is None:
-        args.bucket_tokens = 1024 if args.device == "cpu" else 8192
+        args.bucket_tokens = 512 if args.device == "cpu" else 8192
     if args.resume:
         saved = os.path.join(args.resume, "args.json")
         if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
@@ -429,7 +429,7 @@ def run_stage(args, stage, model, tokenizer, sources, epochs, classifier, evalua
                     losses = [x for v in window.values() for x in v]
                     record({"stage": stage, "step": step, "epoch": epoch, "loss": float(np.mean(losses)),
                             **{f"loss_{k}": float(np.mean(v)) for k, v in window.items() if v},
-                            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)})
+                            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 3)})
                     window = {k: [] for k in window}
                 boundary = step % len(schedule) == 0 or step == total_steps  # end of an epoch or of the stage
                 if step % args.eval_steps == 0 or boundary:

@@ -326,7 +326,7 @@ def train(args):
                 bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best_score:.2f}")
                 if step % args.logging_steps == 0:
                     record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                            "elapsed_s": round(time.time() - start, 1)})
+                            "elapsed_s": round(time.time() - start, 3)})
                 if step % args.eval_steps == 0 or step == total_steps:
                     if main_process:
                         metrics = evaluate(model)

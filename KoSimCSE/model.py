@@ -10,6 +10,7 @@ Poolers (names as in SimCSE):
   pooler             the checkpoint's own pooler (BERT dense+tanh over [CLS]; KoSimCSE-SKT).
 """
 import json
+import math
 import os
 
 import torch
@@ -28,24 +29,38 @@ def mean_pool(hidden, attention_mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def length_buckets(lengths, min_tokens, ratio=0.8):
+def length_buckets(lengths, min_tokens):
     """Row groups of a batch for encoding each group padded only to its own longest row.
 
     ``lengths``: real tokens per row (a CPU tensor). Rows are sorted longest first and cut into
-    contiguous groups: a new group starts where a row is shorter than ``ratio`` x the group's longest
-    row, once the group already holds ``min_tokens`` padded tokens (so no forward pass gets too small
-    to run efficiently). Returns [(row indices, padded length)]; one group when min_tokens <= 0."""
-    if min_tokens <= 0:
-        return [(torch.arange(len(lengths)), int(lengths.max()))]
+    contiguous groups so that the padded tokens of all groups (rows x longest row, summed) are as few
+    as possible, under one constraint: every group but the first (the longest rows) holds at least
+    ``min_tokens`` padded tokens, so that no forward pass gets too small to run efficiently. Exact, by
+    dynamic programming over the distinct lengths (at most max_len of them). Returns
+    [(row indices, padded length)]; one group when min_tokens <= 0."""
+    if min_tokens <= 0 or len(lengths) == 0:
+        return [(torch.arange(len(lengths)), int(lengths.max()) if len(lengths) else 0)]
     order = torch.argsort(lengths, descending=True, stable=True)
     ordered = lengths[order].tolist()
-    groups, start = [], 0
-    for j in range(1, len(ordered)):
-        if ordered[j] < ratio * ordered[start] and (j - start) * ordered[start] >= min_tokens:
-            groups.append((order[start:j], ordered[start]))
-            start = j
-    groups.append((order[start:], ordered[start]))
-    return groups
+    runs = []  # [length, first position, end position] of each run of equal lengths in ``ordered``
+    for pos, length in enumerate(ordered):
+        if runs and runs[-1][0] == length:
+            runs[-1][2] = pos + 1
+        else:
+            runs.append([length, pos, pos + 1])
+    best, cut = [0] + [math.inf] * len(runs), [0] * (len(runs) + 1)  # best[j]: fewest tokens for runs[:j]
+    for j in range(1, len(runs) + 1):
+        end = runs[j - 1][2]
+        for i in range(1, j + 1):  # the last group is runs[i-1:j], padded to runs[i-1]'s length
+            tokens = runs[i - 1][0] * (end - runs[i - 1][1])
+            if (i == 1 or tokens >= min_tokens) and best[i - 1] + tokens < best[j]:
+                best[j], cut[j] = best[i - 1] + tokens, i - 1
+    groups, j = [], len(runs)
+    while j > 0:
+        i = cut[j]
+        groups.append((order[runs[i][1]:runs[j - 1][2]], runs[i][0]))
+        j = i
+    return groups[::-1]
 
 
 def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):

@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--bucket_tokens", type=int, default=None,
                    help="encode each training batch in length buckets of at least N padded tokens, each padded "
                         "only to its own longest sentence (same result, far less padding); 0 = one pass over the "
-                        "batch padded to its longest sentence (default: 1024 on CPU, 8192 on GPU)")
+                        "batch padded to its longest sentence (default: 512 on CPU, 8192 on GPU)")
     p.add_argument("--pooler", choices=POOLERS, default=None)
     p.add_argument("--mlp_only_train", action=argparse.BooleanOptionalAction, default=None,
                    help="with --pooler cls: use the MLP in training only, raw [CLS] at evaluation")
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.bucket_tokens is None:
-        args.bucket_tokens = 1024 if args.device == "cpu" else 8192
+        args.bucket_tokens = 512 if args.device == "cpu" else 8192
     if args.resume:
         saved = os.path.join(args.resume, "args.json")
         if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
@@ -321,7 +321,7 @@ def train(args):
                 bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best_score:.2f}")
                 if step % args.logging_steps == 0:
                     record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                            "elapsed_s": round(time.time() - start, 1)})
+                            "elapsed_s": round(time.time() - start, 3)})
                 if step % args.eval_steps == 0 or step == total_steps:
                     if main_process:
                         metrics = evaluate(model)

@@ -206,17 +206,28 @@ def test_search_and_cluster_cli_output(kosimcse, sup_run, tmp_path, capsys):
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_length_buckets_partition_rows_and_pad_each_to_its_longest(kosimcse):
-    lengths = torch.tensor([5, 30, 6, 29, 12, 31, 7, 11, 30, 5])
-    groups = kosimcse.model.length_buckets(lengths, min_tokens=60)
-    rows = torch.cat([idx for idx, _ in groups])
-    assert sorted(rows.tolist()) == list(range(10)) and len(groups) > 1
-    for i, (idx, padded) in enumerate(groups):
-        assert padded == lengths[idx].max().item()
-        if i < len(groups) - 1:  # every group but the last holds at least min_tokens padded tokens
-            assert len(idx) * padded >= 60
-    assert sum(len(idx) * p for idx, p in groups) < 10 * 31  # less padding than one pass
-    assert len(kosimcse.model.length_buckets(lengths, min_tokens=0)) == 1
+def test_length_buckets_are_the_fewest_padded_tokens_under_the_minimum(kosimcse):
+    import itertools
+    lengths = torch.tensor([5, 30, 6, 29, 12, 31, 7, 11, 30, 5, 6, 6])
+    for min_tokens in (1, 20, 60, 150, 1000):
+        groups = kosimcse.model.length_buckets(lengths, min_tokens)
+        rows = torch.cat([idx for idx, _ in groups])
+        assert sorted(rows.tolist()) == list(range(len(lengths)))
+        for i, (idx, padded) in enumerate(groups):
+            assert padded == lengths[idx].max().item()
+            assert i == 0 or len(idx) * padded >= min_tokens  # only the longest rows' group may be smaller
+        # brute force over every cut of the length-sorted distinct values
+        values = sorted(set(lengths.tolist()), reverse=True)
+        counts = [int((lengths == v).sum()) for v in values]
+        best = math.inf
+        for cuts in itertools.product((0, 1), repeat=len(values) - 1):
+            bounds = [0] + [k + 1 for k, c in enumerate(cuts) if c] + [len(values)]
+            parts = [(values[x], sum(counts[x:y])) for x, y in zip(bounds, bounds[1:])]
+            if all(w * n >= min_tokens for w, n in parts[1:]):
+                best = min(best, sum(w * n for w, n in parts))
+        assert sum(len(idx) * p for idx, p in groups) == best, min_tokens
+    assert len(kosimcse.model.length_buckets(lengths, 1000)) == 1
+    assert kosimcse.model.length_buckets(lengths, 0)[0][1] == 31 and len(kosimcse.model.length_buckets(lengths, 0)) == 1
 
 
 def test_encoding_in_length_buckets_equals_one_pass(kosimcse, tiny_bert):
@@ -238,3 +249,17 @@ def test_encoding_in_length_buckets_equals_one_pass(kosimcse, tiny_bert):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_encode_runs_each_distinct_sentence_once(kosimcse, tiny_bert):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="mean").eval()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(len(kwargs["input_ids"])), with_kwargs=True)
+    sentences = ["사과 바나나.", "바다 파도.", "사과 바나나.", "기차 역.", "바다 파도."]
+    emb = kosimcse.evaluation.encode(model, tok, sentences, 24, batch_size=2)
+    assert sum(seen) == 3 and emb.shape[0] == 5
+    np.testing.assert_array_equal(emb[0], emb[2])
+    alone = kosimcse.evaluation.encode(model, tok, ["기차 역."], 24)
+    np.testing.assert_allclose(emb[3], alone[0], atol=1e-6)
