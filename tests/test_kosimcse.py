@@ -263,3 +263,38 @@ def test_encode_runs_each_distinct_sentence_once(kosimcse, tiny_bert):
     np.testing.assert_array_equal(emb[0], emb[2])
     alone = kosimcse.evaluation.encode(model, tok, ["기차 역."], 24)
     np.testing.assert_allclose(emb[3], alone[0], atol=1e-6)
+
+
+def test_sup_step_equals_sentence_transformers_mnrl(kosimcse, tiny_bert):
+    """Without dropout, one supervised step of ours (one bucketed forward over all 3B sentences, InfoNCE
+    at tau 0.05) and of sentence-transformers' MultipleNegativesRankingLoss(scale=20) with hard negatives
+    (one forward per column) give the same loss and the same gradients: any gap between trained models
+    can only come from the dropout masks."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import losses
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import AutoTokenizer
+    columns = [["사과 바나나 포도 딸기 수박 과일 그리고.", "기차 역.", "비 우산 구름."],
+               ["사과 과일.", "기차 승객 표 출발 역 선로.", "비 천둥 날씨."],
+               ["축구 공.", "책 작가.", "고양이 강아지 먹이 꼬리 산책."]]
+    transformer = Transformer(tiny_bert, max_seq_length=24)
+    theirs_model = st.SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu")
+    theirs_model.eval()
+    loss = losses.MultipleNegativesRankingLoss(theirs_model, scale=20.0)(
+        [theirs_model.tokenize(c) for c in columns], torch.zeros(3))
+    loss.backward()
+    theirs = {n: p.grad for n, p in transformer.auto_model.named_parameters() if p.grad is not None}
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="mean", bucket_tokens=8).eval()
+    # ContrastiveDataset reads (anchor, positive, negative) as consecutive rows: interleave the columns
+    tokenized = kosimcse.dataloader.TokenizedTexts(tok, [c[i] for i in range(3) for c in columns], 24)
+    dataset = kosimcse.dataloader.ContrastiveDataset(tokenized, 3)
+    batch = kosimcse.dataloader.ColumnCollator(tok.pad_token_id)([dataset[i] for i in range(3)])
+    ours_loss = kosimcse.model.contrastive_loss(model(**batch), 3, 0.05)
+    ours_loss.backward()
+    assert ours_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    ours = {n: p.grad for n, p in model.backbone.named_parameters() if p.grad is not None}
+    assert ours.keys() == theirs.keys() and len(ours) > 20
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
