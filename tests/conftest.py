@@ -221,6 +221,40 @@ def generator(tiny_bert, tmp_path_factory):
     return out
 
 
+def sigkill_after_checkpoint(cmd, out, env):
+    """Start training ``cmd``, SIGKILL it a moment after its first checkpoint in ``out`` appears (so the
+    kill loses some steps); returns the step of the checkpoint it left."""
+    import signal
+    import subprocess
+    import time
+    import torch
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = os.path.join(out, "checkpoint", "state.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(state) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    return torch.load(state, weights_only=False)["step"]
+
+
+def crash_after_first_checkpoint(train_module, argv):
+    """Run ``train_module.main(argv)`` and stop it (KeyboardInterrupt) right after its first checkpoint."""
+    original = train_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+    train_module.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_module.main(argv)
+    finally:
+        train_module.save_checkpoint = original
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not os.path.isdir(os.path.join(SHARED_DATA, "KorSTS")):

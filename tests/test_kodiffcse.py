@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import corpus_texts, load_method, train_tokenizer
+from conftest import corpus_texts, crash_after_first_checkpoint, load_method, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +265,7 @@ def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_
     assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
 
 
-def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, synthetic_data, tmp_path,
-                                                      monkeypatch):
+def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, synthetic_data, tmp_path):
     """Dropout and the random masking both draw from the restored RNG states: every loss after the
     resume and every dev score equal the uninterrupted run's."""
     def args(out):
@@ -275,15 +274,7 @@ def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, 
                 "3", "--save_steps", "2", "--logging_steps", "1", "--lambda_weight", "0.1", "--device", "cpu"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     dc.train.main(args(straight))
-    original = dc.train.save_checkpoint
-
-    def save_then_crash(*a, **k):
-        original(*a, **k)
-        raise KeyboardInterrupt  # killed right after the first checkpoint (step 2)
-    monkeypatch.setattr(dc.train, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        dc.train.main(args(crashed))
-    monkeypatch.setattr(dc.train, "save_checkpoint", original)
+    crash_after_first_checkpoint(dc.train, args(crashed))  # killed right after step 2's checkpoint
     dc.train.main(["--resume", crashed])
     a, b = ([json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (straight, crashed))
     assert [e["step"] for e in a] == [e["step"] for e in b] and len(a) == 9 + 3

@@ -2,15 +2,13 @@
 --resume after SIGKILL and across the two stages of nli_sts."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, load_method, torchrun
+from conftest import ROOT, load_method, sigkill_after_checkpoint, torchrun
 
 TRAIN = os.path.join(ROOT, "KoSBERT", "train.py")
 
@@ -71,17 +69,7 @@ def test_resume_after_sigkill_reaches_the_same_result(tiny_bert, synthetic_data,
     subprocess.run(train_cmd(tiny_bert, synthetic_data, straight), check=True, capture_output=True, env=env)
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(train_cmd(tiny_bert, synthetic_data, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    state = os.path.join(killed, "checkpoint", "state.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(state) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(0.3)  # let it run past the checkpoint, so the kill loses some steps
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    step_at_kill = torch.load(state, weights_only=False)["step"]
+    step_at_kill = sigkill_after_checkpoint(train_cmd(tiny_bert, synthetic_data, killed), killed, env)
     total = len(dev_lines(straight)) and max(e["step"] for e in dev_lines(straight))
     assert 0 < step_at_kill < total
     resumed = subprocess.run([sys.executable, TRAIN, "--resume", killed, "--device", "cpu"],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_method, seq2seq_tokenizer
+from conftest import crash_after_first_checkpoint, load_method, seq2seq_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_torchrun_training_end_to_end(tiny_t5, synthetic_data, tmp_path):
     assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
 
 
-def test_resume_after_a_crash_reaches_the_same_result(t5, tiny_t5, synthetic_data, tmp_path, monkeypatch):
+def test_resume_after_a_crash_reaches_the_same_result(t5, tiny_t5, synthetic_data, tmp_path):
     def args(out):
         return ["--model", tiny_t5, "--mode", "sup", "--data_dir", synthetic_data, "--train_file",
                 "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
@@ -145,15 +145,7 @@ def test_resume_after_a_crash_reaches_the_same_result(t5, tiny_t5, synthetic_dat
                 "--device", "cpu"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     t5.train.main(args(straight))
-    original = t5.train.save_checkpoint
-
-    def save_then_crash(*a, **k):
-        original(*a, **k)
-        raise KeyboardInterrupt  # killed right after the first checkpoint (step 2)
-    monkeypatch.setattr(t5.train, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        t5.train.main(args(crashed))
-    monkeypatch.setattr(t5.train, "save_checkpoint", original)
+    crash_after_first_checkpoint(t5.train, args(crashed))  # killed right after step 2's checkpoint
     t5.train.main(["--resume", crashed])
     a, b = ([json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (straight, crashed))
     assert [e["step"] for e in a] == [e["step"] for e in b] and len(a) == 9 + 3
