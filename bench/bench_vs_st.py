@@ -544,6 +544,7 @@ def main():
             b.throughput("small", small, OBJECTIVES, batch=32, steps=6 if q else 16, warmup=2 if q else 4,
                          repeats=repeats)
         if "encode" not in args.skip:
+            sizes["small"] = 1
             b.encoding("small", small, ("korsts-test", "wiki"), repeats)
         if "base" not in args.skip:
             base, n_base = b.build("base", 768, 12)

@@ -298,3 +298,21 @@ def test_sup_step_equals_sentence_transformers_mnrl(kosimcse, tiny_bert):
     assert ours.keys() == theirs.keys() and len(ours) > 20
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_encoding_batches_hold_one_length_when_they_can(kosimcse, tiny_bert):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="mean").eval()
+    widths = []
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: widths.append(kwargs["attention_mask"].sum(1).unique().tolist()), with_kwargs=True)
+    sentences = [" ".join(["사과"] * n) + f" {i}." for n in (1, 3, 6) for i in range(10)]  # 3 lengths x 10
+    tokenized = kosimcse.dataloader.TokenizedTexts(tok, sentences, 24)
+    emb = kosimcse.evaluation.encode_tokenized(model, tokenized, tok.pad_token_id, batch_size=16)
+    assert len(widths) == 3 and all(len(w) == 1 for w in widths)  # no padding in any batch
+    widths.clear()
+    kosimcse.evaluation.encode_tokenized(model, tokenized, tok.pad_token_id, batch_size=64)  # 10 < 64 // 4 rows
+    assert len(widths) == 2 and max(len(w) for w in widths) > 1
+    alone = kosimcse.evaluation.encode(model, tok, [sentences[25]], 24)
+    np.testing.assert_allclose(emb[25], alone[0], atol=1e-6)
