@@ -13,6 +13,7 @@ Saved folders are Transformer -> Pooling(mean) -> [Dense(no bias, identity) -> N
 sentence-transformers, and plain Hugging Face model folders for transformers.
 """
 import json
+import math
 import os
 
 import torch
@@ -49,6 +50,62 @@ def contrastive_loss(embeddings, num_columns, temperature):
     return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
 
 
+# Copied from KoSimCSE/model.py:length_buckets
+def length_buckets(lengths, min_tokens):
+    """Row groups of a batch for encoding each group padded only to its own longest row.
+
+    ``lengths``: real tokens per row (a CPU tensor). Rows are sorted longest first and cut into
+    contiguous groups so that the padded tokens of all groups (rows x longest row, summed) are as few
+    as possible, under one constraint: every group but the first (the longest rows) holds at least
+    ``min_tokens`` padded tokens, so that no forward pass gets too small to run efficiently. Exact, by
+    dynamic programming over the distinct lengths (at most max_len of them). Returns
+    [(row indices, padded length)]; one group when min_tokens <= 0."""
+    if min_tokens <= 0 or len(lengths) == 0:
+        return [(torch.arange(len(lengths)), int(lengths.max()) if len(lengths) else 0)]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ordered = lengths[order].tolist()
+    runs = []  # [length, first position, end position] of each run of equal lengths in ``ordered``
+    for pos, length in enumerate(ordered):
+        if runs and runs[-1][0] == length:
+            runs[-1][2] = pos + 1
+        else:
+            runs.append([length, pos, pos + 1])
+    best, cut = [0] + [math.inf] * len(runs), [0] * (len(runs) + 1)  # best[j]: fewest tokens for runs[:j]
+    for j in range(1, len(runs) + 1):
+        end = runs[j - 1][2]
+        for i in range(1, j + 1):  # the last group is runs[i-1:j], padded to runs[i-1]'s length
+            tokens = runs[i - 1][0] * (end - runs[i - 1][1])
+            if (i == 1 or tokens >= min_tokens) and best[i - 1] + tokens < best[j]:
+                best[j], cut[j] = best[i - 1] + tokens, i - 1
+    groups, j = [], len(runs)
+    while j > 0:
+        i = cut[j]
+        groups.append((order[runs[i][1]:runs[j - 1][2]], runs[i][0]))
+        j = i
+    return groups[::-1]
+
+
+# Copied from KoSimCSE/model.py:encode_in_length_buckets
+def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
+    """``embed(input_ids, attention_mask) -> (rows, d)`` over a right-padded batch, run per length
+    bucket (see length_buckets) with the padding columns each bucket does not need cut off, then put
+    back in row order. The result equals one pass over the whole batch (padding is masked out), but
+    the encoder runs on far fewer padding tokens: a (3B, L) SimCSE batch is padded to the longest of
+    all 3B sentences, which is about half padding on KorNLI. All in one call, so DDP sees one forward."""
+    groups = length_buckets(attention_mask.sum(1).cpu(), min_tokens)
+    if len(groups) == 1:
+        return embed(input_ids, attention_mask)
+    parts, rows = [], []
+    for idx, length in groups:
+        idx = idx.to(input_ids.device)
+        parts.append(embed(input_ids[idx, :length], attention_mask[idx, :length]))
+        rows.append(idx)
+    rows = torch.cat(rows)
+    inverse = torch.empty_like(rows)
+    inverse[rows] = torch.arange(len(rows), device=rows.device)
+    return torch.cat(parts)[inverse]  # back in input order
+
+
 def load_encoder(name_or_path, arch):
     """The backbone for --arch: T5EncoderModel-style for t5, the full BART-like model for bart."""
     config = AutoConfig.from_pretrained(name_or_path)
@@ -62,17 +119,21 @@ def load_encoder(name_or_path, arch):
 
 
 class SentenceT5(nn.Module):
-    def __init__(self, backbone, st5_head=False):
+    def __init__(self, backbone, st5_head=False, bucket_tokens=0):
         super().__init__()
         self.backbone = backbone
+        self.bucket_tokens = bucket_tokens  # > 0: encode in length buckets (encode_in_length_buckets)
         dim = backbone.config.d_model
         self.head = nn.Linear(dim, dim, bias=False) if st5_head else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path, arch="t5", st5_head=False):
-        return cls(load_encoder(name_or_path, arch), st5_head=st5_head)
+    def from_pretrained(cls, name_or_path, arch="t5", st5_head=False, bucket_tokens=0):
+        return cls(load_encoder(name_or_path, arch), st5_head=st5_head, bucket_tokens=bucket_tokens)
 
     def forward(self, input_ids, attention_mask):
+        return encode_in_length_buckets(self.embed, input_ids, attention_mask, self.bucket_tokens)
+
+    def embed(self, input_ids, attention_mask):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         embeddings = mean_pool(hidden, attention_mask)
         if self.head is not None:

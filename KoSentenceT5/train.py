@@ -61,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--max_len", type=int, default=None, help="max tokens per sentence, special tokens included")
     p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--bucket_tokens", type=int, default=None,
+                   help="encode each training batch in length buckets of at least N padded tokens, each padded "
+                        "only to its own longest sentence (same result, far less padding); 0 = one pass over the "
+                        "batch padded to its longest sentence (default: 512 on CPU, 8192 on GPU)")
     p.add_argument("--warmup_ratio", type=float, default=None)
     p.add_argument("--weight_decay", type=float, default=None, help="AdamW; biases and LayerNorm weights get none")
     p.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off (as BM-K)")
@@ -79,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.bucket_tokens is None:
+        args.bucket_tokens = 512 if args.device == "cpu" else 8192
     if args.resume:
         saved = os.path.join(args.resume, "args.json")
         if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
@@ -162,7 +168,8 @@ def build_optimizer(model, lr, weight_decay):
 def load_model(args):
     try:
         tokenizer = load_tokenizer(args.model)
-        model = SentenceT5.from_pretrained(args.model, arch=args.arch, st5_head=args.st5_head)
+        model = SentenceT5.from_pretrained(args.model, arch=args.arch, st5_head=args.st5_head,
+                                           bucket_tokens=args.bucket_tokens)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model '{args.model}': {e}\n"
                          f"Pass --model with a Hugging Face model folder (config.json, weights and "

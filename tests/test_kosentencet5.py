@@ -60,6 +60,27 @@ def test_arch_mismatch_is_a_clear_error(t5, tiny_t5, tiny_bart):
         t5.model.SentenceT5.from_pretrained(tiny_t5, arch="bart")
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoding_in_length_buckets_equals_one_pass(t5, tiny_t5, tiny_bart, arch):
+    """Cutting the padding columns a bucket does not need changes nothing: T5's relative attention and
+    BART's causal decoder over the shifted input both leave real positions alone."""
+    from transformers import AutoTokenizer
+    path = tiny_t5 if arch == "t5" else tiny_bart
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = ["사과.", " ".join(["바다 파도 모래"] * 6), "기차 역.", " ".join(["축구 공 골"] * 5), "비.", "책 작가."] * 3
+    batch = tok(texts, padding=True, return_tensors="pt")
+    outputs = []
+    for bucket_tokens in (0, 16):
+        torch.manual_seed(0)
+        model = t5.model.SentenceT5.from_pretrained(path, arch=arch, st5_head=True, bucket_tokens=bucket_tokens).eval()
+        emb = model(batch["input_ids"], batch["attention_mask"])
+        emb.sum().backward()
+        outputs.append((emb.detach(), model.head.weight.grad))
+    assert len(t5.model.length_buckets(batch["attention_mask"].sum(1), 16)) > 2
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-5, rtol=1e-4)
+
+
 def test_loss_matches_hand_computation(t5):
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 3.0]])  # anchors a1 a2, positives p1 p2
     tau = 0.05
