@@ -131,14 +131,14 @@ class SentenceEncoder(nn.Module):
             backbone.pooler.requires_grad_(False)  # unused: no gradient, and none for DDP to wait for
 
     @classmethod
-    def from_pretrained(cls, name_or_path, pooler="mean"):
+    def from_pretrained(cls, name_or_path, pooler="mean", bucket_tokens=0):
         backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32)
         if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
             # transformers builds a pooler for every BertModel and initialises it randomly when the
             # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.
             raise ValueError(f"--pooler pooler: {name_or_path} has no trained pooler weights, so its pooler "
                              f"would be random (use mean or cls_before_pooler)")
-        return cls(backbone, pooler=pooler)
+        return cls(backbone, pooler=pooler, bucket_tokens=bucket_tokens)
 
     @property
     def dim(self):

@@ -218,8 +218,7 @@ def load_model(args, path=None):
     path = path or args.model
     try:
         tokenizer = load_tokenizer(path)
-        model = SentenceEncoder.from_pretrained(path, pooler=args.pooler)
-        model.bucket_tokens = args.bucket_tokens
+        model = SentenceEncoder.from_pretrained(path, pooler=args.pooler, bucket_tokens=args.bucket_tokens)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model '{path}': {e}\n"
                          f"Pass --model with a Hugging Face model folder (config.json, weights and "
@@ -258,16 +257,6 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score,
         os.makedirs(folder)
         torch.save(state, os.path.join(folder, "state.pt"))
     save_atomically(write, path)
-
-
-# Copied from KoSimCSE/train.py:load_checkpoint
-def load_checkpoint(path, model, optimizer, scheduler, scaler):
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return state
 
 
 # Copied from KoSimCSE/train.py:restore_rng
@@ -338,8 +327,8 @@ def truncate_stage_log(path, stages, stage, step):
     if os.path.exists(path):
         position = (stages.index(stage), step)
         with open(path) as f:
-            kept = [line for line in f
-                    if (stages.index(json.loads(line)["stage"]), json.loads(line)["step"]) <= position]
+            entries = [(line, json.loads(line)) for line in f]
+        kept = [line for line, e in entries if (stages.index(e["stage"]), e["step"]) <= position]
         with open(path, "w") as f:
             f.writelines(kept)
 

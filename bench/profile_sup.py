@@ -7,8 +7,9 @@ MODEL_DIR: any HF BERT folder, e.g. the small random KLUE-shape model bench/benc
 Both loops see the same batches (BatchPlan, same seed), batch, max_len, lr and fused AdamW, mean pooling.
 Per step, wall-clock split into: batch preparation (ours: ColumnCollator over pre-tokenised ids;
 ST: tokenising the three columns), forward + loss, backward, optimizer; the padding fraction of the
-tokens each forward runs; and torch.profiler's top operators over the timed steps. --chunks 3 4 also
-times a what-if (not what train.py does): ours with the 3B rows length-sorted into k forwards.
+tokens each forward runs; and torch.profiler's top operators over the timed steps. Ours is timed at
+each --bucket_tokens value given (train.py's CPU default 512, and 0 = one forward over the 3B rows
+padded to the longest of all, as before length buckets).
 """
 import argparse
 import os
@@ -61,30 +62,36 @@ def timed_loop(name, steps, warmup, prepare, forward_loss, optimizer, profile):
     return {k: float(np.mean(v)) for k, v in parts.items()}, pad
 
 
-def padding_over_epoch(model_dir, data_dir, batch_size, max_len):
-    """Token counts over one whole epoch of sup batches under three padding rules: ours (3B rows padded
-    to the longest of all), per column (each of the 3 columns padded to its own longest), and ST 6.x
-    (anchor column alone, positive+negative merged and padded together); with the L^2 attention sum."""
+def padding_over_epoch(model_dir, data_dir, batch_size, max_len, bucket_tokens):
+    """Token counts over one whole epoch of sup batches under four padding rules: one pass (3B rows
+    padded to the longest of all), ours (length buckets of at least ``bucket_tokens``), per column
+    (each of the 3 columns padded to its own longest), and ST 6.x (anchor column alone,
+    positive+negative merged and padded together); with the L^2 attention sum."""
     from dataloader import BatchPlan, build_train_dataset
     from evaluation import load_tokenizer
+    from model import length_buckets
     ns = SimpleNamespace(data_dir=data_dir, train_file=NLI_FILES, mode="sup", max_train_samples=None, seed=42,
                          max_len=max_len)
     dataset = build_train_dataset(ns, load_tokenizer(model_dir), log=lambda m: None)
     plan = BatchPlan(len(dataset), batch_size, 42)
-    tot = {k: 0 for k in ("real", "ours", "per_column", "st", "ours_l2", "per_column_l2", "st_l2")}
+    tot = {k: 0 for k in ("real", "one_pass", "ours", "per_column", "st", "one_pass_l2", "ours_l2", "per_column_l2",
+                          "st_l2")}
     for idx in plan.batches(0):
         cols = [[len(dataset[i][c]) for i in idx] for c in range(3)]
         b, allmax = len(idx), max(max(c) for c in cols)
         tot["real"] += sum(map(sum, cols))
-        tot["ours"] += 3 * b * allmax
-        tot["ours_l2"] += 3 * b * allmax ** 2
+        tot["one_pass"] += 3 * b * allmax
+        tot["one_pass_l2"] += 3 * b * allmax ** 2
+        groups = [(len(rows), width) for rows, width in length_buckets(torch.tensor(sum(cols, [])), bucket_tokens)]
+        tot["ours"] += sum(n * w for n, w in groups)
+        tot["ours_l2"] += sum(n * w * w for n, w in groups)
         tot["per_column"] += sum(b * max(c) for c in cols)
         tot["per_column_l2"] += sum(b * max(c) ** 2 for c in cols)
         cand = max(max(cols[1]), max(cols[2]))
         tot["st"] += b * max(cols[0]) + 2 * b * cand
         tot["st_l2"] += b * max(cols[0]) ** 2 + 2 * b * cand ** 2
     print(f"\n== padding over one epoch ({len(plan)} batches of {batch_size} triplets, max_len {max_len}):")
-    for k in ("ours", "per_column", "st"):
+    for k in ("one_pass", "ours", "per_column", "st"):
         print(f"   {k:11s} {tot[k]:>9,} tokens run, padding {100 * (1 - tot['real'] / tot[k]):4.1f}%, "
               f"{tot[k] / tot['ours']:.3f}x ours' tokens, attention L^2 sum {tot[k + '_l2'] / tot['ours_l2']:.3f}x ours'")
     return tot
@@ -100,16 +107,16 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_profiler", action="store_true", help="timings only (the profiler adds overhead)")
     p.add_argument("--only", choices=("ours", "st", "padding"), default=None)
-    p.add_argument("--chunks", type=int, nargs="*", default=[],
-                   help="also time ours with the rows length-sorted into k forwards (what-if, e.g. 3 4)")
+    p.add_argument("--bucket_tokens", type=int, nargs="+", default=[512, 0],
+                   help="time ours at each value (train.py: 512 on CPU; 0 = one forward over the whole batch)")
     args = p.parse_args()
     if args.only in (None, "padding"):
-        padding_over_epoch(args.model, args.data_dir, args.batch_size, args.max_len)
+        padding_over_epoch(args.model, args.data_dir, args.batch_size, args.max_len, args.bucket_tokens[0])
         if args.only:
             return
     from dataloader import BatchPlan, ColumnCollator, build_train_dataset, load_triplets, resolve_path
     from evaluation import load_tokenizer
-    from model import SentenceEncoder, contrastive_loss
+    from model import SentenceEncoder, contrastive_loss, length_buckets
     from train import build_optimizer
 
     torch.manual_seed(42)
@@ -126,39 +133,18 @@ def main():
         model = SentenceEncoder.from_pretrained(args.model, pooler="mean").train()
         opt = build_optimizer(model, 5e-5, 0.1)
 
-        def fl(batch):
-            emb = model(**batch)
-            m = batch["attention_mask"]
-            return contrastive_loss(emb, 3, 0.05), int(m.sum()), m.numel()
+        for n, bucket_tokens in enumerate(args.bucket_tokens):
+            model.bucket_tokens = bucket_tokens
 
-        results["ours"] = timed_loop("ours (one forward of 3B rows padded to the max of all)", args.steps, args.warmup,
-                                     lambda s: collate([dataset[i] for i in batches[s]]), fl, opt,
-                                     not args.no_profiler)
-        from dataloader import pad_batch
+            def fl(batch):
+                m = batch["attention_mask"]
+                run = sum(len(rows) * width for rows, width in length_buckets(m.sum(1), model.bucket_tokens))
+                return contrastive_loss(model(**batch), 3, 0.05), int(m.sum()), run
 
-        def chunked(k):
-            """What-if, not train.py: the 3B rows sorted by length, run as k forwards each padded to its
-            own longest row, embeddings put back in row order; same loss."""
-            def prep(s):
-                rows = [seq for column in zip(*[dataset[i] for i in batches[s]]) for seq in column]
-                order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
-                parts = [order[j * len(rows) // k:(j + 1) * len(rows) // k] for j in range(k)]
-                return [(torch.tensor(part), pad_batch([rows[r] for r in part], tokenizer.pad_token_id)) for part in parts]
-
-            def fwd(chunks):
-                n = sum(len(part) for part, _ in chunks)
-                emb = torch.empty(n, model.backbone.config.hidden_size)
-                embs = [(part, model(**b)) for part, b in chunks]
-                emb = torch.zeros(n, embs[0][1].shape[1]).index_copy(0, torch.cat([p for p, _ in embs]),
-                                                                     torch.cat([e for _, e in embs]))
-                real = sum(int(b["attention_mask"].sum()) for _, b in chunks)
-                return contrastive_loss(emb, 3, 0.05), real, sum(b["attention_mask"].numel() for _, b in chunks)
-            return prep, fwd
-
-        for k in args.chunks:
-            prep, fwd = chunked(k)
-            results[f"ours_chunks{k}"] = timed_loop(f"what-if: ours with the 3B rows length-sorted into {k} forwards",
-                                                    args.steps, args.warmup, prep, fwd, opt, False)
+            label = "one forward of 3B rows padded to the max of all" if bucket_tokens <= 0 else "length buckets"
+            results[f"ours_bucket{bucket_tokens}"] = timed_loop(
+                f"ours, --bucket_tokens {bucket_tokens} ({label})", args.steps, args.warmup,
+                lambda s: collate([dataset[i] for i in batches[s]]), fl, opt, n == 0 and not args.no_profiler)
     if args.only in (None, "st"):
         from sentence_transformers import SentenceTransformer, losses
         from sentence_transformers.models import Pooling, Transformer

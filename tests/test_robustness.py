@@ -16,29 +16,38 @@ def methods():
     return {name: load_method(name) for name in FOLDERS}
 
 
-@pytest.fixture(scope="module")
-def bf16_bert(tiny_bert, tmp_path_factory):
-    """tiny_bert saved in bfloat16, as some hub checkpoints are (transformers 5 keeps the saved dtype)."""
-    from transformers import AutoModel
-    out = str(tmp_path_factory.mktemp("bf16-bert"))
-    AutoModel.from_pretrained(tiny_bert).to(torch.bfloat16).save_pretrained(out)
-    for name in os.listdir(tiny_bert):
-        if name.startswith(("tokenizer", "special_tokens", "vocab")):
-            shutil.copy(os.path.join(tiny_bert, name), out)
+def saved_in_bf16(source, out):
+    """``source`` (a model folder) saved again in bfloat16, as some hub checkpoints are."""
+    from transformers import AutoConfig
+    import transformers
+    architecture = AutoConfig.from_pretrained(source).architectures[0]
+    getattr(transformers, architecture).from_pretrained(source).to(torch.bfloat16).save_pretrained(out)
+    for name in os.listdir(source):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "spiece")):
+            shutil.copy(os.path.join(source, name), out)
     return out
 
 
-def test_bf16_checkpoint_trains_and_evaluates_in_float32(methods, bf16_bert):
+def test_bf16_checkpoints_load_in_float32(methods, tiny_bert, tiny_t5, generator, tmp_path):
+    """transformers 5 keeps a checkpoint's saved dtype: every folder's training and evaluation loaders
+    must still give float32 weights (autocast is what --bf16 is for)."""
     import json
     from transformers import AutoModel
-    assert AutoModel.from_pretrained(bf16_bert).dtype == torch.bfloat16  # what we guard against
-    assert json.load(open(os.path.join(bf16_bert, "config.json"))).get("dtype") == "bfloat16"
-    for name in ("KoSimCSE", "KoSBERT"):
-        encoder = methods[name].model.SentenceEncoder.from_pretrained(bf16_bert, pooler="mean")
-        assert {p.dtype for p in encoder.parameters()} == {torch.float32}, name
+    bert = saved_in_bf16(tiny_bert, str(tmp_path / "bert"))
+    t5 = saved_in_bf16(tiny_t5, str(tmp_path / "t5"))
+    mlm = saved_in_bf16(generator, str(tmp_path / "generator"))
+    assert json.load(open(os.path.join(bert, "config.json"))).get("dtype") == "bfloat16"
+    assert AutoModel.from_pretrained(bert).dtype == torch.bfloat16  # what we guard against
+    trained = {"KoSimCSE": methods["KoSimCSE"].model.SentenceEncoder.from_pretrained(bert, pooler="mean"),
+               "KoSBERT": methods["KoSBERT"].model.SentenceEncoder.from_pretrained(bert),
+               "KoSentenceT5": methods["KoSentenceT5"].model.SentenceT5.from_pretrained(t5),
+               "KoDiffCSE": methods["KoDiffCSE"].model.DiffCSE.from_pretrained(bert, mlm)}
+    for name, model in trained.items():
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, name
     for name in FOLDERS:
-        backbone = methods[name].evaluation.load_backbone(bf16_bert)
-        assert {p.dtype for p in backbone.parameters()} == {torch.float32}, name
+        for folder in (bert, t5):
+            backbone = methods[name].evaluation.load_backbone(folder)
+            assert {p.dtype for p in backbone.parameters()} == {torch.float32}, (name, folder)
 
 
 # ---------------------------------------------------------------------------------------------------
