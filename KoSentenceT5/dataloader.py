@@ -1,4 +1,4 @@
-"""Readers for the Korean STS/NLI/wiki files and the tokenised datasets KoSentenceT5 trains on.
+"""Readers for the Korean STS/NLI/wiki files and the tokenised datasets KoSimCSE trains on.
 
 Formats (see data/README.md):
   * KorNLU TSVs (KorSTS ``sts-*.tsv``, KorNLI ``*.ko.tsv``): tab-separated with a header row and
@@ -29,12 +29,10 @@ STS_SPLITS = {
 }
 
 
-# Copied from KoSimCSE/dataloader.py:DataError
 class DataError(ValueError):
     """An input file is missing or malformed; the message says which file, which line, what."""
 
 
-# Copied from KoSimCSE/dataloader.py:resolve_path
 def resolve_path(path, data_dir):
     """``path`` as given if it exists, else relative to ``data_dir``; named split aliases allowed."""
     path = STS_SPLITS.get(path, path)
@@ -43,7 +41,6 @@ def resolve_path(path, data_dir):
     return os.path.join(data_dir, path)
 
 
-# Copied from KoSimCSE/dataloader.py:iter_lines
 def iter_lines(path):
     """Yield (line_number, text) for the non-blank lines of a UTF-8 file, newline stripped."""
     if not os.path.isfile(path):
@@ -63,7 +60,6 @@ def iter_lines(path):
                 yield lineno, line
 
 
-# Copied from KoSimCSE/dataloader.py:read_tsv
 def read_tsv(path, columns):
     """Yield (line_number, [values of ``columns``]) from a headed TSV, with quoting off."""
     lines = iter_lines(path)
@@ -84,7 +80,6 @@ def read_tsv(path, columns):
         yield lineno, [fields[i] for i in index]
 
 
-# Copied from KoSimCSE/dataloader.py:parse_score
 def parse_score(value, where):
     try:
         score = float(value)
@@ -95,7 +90,6 @@ def parse_score(value, where):
     return score
 
 
-# Copied from KoSimCSE/dataloader.py:read_sts
 def read_sts(path):
     """(sentence1, sentence2, score in 0-5) triples from KorSTS TSV, KLUE-STS CSV or KLUE-STS JSON.
 
@@ -131,7 +125,6 @@ def read_sts(path):
     return rows
 
 
-# Copied from KoSimCSE/dataloader.py:_read_json_list
 def _read_json_list(path):
     list(iter_lines(path))  # missing / empty / UTF-8 checks with line numbers
     with open(path, encoding="utf-8") as f:
@@ -144,7 +137,6 @@ def _read_json_list(path):
     return data
 
 
-# Copied from KoSimCSE/dataloader.py:read_nli
 def read_nli(path):
     """(premise, hypothesis, label) rows from a KorNLI TSV or a KLUE-NLI JSON.
 
@@ -174,7 +166,6 @@ def read_nli(path):
     return rows, unlabeled
 
 
-# Copied from KoSimCSE/dataloader.py:nli_to_triplets
 def nli_to_triplets(rows):
     """SimCSE's rule: one (premise, entailment, contradiction) per premise that has both.
 
@@ -191,7 +182,6 @@ def nli_to_triplets(rows):
     return [(p, e, c) for p, (e, c) in slots.items() if e is not None and c is not None]
 
 
-# Copied from KoSimCSE/dataloader.py:load_triplets
 def load_triplets(paths, log=print):
     triplets = []
     for path in paths:
@@ -205,7 +195,6 @@ def load_triplets(paths, log=print):
     return triplets
 
 
-# Copied from KoSimCSE/dataloader.py:read_sentences
 def read_sentences(path, max_samples=None, seed=42, log=print):
     """One sentence per line (blank lines ignored); optionally a seeded random subsample."""
     sentences = [line.strip() for _, line in iter_lines(path)]
@@ -218,7 +207,6 @@ def read_sentences(path, max_samples=None, seed=42, log=print):
     return sentences
 
 
-# Copied from KoSimCSE/dataloader.py:TokenizedTexts
 class TokenizedTexts:
     """Token ids of many texts, tokenised once, kept in one flat int32 array plus offsets.
 
@@ -256,7 +244,6 @@ class TokenizedTexts:
         return np.diff(self.offsets)
 
 
-# Copied from KoSimCSE/dataloader.py:pad_batch
 def pad_batch(sequences, pad_id):
     """Right-pad a list of 1-D int arrays to the longest one: input_ids and attention_mask."""
     width = max(len(s) for s in sequences)
@@ -268,7 +255,6 @@ def pad_batch(sequences, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-# Copied from KoSimCSE/dataloader.py:BatchPlan
 class BatchPlan:
     """The batches of a run, fixed by (seed, epoch): epoch e visits the examples in the order
     ``torch.randperm(n)`` seeded with seed + e, cut into global batches of ``global_batch`` (a last
@@ -296,28 +282,23 @@ class BatchPlan:
             yield order[first:first + self.local_batch].tolist()
 
 
-# Copied from KoSimCSE/dataloader.py:ContrastiveDataset
 class ContrastiveDataset(torch.utils.data.Dataset):
-    """Items are tuples of token-id arrays, one per column.
+    """Item i is a tuple of token-id arrays, one per column.
 
-    sup:   columns (anchor, positive, hard negative) from NLI triplets.
-    unsup: columns (sentence, sentence): the same ids twice; dropout makes the two views differ.
-    """
+    ``views=1``: the ``num_columns`` consecutive rows i*k .. i*k+k-1 (sup: anchor, positive, hard negative).
+    ``views=2`` (with num_columns=1): row i twice (unsup: dropout makes the two views differ)."""
 
-    def __init__(self, tokenized, num_columns, repeat=1):
-        self.tokenized, self.num_columns, self.repeat = tokenized, num_columns, repeat
+    def __init__(self, tokenized, num_columns, views=1):
+        self.tokenized, self.num_columns, self.views = tokenized, num_columns, views
 
     def __len__(self):
         return len(self.tokenized) // self.num_columns
 
     def __getitem__(self, i):
-        if self.repeat > 1:
-            return (self.tokenized[i],) * self.repeat
         k = self.num_columns
-        return tuple(self.tokenized[i * k + j] for j in range(k))
+        return tuple(self.tokenized[i * k + j] for j in range(k)) * self.views
 
 
-# Copied from KoSimCSE/dataloader.py:ColumnCollator
 class ColumnCollator:
     """Stacks a batch of B k-tuples column by column into one (k*B, L) tensor, padded dynamically,
     so the whole batch is encoded in a single forward pass: rows [0:B] are column 0, and so on."""
@@ -329,25 +310,20 @@ class ColumnCollator:
         return pad_batch([seq for column in zip(*batch) for seq in column], self.pad_id)
 
 
-# Copied from KoSimCSE/dataloader.py:build_train_dataset
-def build_train_dataset(args, tokenizer, log=print):
-    """NLI triplets (sup) or wiki sentences (unsup), tokenised once."""
-    paths = [resolve_path(p, args.data_dir) for p in args.train_file]
-    if args.mode == "sup":
+def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None, seed=42, log=print):
+    """The training set of SimCSE, tokenised once. kind "sup": NLI triplets by SimCSE's rule (entailment =
+    positive, contradiction = hard negative); "unsup": sentence-per-line files, each sentence twice.
+    ``max_samples``: a seeded random subset of triplets / sentences."""
+    if kind == "sup":
         rows = load_triplets(paths, log=log)
-        if args.max_train_samples is not None and args.max_train_samples < len(rows):
-            rows = random.Random(args.seed).sample(rows, args.max_train_samples)
+        if max_samples is not None and max_samples < len(rows):
+            rows = random.Random(seed).sample(rows, max_samples)
             log(f"using {len(rows):,} triplets (--max_train_samples)")
         texts = [s for triplet in rows for s in triplet]
-        tokenized = TokenizedTexts(tokenizer, texts, args.max_len, desc="tokenize triplets")
-        dataset = ContrastiveDataset(tokenized, num_columns=3)
     else:
-        texts = []
-        for path in paths:
-            texts += read_sentences(path, args.max_train_samples, args.seed, log=log)
-        tokenized = TokenizedTexts(tokenizer, texts, args.max_len, desc="tokenize sentences")
-        dataset = ContrastiveDataset(tokenized, num_columns=1, repeat=2)
+        texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
+    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc=f"tokenize {kind}")
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "
-            f"--max_len {args.max_len} tokens and were truncated")
-    return dataset
+            f"--max_len {max_len} tokens and were truncated")
+    return ContrastiveDataset(tokenized, 3) if kind == "sup" else ContrastiveDataset(tokenized, 1, views=2)

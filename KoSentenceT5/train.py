@@ -1,371 +1,252 @@
-"""Train KoSentenceT5: Sentence-T5 style encoders (T5 encoder or BART, mean pooling) with SimCSE's
-contrastive loss -- supervised on NLI triplets (in-batch + hard negatives) or unsupervised on wiki.
+"""Train KoSentenceT5: Sentence-T5 style encoders (the encoder of a T5 checkpoint, or a BART checkpoint;
+mean pooling) with SimCSE's contrastive loss, supervised on NLI triplets (in-batch + hard negatives) or
+unsupervised on wiki sentences.
 
-Defaults by mode (a flag given on the command line always wins):
-  sup    BM-K's KoSentenceT5 run_example.sh: batch 64, 2 epochs, lr 1e-4, max_len 110, warmup 0.01,
-         weight decay 0.1, eval every 125 steps, tau 0.05.
-  unsup  SimCSE's unsupervised recipe: batch 64, 1 epoch, lr 3e-5, max_len 32, no warmup or decay.
-The backbone default is KETI-AIR/ke-t5-base (BM-K's default; its ETRI-T5 is not public); for the
-KoSentenceBART row use --arch bart --model gogamza/kobart-base-v2.
+    python KoSentenceT5/train.py @KoSentenceT5/presets/sup.args                        # KoSentenceT5 row
+    python KoSentenceT5/train.py @KoSentenceT5/presets/sup.args --arch bart --model gogamza/kobart-base-v2
+    torchrun --nproc_per_node 4 KoSentenceT5/train.py @KoSentenceT5/presets/sup.args   # 4 GPUs, same global batch
+    python KoSentenceT5/train.py --resume output/kosentencet5-sup                      # continue a killed run
 
-Outputs in --output_dir: best_model/ (the best KorSTS-dev checkpoint, a Hugging Face +
-sentence-transformers folder), checkpoint/ (for --resume), train_log.jsonl, args.json.
+--mode M starts from the preset presets/M.args (sup: BM-K's KoSentenceT5 run_example.sh; unsup: SimCSE's
+unsupervised recipe); flags after it win. The backbone default is KETI-AIR/ke-t5-base (BM-K's ETRI-T5 is
+not public).
+
+Where things are: what is T5-specific is ``load_model`` below and model.py (``load_encoder``,
+``SentenceT5.embed``: mean pooling, optional Sentence-T5 head); the step and the loss are SimCSE's
+(``training_step`` here, ``contrastive_loss`` in model.py); ``fit`` (the loop) and ``train`` (stages,
+resume) are the same in every method folder; run_utils.py holds the plumbing.
+
+Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers
+folder), checkpoint/ (for --resume), train_log.jsonl (losses, lr, dev metrics), args.json.
 """
-import argparse
-import json
 import math
 import os
-import random
-import shutil
-import sys
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dataloader import (BatchPlan, ColumnCollator, DataError, TokenizedTexts, build_train_dataset, read_sts,
-                        resolve_path)
-from evaluation import DEFAULT_DATA_DIR, encode_tokenized, load_tokenizer, sts_metrics
+from dataloader import BatchPlan, ColumnCollator, DataError, build_contrastive_dataset, resolve_path
+from evaluation import load_tokenizer
 from model import ARCHS, SentenceT5, contrastive_loss, gather_columns
+from run_utils import (METHOD, DevEvaluator, LossWindow, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
+                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args, interleave,
+                       load_checkpoint, load_or_exit, nonfinite_loss_exit, parse_with_mode_preset, prepare_output_dir,
+                       read_checkpoint, restore_rng, save_atomically, save_checkpoint, set_seed, setup_distributed,
+                       stage_batches, truncate_log)
 
-MODE_DEFAULTS = {
-    "sup": dict(train_file=["KorNLI/snli_1.0_train.ko.tsv", "KorNLI/multinli.train.ko.tsv"], batch_size=64,
-                epochs=2, lr=1e-4, max_len=110, warmup_ratio=0.01, weight_decay=0.1, eval_steps=125),
-    "unsup": dict(train_file=["wiki/wiki_corpus.txt"], batch_size=64, epochs=1, lr=3e-5, max_len=32,
-                  warmup_ratio=0.0, weight_decay=0.0, eval_steps=125),
-}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="KETI-AIR/ke-t5-base", help="Hugging Face model id or local folder (default: %(default)s)")
-    p.add_argument("--arch", choices=ARCHS, default="t5",
-                   help="t5: the encoder of a T5/mT5 checkpoint; bart: a BART checkpoint run as sentence-transformers runs it")
-    p.add_argument("--st5_head", action="store_true",
-                   help="Sentence-T5 projection after mean pooling: Dense d->d without bias, then L2 normalisation")
-    p.add_argument("--mode", choices=("sup", "unsup"), default="sup")
-    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder (default: %(default)s)")
-    p.add_argument("--train_file", nargs="+", default=None,
-                   help="sup: NLI files (KorNLI TSV or KLUE-NLI JSON; default KorNLI snli+mnli train); "
-                        "unsup: sentence-per-line files (default wiki/wiki_corpus.txt). Relative paths are "
-                        "tried as given, then under --data_dir")
-    p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection (default: %(default)s)")
-    p.add_argument("--output_dir", default=None, help="default: output/kosentencet5-<mode>")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--max_len", type=int, default=None, help="max tokens per sentence, special tokens included")
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--bucket_tokens", type=int, default=None,
-                   help="encode each training batch in length buckets of at least N padded tokens, each padded "
-                        "only to its own longest sentence (same result, far less padding); 0 = one pass over the "
-                        "batch padded to its longest sentence (default: 512 on CPU, 8192 on GPU)")
-    p.add_argument("--warmup_ratio", type=float, default=None)
-    p.add_argument("--weight_decay", type=float, default=None, help="AdamW; biases and LayerNorm weights get none")
-    p.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off (as BM-K)")
-    p.add_argument("--eval_steps", type=int, default=None, help="evaluate on --dev_file every N steps and at the end")
-    p.add_argument("--save_steps", type=int, default=None,
-                   help="write output_dir/checkpoint (for --resume) every N steps (default: --eval_steps)")
-    p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
-                   help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
-                        "it was started with (only --device and --num_workers may change)")
-    p.add_argument("--eval_batch_size", type=int, default=128)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of the training rows")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--fp16", action="store_true", help="float16 autocast + gradient scaling (CUDA)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.bucket_tokens is None:
-        args.bucket_tokens = 512 if args.device == "cpu" else 8192
-    if args.resume:
-        saved = os.path.join(args.resume, "args.json")
-        if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
-            p.error(f"--resume {args.resume}: no checkpoint/state.pt and args.json there to resume from")
-        with open(saved) as f:
-            for key, value in json.load(f).items():
-                if key not in ("device", "num_workers"):
-                    setattr(args, key, value)
-        args.output_dir = args.resume
-        return args
-    for key, value in MODE_DEFAULTS[args.mode].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.output_dir = args.output_dir or os.path.join("output", f"kosentencet5-{args.mode}")
-    args.save_steps = args.save_steps or args.eval_steps
-    if args.fp16 and args.bf16:
-        p.error("--fp16 and --bf16 are exclusive")
-    if args.fp16 and not args.device.startswith("cuda"):
-        p.error("--fp16 needs a CUDA device (use --bf16 on CPU)")
-    return args
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args"}
+# Copied from KoSimCSE/train.py:COLUMNS
+COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, hard negative) / (s, s)
 
 
-# Copied from KoSimCSE/train.py:set_seed
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
+# --- the method: SimCSE's step on a T5 / BART encoder ----------------------------------------------------
+
+# Copied from KoSimCSE/train.py:training_step
+def training_step(model, source, batch, args, world):
+    """One batch of ``source`` -> (loss to backpropagate, {name: value to log}).
+
+    The batch holds every column of B examples in one (k*B, L) tensor, column after column (see
+    ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence twice;
+    the two dropout masks make the two views). All k*B sentences go through the encoder in one call."""
+    k = COLUMNS[source]
+    embeddings = gather_columns(model(**batch), k)  # under DDP: the global batch, only local rows differentiable
+    loss = contrastive_loss(embeddings, k, args.temperature)
+    return loss * world, {"loss": loss}  # x world: DDP averages gradients, the loss already spans all ranks
 
 
-# Copied from KoSimCSE/train.py:check_output_dir
-def check_output_dir(args):
-    """Refuse to mix two runs in one folder unless --overwrite_output_dir (nothing is written here)."""
-    best = os.path.join(args.output_dir, "best_model")
-    if not os.path.isdir(best) and os.path.isdir(best + ".old"):
-        os.replace(best + ".old", best)  # a kill between the two renames of save_atomically
-    earlier = [f for f in ("args.json", "train_log.jsonl", "best_model", "checkpoint")
-               if os.path.exists(os.path.join(args.output_dir, f))]
-    if earlier and not args.overwrite_output_dir:
-        resume = f", --resume {args.output_dir} to continue it," if hasattr(args, "resume") else ""
-        raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
-                         f"--overwrite_output_dir to replace it{resume} or choose another --output_dir")
+# Copied from KoSimCSE/train.py:stages
+def stages(args):
+    """The stages of a run (see run_utils.Stage): one here."""
+    return [Stage(args.mode, (args.mode,), args.epochs, "best_model", None)]
 
 
-# Copied from KoSimCSE/train.py:prepare_output_dir
-def prepare_output_dir(args):
-    """Clear an earlier run (only once the new one's inputs have loaded) and record the arguments."""
-    for stale in ("best_model", "checkpoint", "train_log.jsonl"):
-        path = os.path.join(args.output_dir, stale)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
+# Copied from KoSimCSE/train.py:build_source
+def build_source(name, args, tokenizer, rank, world, log):
+    """sup: NLI triplets; unsup: wiki sentences, twice each (see build_contrastive_dataset). Full batches
+    only: every anchor needs its B - 1 in-batch negatives."""
+    dataset = build_contrastive_dataset(name, [resolve_path(p, args.data_dir) for p in args.train_file], tokenizer,
+                                        args.max_len, args.max_train_samples, args.seed, log=log)
+    return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
+                  ColumnCollator(tokenizer.pad_token_id))
 
 
-# Copied from KoSimCSE/train.py:save_atomically
-def save_atomically(save, final_dir):
-    """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir."""
-    tmp, old = final_dir + ".tmp", final_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if os.path.isdir(final_dir):
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def load_model(args, path, stage):
+    """(encoder to evaluate and save, module to train): here both are the SentenceT5."""
+    encoder = load_or_exit(lambda p: SentenceT5.from_pretrained(p, arch=args.arch, st5_head=args.st5_head,
+                                                                bucket_tokens=args.bucket_tokens), path)
+    return encoder, encoder
 
 
-# Copied from KoSimCSE/train.py:build_optimizer
-def build_optimizer(model, lr, weight_decay):
-    """AdamW; no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    # fused: one kernel for all parameters; ~10x faster than the default on CPU for a large
-    # embedding table (0.03 s vs 0.4 s a step for multilingual-e5-small's 96M-entry vocabulary).
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
+# --- the loop (the same code in every method folder) ---------------------------------------------------
 
-
-def load_model(args):
-    try:
-        tokenizer = load_tokenizer(args.model)
-        model = SentenceT5.from_pretrained(args.model, arch=args.arch, st5_head=args.st5_head,
-                                           bucket_tokens=args.bucket_tokens)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load model '{args.model}': {e}\n"
-                         f"Pass --model with a Hugging Face model folder (config.json, weights and "
-                         f"tokenizer files) or a hub id reachable from this machine.") from None
-    if tokenizer.pad_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {args.model} has no padding token")
-    return tokenizer, model
-
-
-# Copied from KoSimCSE/train.py:DevEvaluator
-class DevEvaluator:
-    """KorSTS-dev (or --dev_file) metrics of the live model; the dev set is tokenised once."""
-
-    def __init__(self, args, tokenizer, amp_dtype):
-        self.pairs = read_sts(resolve_path(args.dev_file, args.data_dir))
-        self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], args.max_len)
-        self.gold = np.array([p[2] for p in self.pairs])
-        self.pad_id, self.args, self.amp_dtype = tokenizer.pad_token_id, args, amp_dtype
-
-    def __call__(self, model):
-        model.eval()
-        emb = encode_tokenized(model, self.tokenized, self.pad_id, self.args.eval_batch_size,
-                               self.args.device, amp_dtype=self.amp_dtype)
-        model.train()
-        n = len(self.pairs)
-        return sts_metrics(emb[:n], emb[n:], self.gold)
-
-
-# Copied from KoSimCSE/train.py:setup_distributed
-def setup_distributed(args):
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
-    gloo on CPU; each process drives one GPU (LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    if args.device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        args.device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# Copied from KoSimCSE/train.py:save_checkpoint
-def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score, **extra):
-    """Everything --resume needs, written atomically: weights, optimizer, schedule, loss scale,
-    the step (which fixes the data position through BatchPlan), the best dev score, RNG states,
-    and any ``extra`` entries of the caller's."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, **extra}
-
-    def write(folder):
-        os.makedirs(folder)
-        torch.save(state, os.path.join(folder, "state.pt"))
-    save_atomically(write, path)
-
-
-# Copied from KoSimCSE/train.py:load_checkpoint
-def load_checkpoint(path, model, optimizer, scheduler, scaler):
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return state
-
-
-# Copied from KoSimCSE/train.py:restore_rng
-def restore_rng(rng):
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# Copied from KoSimCSE/train.py:truncate_log
-def truncate_log(path, step):
-    """Drop log lines written after the checkpoint a resumed run restarts from."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-
-def train(args):
-    rank, world = setup_distributed(args)
+# Copied from KoSimCSE/train.py:fit
+def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank, world, state=None):
+    """Train ``trainable`` on ``sources`` (interleaved, see interleave) for ``stage.epochs`` or --max_steps.
+    Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
+    the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
+    output_dir/checkpoint every --save_steps and whenever it evaluates. ``state``: a checkpoint of this stage to resume from. Under
+    torch.distributed every process takes its slice of each global batch; rank 0 evaluates and saves."""
     main_process = rank == 0
-    log = (lambda msg: tqdm.write(msg)) if main_process else (lambda msg: None)
-    if not args.resume:
-        check_output_dir(args)
-    set_seed(args.seed + rank)  # per-rank dropout masks
-    tokenizer, model = load_model(args)
-    model.to(args.device)
-    dataset = build_train_dataset(args, tokenizer, log=log)
-    plan = BatchPlan(len(dataset), args.batch_size, args.seed, rank, world)
-    collate = ColumnCollator(tokenizer.pad_token_id)
-    num_columns = 3 if args.mode == "sup" else 2
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * len(plan)
+    schedule = interleave([len(s.plan) for s in sources])
+    total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = build_optimizer(trainable, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    evaluate = DevEvaluator(args, tokenizer, amp_dtype) if main_process else None
-    best_dir = os.path.join(args.output_dir, "best_model")
-    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    best_dir, checkpoint_dir = os.path.join(args.output_dir, stage.best_dir), os.path.join(args.output_dir, "checkpoint")
     best_score, step = -math.inf, 0
-    if args.resume:
-        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler)
-        best_score, step = state["best_score"], state["step"]
-        restore_rng(state["rng"]) if main_process else torch.manual_seed(args.seed + rank + step)
+    if state is not None:
+        step, best_score = load_checkpoint(state, trainable, optimizer, scheduler, scaler)
         if main_process:
-            truncate_log(log_path, step)
-        log(f"resuming {args.output_dir} at step {step:,} (best dev max-spearman {best_score:.2f})")
-    elif main_process:
-        prepare_output_dir(args)  # only now: bad inputs above must not cost the earlier run anything
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    log(f"{len(dataset):,} training examples, batch {args.batch_size}"
-        + (f" ({world} processes x {plan.local_batch})" if world > 1 else "")
-        + f", {total_steps:,} steps ({len(plan):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
+            restore_rng(state["rng"])
+        else:  # only rank 0's RNG state is saved; the others get fresh (seeded) dropout masks
+            torch.manual_seed(args.seed + rank + step)
+        log(f"[{stage.name}] resuming {args.output_dir} at step {step:,} (best dev {best_score_text(best_score)})")
+    # With several sources, parameters idle on one source's batches (KoSBERT's classifier) must not be waited for.
+    ddp = torch.nn.parallel.DistributedDataParallel(trainable, find_unused_parameters=len(sources) > 1) \
+        if world > 1 else trainable
+    sizes = ", ".join(f"{s.name} {len(s.dataset):,} examples / {len(s.plan):,} batches" for s in sources)
+    log(f"[{stage.name}] {sizes}; batch {args.batch_size}"
+        + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
+        + f", {total_steps:,} steps ({len(schedule):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
 
-    start = time.time()
-    with open(log_path, "a") if main_process else open(os.devnull, "w") as log_file, \
-            tqdm(total=total_steps, initial=step, desc=f"KoSentenceT5 {args.mode}", unit="step",
-                 disable=not main_process) as bar:
-        def record(entry):
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+    window, start = LossWindow(), time.time()
+    trainable.train()
+    batches = stage_batches(sources, schedule, step, total_steps, args.num_workers, device_type == "cuda")
+    with tqdm(total=total_steps, initial=step, desc=f"{METHOD} {stage.name}", unit="step",
+              disable=not main_process) as bar:
+        for epoch, source, batch in batches:
+            batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, logged = training_step(ddp, source.name, batch, args, world)
+            scaler.scale(loss).backward()
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            window.add(logged if len(sources) == 1 else {**logged, **{f"{k}_{source.name}": v for k, v in logged.items()}})
 
-        model.train()
-        while step < total_steps:
-            epoch = step // len(plan)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=list(plan.batches(epoch, step % len(plan))), collate_fn=collate,
-                num_workers=args.num_workers, pin_memory=device_type == "cuda",
-                generator=torch.Generator())  # own generator: the global RNG stays untouched
-            for batch in loader:
-                batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-                with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    embeddings = gather_columns(ddp(**batch), num_columns)
-                    loss = contrastive_loss(embeddings, num_columns, args.temperature)
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: the loss is {loss.item()} at step {step + 1}; stopping. The best model "
-                                     f"so far is kept in {best_dir} and the last checkpoint in {checkpoint_dir}. "
-                                     f"Try a lower --lr, or --bf16 instead of --fp16.")
-                scaler.scale(loss * world).backward()
-                if args.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best_score:.2f}")
-                if step % args.logging_steps == 0:
-                    record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                            "elapsed_s": round(time.time() - start, 3)})
-                if step % args.eval_steps == 0 or step == total_steps:
-                    if main_process:
-                        metrics = evaluate(model)
-                        record({"step": step, "epoch": epoch, "dev": metrics})
-                        log(f"step {step}: dev avg {metrics['avg']:.2f}, cosine spearman "
-                            f"{metrics['cosine_spearman']:.2f}, max spearman {metrics['max_spearman']:.2f}")
-                        if metrics["max_spearman"] > best_score:
-                            best_score = metrics["max_spearman"]
-                            save_atomically(lambda d: model.save(d, tokenizer, args.max_len), best_dir)
-                            log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
-                    if world > 1:
-                        dist.barrier()
-                if step % args.save_steps == 0 or step == total_steps:
-                    if main_process:
-                        save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, step, best_score)
-                    if world > 1:
-                        dist.barrier()
-                if step >= total_steps:
-                    break
-    log(f"done in {time.time() - start:.0f}s: best dev max-spearman {best_score:.2f}, model in {best_dir}")
-    if world > 1:
-        dist.destroy_process_group()
+            boundary = step == total_steps or (args.eval_each_epoch and step % len(schedule) == 0)
+            evaluate_now = step % args.eval_steps == 0 or boundary
+            save_now = step % args.save_steps == 0 or boundary
+            if (step % args.logging_steps == 0 or evaluate_now or save_now) and not window.finite():
+                raise nonfinite_loss_exit(step, args.output_dir)  # the only GPU sync outside logging steps
+            if step % args.logging_steps == 0:
+                means = window.pop()
+                log.record({"stage": stage.name, "step": step, "epoch": epoch, **means,
+                            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 3)})
+                bar.set_postfix(loss=f"{means['loss']:.4f}", best=best_score_text(best_score))
+            if evaluate_now:
+                if main_process:
+                    best_score = evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch,
+                                                   best_score, best_dir)
+                barrier(world)
+            if save_now:
+                if main_process:
+                    save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, scaler, step, best_score,
+                                    stage=stage.name)
+                barrier(world)
+    if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        log(f"warning: no dev score was a number; saved the final model to {best_dir}")
+    log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
+        f"model in {best_dir}")
     return best_score
+
+
+# Copied from KoSimCSE/train.py:evaluate_and_save
+def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir):
+    """Dev metrics of ``encoder``, logged; the model is saved when its max Spearman beats ``best_score``."""
+    metrics = evaluate(encoder)
+    log.record({"stage": stage.name, "step": step, "epoch": epoch, "dev": metrics})
+    log(f"[{stage.name}] step {step}: dev avg {metrics['avg']:.2f}, cosine spearman {metrics['cosine_spearman']:.2f}, "
+        f"max spearman {metrics['max_spearman']:.2f}")
+    if metrics["max_spearman"] > best_score:
+        best_score = metrics["max_spearman"]
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
+    return best_score
+
+
+# Copied from KoSimCSE/train.py:train
+def train(args):
+    """Run every stage of ``stages(args)``. Everything that can fail on bad input (model, tokenizer, data)
+    is loaded before the output folder is touched, so a failed start costs an earlier run nothing."""
+    rank, world = setup_distributed(args)
+    plan = stages(args)
+    state = read_checkpoint(args.output_dir) if args.resume else None
+    if state is None:
+        check_output_dir(args)
+    set_seed(args.seed + rank)  # per-rank dropout masks
+    tokenizer = load_or_exit(load_tokenizer, args.model)
+    if tokenizer.pad_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {args.model} has no padding token")
+    encoder, trainable = load_model(args, args.model, plan[0].name)
+    trainable.to(args.device)
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    log = RunLog(log_path, rank)  # the file is opened at the first record, after the folder is prepared
+    sources = {name: build_source(name, args, tokenizer, rank, world, log)
+               for name in dict.fromkeys(n for s in plan for n in s.sources)}
+    amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.max_len, args.eval_batch_size,
+                            args.device, amp_dtype) if rank == 0 else None
+    if rank == 0 and state is not None:
+        truncate_log(log_path, [s.name for s in plan], state["stage"], state["step"])
+    elif rank == 0:
+        prepare_output_dir(args, extra=[s.best_dir for s in plan])  # only now: the inputs above all loaded
+    barrier(world)  # nobody starts before rank 0 has set up (or truncated) the output folder
+    resume_at = [s.name for s in plan].index(state["stage"]) if state is not None else 0
+    try:
+        for i, stage in enumerate(plan[resume_at:], resume_at):
+            if stage.start_from is not None:  # continue from the best model of an earlier stage
+                del encoder, trainable
+                set_seed(args.seed + rank)
+                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
+                trainable.to(args.device)
+                log(f"[{stage.name}] continuing from {stage.start_from}")
+            best = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
+                       log, rank, world, state if i == resume_at else None)
+            barrier(world)  # rank 0 has written this stage's best model
+    finally:
+        log.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return best
+
+
+# --- flags ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = PresetParser(description=__doc__)
+    p.add_argument("--model", default="KETI-AIR/ke-t5-base", help="Hugging Face model id or local folder")
+    p.add_argument("--arch", choices=ARCHS, default="t5",
+                   help="t5: the encoder of a T5/mT5 checkpoint; bart: a BART checkpoint run as sentence-transformers "
+                        "runs it")
+    p.add_argument("--st5_head", action="store_true",
+                   help="Sentence-T5 projection after mean pooling: Dense d->d without bias, then L2 normalisation")
+    p.add_argument("--mode", choices=tuple(MODE_PRESETS), default="sup",
+                   help="sup or unsup SimCSE; the run starts from the flags of presets/<mode>.args")
+    p.add_argument("--train_file", nargs="+", default=None,
+                   help="sup: NLI files (KorNLI TSV or KLUE-NLI JSON); unsup: sentence-per-line files. Relative "
+                        "paths are tried as given, then under --data_dir")
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
+    add_run_args(p)
+    args = parse_with_mode_preset(p, argv, os.path.join(HERE, "presets"), MODE_PRESETS)
+    return finish_args(p, args, f"kosentencet5-{args.mode}")
 
 
 # Copied from KoSimCSE/train.py:main
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    return exit_on_data_error(lambda: train(parse_args(argv)), DataError)
 
 
 if __name__ == "__main__":

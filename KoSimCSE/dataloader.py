@@ -283,23 +283,20 @@ class BatchPlan:
 
 
 class ContrastiveDataset(torch.utils.data.Dataset):
-    """Items are tuples of token-id arrays, one per column.
+    """Item i is a tuple of token-id arrays, one per column.
 
-    sup:   columns (anchor, positive, hard negative) from NLI triplets.
-    unsup: columns (sentence, sentence): the same ids twice; dropout makes the two views differ.
-    """
+    ``views=1``: the ``num_columns`` consecutive rows i*k .. i*k+k-1 (sup: anchor, positive, hard negative).
+    ``views=2`` (with num_columns=1): row i twice (unsup: dropout makes the two views differ)."""
 
-    def __init__(self, tokenized, num_columns, repeat=1):
-        self.tokenized, self.num_columns, self.repeat = tokenized, num_columns, repeat
+    def __init__(self, tokenized, num_columns, views=1):
+        self.tokenized, self.num_columns, self.views = tokenized, num_columns, views
 
     def __len__(self):
         return len(self.tokenized) // self.num_columns
 
     def __getitem__(self, i):
-        if self.repeat > 1:
-            return (self.tokenized[i],) * self.repeat
         k = self.num_columns
-        return tuple(self.tokenized[i * k + j] for j in range(k))
+        return tuple(self.tokenized[i * k + j] for j in range(k)) * self.views
 
 
 class ColumnCollator:
@@ -313,24 +310,20 @@ class ColumnCollator:
         return pad_batch([seq for column in zip(*batch) for seq in column], self.pad_id)
 
 
-def build_train_dataset(args, tokenizer, log=print):
-    """NLI triplets (sup) or wiki sentences (unsup), tokenised once."""
-    paths = [resolve_path(p, args.data_dir) for p in args.train_file]
-    if args.mode == "sup":
+def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None, seed=42, log=print):
+    """The training set of SimCSE, tokenised once. kind "sup": NLI triplets by SimCSE's rule (entailment =
+    positive, contradiction = hard negative); "unsup": sentence-per-line files, each sentence twice.
+    ``max_samples``: a seeded random subset of triplets / sentences."""
+    if kind == "sup":
         rows = load_triplets(paths, log=log)
-        if args.max_train_samples is not None and args.max_train_samples < len(rows):
-            rows = random.Random(args.seed).sample(rows, args.max_train_samples)
+        if max_samples is not None and max_samples < len(rows):
+            rows = random.Random(seed).sample(rows, max_samples)
             log(f"using {len(rows):,} triplets (--max_train_samples)")
         texts = [s for triplet in rows for s in triplet]
-        tokenized = TokenizedTexts(tokenizer, texts, args.max_len, desc="tokenize triplets")
-        dataset = ContrastiveDataset(tokenized, num_columns=3)
     else:
-        texts = []
-        for path in paths:
-            texts += read_sentences(path, args.max_train_samples, args.seed, log=log)
-        tokenized = TokenizedTexts(tokenizer, texts, args.max_len, desc="tokenize sentences")
-        dataset = ContrastiveDataset(tokenized, num_columns=1, repeat=2)
+        texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
+    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc=f"tokenize {kind}")
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "
-            f"--max_len {args.max_len} tokens and were truncated")
-    return dataset
+            f"--max_len {max_len} tokens and were truncated")
+    return ContrastiveDataset(tokenized, 3) if kind == "sup" else ContrastiveDataset(tokenized, 1, views=2)

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -67,12 +66,11 @@ def padding_over_epoch(model_dir, data_dir, batch_size, max_len, bucket_tokens):
     padded to the longest of all), ours (length buckets of at least ``bucket_tokens``), per column
     (each of the 3 columns padded to its own longest), and ST 6.x (anchor column alone,
     positive+negative merged and padded together); with the L^2 attention sum."""
-    from dataloader import BatchPlan, build_train_dataset
+    from dataloader import BatchPlan, build_contrastive_dataset
     from evaluation import load_tokenizer
     from model import length_buckets
-    ns = SimpleNamespace(data_dir=data_dir, train_file=NLI_FILES, mode="sup", max_train_samples=None, seed=42,
-                         max_len=max_len)
-    dataset = build_train_dataset(ns, load_tokenizer(model_dir), log=lambda m: None)
+    dataset = build_contrastive_dataset("sup", [os.path.join(data_dir, f) for f in NLI_FILES],
+                                        load_tokenizer(model_dir), max_len, log=lambda m: None)
     plan = BatchPlan(len(dataset), batch_size, 42)
     tot = {k: 0 for k in ("real", "one_pass", "ours", "per_column", "st", "one_pass_l2", "ours_l2", "per_column_l2",
                           "st_l2")}
@@ -114,19 +112,18 @@ def main():
         padding_over_epoch(args.model, args.data_dir, args.batch_size, args.max_len, args.bucket_tokens[0])
         if args.only:
             return
-    from dataloader import BatchPlan, ColumnCollator, build_train_dataset, load_triplets, resolve_path
+    from dataloader import BatchPlan, ColumnCollator, build_contrastive_dataset, load_triplets, resolve_path
     from evaluation import load_tokenizer
     from model import SentenceEncoder, contrastive_loss, length_buckets
-    from train import build_optimizer
+    from run_utils import build_optimizer
 
     torch.manual_seed(42)
     plan = BatchPlan(3500, args.batch_size, 42)  # re-made below with the real size
     results = {}
     if args.only in (None, "ours"):
-        ns = SimpleNamespace(data_dir=args.data_dir, train_file=NLI_FILES, mode="sup", max_train_samples=None,
-                             seed=42, max_len=args.max_len)
         tokenizer = load_tokenizer(args.model)
-        dataset = build_train_dataset(ns, tokenizer, log=lambda m: None)
+        dataset = build_contrastive_dataset("sup", [os.path.join(args.data_dir, f) for f in NLI_FILES], tokenizer,
+                                            args.max_len, log=lambda m: None)
         plan = BatchPlan(len(dataset), args.batch_size, 42)
         batches = list(plan.batches(0))
         collate = ColumnCollator(tokenizer.pad_token_id)

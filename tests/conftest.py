@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("KOSENT_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
-METHOD_MODULES = ("dataloader", "model", "evaluation", "train")
+METHOD_MODULES = ("dataloader", "model", "evaluation", "run_utils", "train")
 
 # Synthetic "topics": sentences of one topic share content words, so a model can learn that they
 # are similar. Used for NLI triplets, STS pairs and wiki sentences in the real file formats.
@@ -32,7 +32,7 @@ FILLERS = ["그리고", "오늘", "정말", "아주", "다시", "함께"]
 
 
 def load_method(folder):
-    """Import <folder>/{dataloader,model,evaluation,train}.py as a namespace, isolated from other folders."""
+    """Import <folder>/{dataloader,model,evaluation,run_utils,train}.py as a namespace, isolated from other folders."""
     path = os.path.join(ROOT, folder)
     saved = {name: sys.modules.pop(name) for name in METHOD_MODULES if name in sys.modules}
     sys.path.insert(0, path)

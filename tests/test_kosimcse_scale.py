@@ -93,9 +93,12 @@ def test_save_atomically_never_leaves_a_broken_model(kosimcse, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(kosimcse, tiny_bert, synthetic_data, tmp_path):
-    with pytest.raises(SystemExit, match=r"the loss is nan at step 1; stopping"):
+    # Checked without a per-step GPU sync: at the first logging, evaluation or checkpoint step (here 3), and
+    # before anything is saved, so no NaN weights reach best_model/ or checkpoint/.
+    with pytest.raises(SystemExit, match=r"the loss was not finite \(NaN or inf\) in the steps up to 3; stopping"):
         kosimcse.train.main(["--model", tiny_bert, "--data_dir", synthetic_data, "--mode", "unsup", "--output_dir",
                              str(tmp_path / "nan"), "--batch_size", "8", "--max_steps", "3", "--temperature", "0"])
+    assert sorted(os.listdir(tmp_path / "nan")) == ["args.json"]
 
 
 def test_bad_input_does_not_touch_the_earlier_run(kosimcse, tiny_bert, synthetic_data, tmp_path):
@@ -114,11 +117,9 @@ def test_bad_input_does_not_touch_the_earlier_run(kosimcse, tiny_bert, synthetic
 
 def test_long_sentences_are_truncated_and_reported(kosimcse, tiny_bert, tmp_path, capsys):
     from transformers import AutoTokenizer
-    import argparse
     (tmp_path / "wiki.txt").write_text("사과 바나나.\n" + " ".join(["사과"] * 50) + ".\n바다.\n", encoding="utf-8")
-    args = argparse.Namespace(data_dir=str(tmp_path), train_file=["wiki.txt"], mode="unsup", max_train_samples=None,
-                              seed=0, max_len=8)
-    dataset = kosimcse.dataloader.build_train_dataset(args, AutoTokenizer.from_pretrained(tiny_bert))
+    dataset = kosimcse.dataloader.build_contrastive_dataset("unsup", [str(tmp_path / "wiki.txt")],
+                                                            AutoTokenizer.from_pretrained(tiny_bert), max_len=8)
     assert len(dataset) == 3 and all(len(x[0]) <= 8 for x in (dataset[i] for i in range(3)))
     assert "1 of 3 training sentences were longer than --max_len 8 tokens and were truncated" in capsys.readouterr().out
 

@@ -1,13 +1,21 @@
 """Keep the code that method folders copy from each other in sync.
 
-Each method folder is standalone, so shared code (readers, the 8-metric evaluation, ...) is copied
-on purpose. A copy is marked by a comment on the line right above its ``def``/``class``::
+Each method folder is standalone, so shared code is copied on purpose, in two ways:
 
-    # Copied from KoSimCSE/evaluation.py:sts_metrics
-    def sts_metrics(...):
+* Whole files, listed in FULL_COPIES below (the plumbing ``run_utils.py``, ``evaluation.py``, ...): the
+  copy must equal its origin byte for byte, docstring, constants and ``__main__`` included.
+* Single definitions, marked by a comment on the line right above a top-level ``def``/``class`` or a
+  module-level constant::
 
-This script checks that every marked copy is character-for-character equal to its origin and
-exits 1 listing the ones that drifted. ``--fix`` rewrites the copies from their origins.
+      # Copied from KoSimCSE/dataloader.py:read_sts
+      def read_sts(path):
+
+  The definition must equal the origin's. The module-level constants that a copied function reads
+  (``STS_SPLITS`` in ``resolve_path``, say) must be equal in both files too, so a copy cannot drift
+  through a constant.
+
+This script exits 1 listing every copy that drifted and every marker it cannot resolve; ``--fix``
+rewrites the copies from their origins.
 
     python utils/check_copies.py [--fix]
 """
@@ -18,16 +26,35 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARK = re.compile(r"^# Copied from (?P<file>[\w./-]+\.py):(?P<name>[\w.]+)\s*$")
+MARK = re.compile(r"^# Copied from (?P<file>\S+?):(?P<name>\S+)\s*$")
+METHOD_FOLDERS = ("KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE")
+
+# copy -> origin, relative to the repository root.
+FULL_COPIES = {
+    **{f"{folder}/run_utils.py": "KoSimCSE/run_utils.py" for folder in METHOD_FOLDERS[1:]},
+    **{f"{folder}/evaluation.py": "KoSimCSE/evaluation.py" for folder in METHOD_FOLDERS[1:]},
+    "KoSentenceT5/dataloader.py": "KoSimCSE/dataloader.py",
+}
 
 
-def _definition_span(source, name, path):
-    """(first line, last line) -- 1-based, inclusive, decorators included -- of top-level ``name``."""
+def _top_level(source, path):
+    """{name: (first line, last line, node)} of the top-level functions, classes and single-name
+    assignments of a module (1-based, inclusive, decorators included)."""
+    spans = {}
     for node in ast.parse(source, path).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            return first, node.end_lineno
-    return None
+            spans[node.name] = (first, node.end_lineno, node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    spans[target.id] = (node.lineno, node.end_lineno, node)
+    return spans
+
+
+def _names_read(node):
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
 def find_copies(root):
@@ -48,35 +75,77 @@ def find_copies(root):
     return copies
 
 
-def check(root=ROOT, fix=False):
-    """List of problems (empty when every copy matches its origin); with fix=True, rewrite copies."""
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _check_full_copies(root, fix, full_copies):
     problems = []
-    # Bottom-up, so that rewriting one copy does not shift the lines of those above it.
-    for path, mark_line, origin, name in reversed(find_copies(root)):
-        where = f"{os.path.relpath(path, root)}:{mark_line}"
-        if not os.path.isfile(origin):
-            problems.append(f"{where}: origin file {os.path.relpath(origin, root)} does not exist")
+    for copy, origin in full_copies.items():
+        copy_path, origin_path = os.path.join(root, copy), os.path.join(root, origin)
+        if not os.path.isfile(origin_path):
+            problems.append(f"{copy}: origin file {origin} (FULL_COPIES) does not exist")
             continue
-        with open(origin, encoding="utf-8") as f:
-            origin_source = f.read()
-        span = _definition_span(origin_source, name, origin)
-        if span is None:
-            problems.append(f"{where}: {os.path.relpath(origin, root)} has no top-level {name}")
-            continue
-        wanted = origin_source.splitlines(keepends=True)[span[0] - 1:span[1]]
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-        copy_span = _definition_span("".join(lines), name, path)
-        if copy_span is None or copy_span[0] != mark_line + 1:
-            problems.append(f"{where}: the marker must sit right above `def/class {name}`")
-            continue
-        if lines[copy_span[0] - 1:copy_span[1]] != wanted:
-            problems.append(f"{where}: {name} differs from {os.path.relpath(origin, root)}")
+        if not os.path.isfile(copy_path) or _read(copy_path) != _read(origin_path):
+            problems.append(f"{copy}: differs from {origin} (a whole-file copy)")
             if fix:
-                lines[copy_span[0] - 1:copy_span[1]] = wanted
-                with open(path, "w", encoding="utf-8") as f:
-                    f.writelines(lines)
-    return problems[::-1]
+                with open(copy_path, "w", encoding="utf-8") as f:
+                    f.write(_read(origin_path))
+    return problems
+
+
+def _check_marked(path, mark_line, origin, name, root, fix):
+    """Problems of one marked copy (and of the constants it reads); rewrites it with fix=True."""
+    where = f"{os.path.relpath(path, root)}:{mark_line}"
+    rel_origin = os.path.relpath(origin, root)
+    if "." in name:
+        return [f"{where}: `{name}` is a nested name; mark the top-level definition that holds it"]
+    if not os.path.isfile(origin):
+        return [f"{where}: origin file {rel_origin} does not exist"]
+    origin_source = _read(origin)
+    origin_defs = _top_level(origin_source, origin)
+    if name not in origin_defs:
+        return [f"{where}: {rel_origin} has no top-level {name}"]
+    lines = _read(path).splitlines(keepends=True)
+    copy_defs = _top_level("".join(lines), path)
+    if name not in copy_defs or copy_defs[name][0] != mark_line + 1:
+        return [f"{where}: the marker must sit right above the definition of {name}"]
+    origin_lines = origin_source.splitlines(keepends=True)
+    problems, edits = [], []
+    first, last, node = origin_defs[name]
+    if lines[copy_defs[name][0] - 1:copy_defs[name][1]] != origin_lines[first - 1:last]:
+        problems.append(f"{where}: {name} differs from {rel_origin}")
+        edits.append((copy_defs[name], origin_lines[first - 1:last]))
+    if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+        for const in sorted(_names_read(node)):
+            spec = origin_defs.get(const)
+            if spec is None or not isinstance(spec[2], (ast.Assign, ast.AnnAssign)):
+                continue  # not a module-level constant of the origin
+            wanted = origin_lines[spec[0] - 1:spec[1]]
+            if const not in copy_defs:
+                problems.append(f"{where}: {name} reads the constant {const}, which "
+                                f"{os.path.relpath(path, root)} does not define")
+            elif lines[copy_defs[const][0] - 1:copy_defs[const][1]] != wanted:
+                problems.append(f"{where}: the constant {const} that {name} reads differs from {rel_origin}")
+                edits.append((copy_defs[const], wanted))
+    if fix and edits:
+        for (start, end, _), wanted in sorted(edits, key=lambda e: -e[0][0]):  # bottom-up: no line shifts
+            lines[start - 1:end] = wanted
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    return problems
+
+
+def check(root=ROOT, fix=False, full_copies=None):
+    """List of problems (empty when every copy matches its origin); with fix=True, rewrite copies."""
+    full_copies = FULL_COPIES if full_copies is None else full_copies
+    problems = _check_full_copies(root, fix, full_copies)
+    whole = {os.path.join(root, c) for c in full_copies}
+    for path, mark_line, origin, name in find_copies(root):
+        if path not in whole:  # a whole-file copy is checked as a whole (its markers came with its origin)
+            problems += _check_marked(path, mark_line, origin, name, root, fix)
+    return problems
 
 
 def main():
@@ -88,7 +157,8 @@ def main():
     problems = check()
     for problem in problems:
         print(problem)
-    print(f"{len(find_copies(ROOT))} marked copies, {len(problems)} problem(s)")
+    marked = sum(1 for path, *_ in find_copies(ROOT) if os.path.relpath(path, ROOT) not in FULL_COPIES)
+    print(f"{len(FULL_COPIES)} whole-file copies, {marked} marked copies, {len(problems)} problem(s)")
     sys.exit(1 if problems else 0)
 
 
