@@ -1,7 +1,7 @@
 """Peer check: the same STS regression run with sentence-transformers' own CosineSimilarityLoss.
 
 Trains ``--model`` with SentenceTransformer(Transformer + mean Pooling) and
-``losses.CosineSimilarityLoss`` in a plain loop that mirrors train.py --task sts exactly: the same
+``losses.CosineSimilarityLoss`` in a plain loop that mirrors train.py --mode sts exactly: the same
 pairs (score / 5), the same seeded shuffle and batches (BatchPlan, batch 32, last batch kept),
 AdamW with weight decay 0.01 except biases and LayerNorm weights, linear schedule with 10% warmup,
 gradient clipping at 1.0, the same number of steps. The final model is saved to --output_dir; score
@@ -13,16 +13,15 @@ it with evaluation.py so that both runs are measured by the same code:
 (SentenceTransformerTrainer needs the ``datasets`` and ``accelerate`` packages; this loop does not.)
 """
 import argparse
-import random
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from dataloader import BatchPlan, load_sts_pairs, resolve_path
 from evaluation import DEFAULT_DATA_DIR
+from run_utils import build_optimizer, set_seed
 
 
 def main(argv=None):
@@ -45,9 +44,7 @@ def main(argv=None):
     from sentence_transformers import SentenceTransformer, losses
     from sentence_transformers.models import Pooling, Transformer
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)
     transformer = Transformer(args.model, max_seq_length=args.max_len)
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")],
                                 device="cpu")
@@ -55,10 +52,7 @@ def main(argv=None):
     pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir))
     plan = BatchPlan(len(pairs), args.batch_size, args.seed, drop_last=False)
     total = args.max_steps if args.max_steps > 0 else args.epochs * len(plan)
-    decay = [p for n, p in loss_model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
-    no_decay = [p for n, p in loss_model.named_parameters() if p.ndim < 2 or "LayerNorm" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=True)
+    optimizer = build_optimizer(loss_model, args.lr, args.weight_decay)  # the same decay groups as train.py
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total), total)
     loss_model.train()
     step, start = 0, time.time()

@@ -106,15 +106,39 @@ class SoftmaxClassifier(nn.Module):
 
 
 def softmax_loss(classifier, embeddings, labels):
-    """Cross-entropy of the NLI classifier on a (2B, d) pair batch; ``labels`` are class ids (B,)."""
+    """SBERT's classification objective (sentence-transformers' SoftmaxLoss).
+
+    ``embeddings``: (2B, d), the B first sentences then the B second ones (see split_pairs and
+    PairCollator); ``labels``: (B,) class ids (contradiction 0, entailment 1, neutral 2). Returns the
+    mean cross-entropy of ``classifier(u, v)`` over the B pairs. Under DDP each rank scores its own pairs;
+    the mean over equal slices makes DDP's gradient average the gradient of the global batch."""
     u, v = split_pairs(embeddings)
     return F.cross_entropy(classifier(u, v).float(), labels)
 
 
 def cosine_regression_loss(embeddings, scores):
-    """MSE between cos(u, v) and the gold similarity in 0-1 (score / 5), on a (2B, d) pair batch."""
+    """SBERT's regression objective (sentence-transformers' CosineSimilarityLoss).
+
+    ``embeddings``: (2B, d) as in softmax_loss; ``scores``: (B,) gold similarities scaled to 0-1
+    (KorSTS score / 5). Returns mean((cos(u_i, v_i) - score_i)^2); DDP as in softmax_loss."""
     u, v = split_pairs(embeddings.float())
     return F.mse_loss(F.cosine_similarity(u, v, dim=-1), scores.float())
+
+
+class PairObjective(nn.Module):
+    """The encoder and the NLI classifier in one module, so that DistributedDataParallel sees every
+    trainable parameter; ``forward(source, ...)`` is the loss of one batch of that source: softmax_loss
+    for "nli" (needs the classifier), cosine_regression_loss for "sts"."""
+
+    def __init__(self, encoder, classifier=None):
+        super().__init__()
+        self.encoder, self.classifier = encoder, classifier
+
+    def forward(self, source, input_ids, attention_mask, labels):
+        embeddings = self.encoder(input_ids, attention_mask)
+        if source == "nli":
+            return softmax_loss(self.classifier, embeddings, labels)
+        return cosine_regression_loss(embeddings, labels)
 
 
 class SentenceEncoder(nn.Module):

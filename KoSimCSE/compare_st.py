@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from dataloader import BatchPlan, load_triplets, resolve_path
 from evaluation import DEFAULT_DATA_DIR
-from train import set_seed
+from run_utils import build_optimizer, set_seed
 
 
 def main(argv=None):
@@ -52,10 +52,7 @@ def main(argv=None):
     loss_model = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     triplets = load_triplets([resolve_path(f, args.data_dir) for f in args.train_file])
     plan = BatchPlan(len(triplets), args.batch_size, args.seed)
-    decay = [p for n, p in loss_model.named_parameters() if p.requires_grad and p.ndim >= 2 and "LayerNorm" not in n]
-    no_decay = [p for n, p in loss_model.named_parameters() if p.requires_grad and (p.ndim < 2 or "LayerNorm" in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=True)
+    optimizer = build_optimizer(loss_model, args.lr, args.weight_decay)  # the same decay groups as train.py
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
     loss_model.train()
     step, start = 0, time.time()

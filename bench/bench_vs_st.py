@@ -9,8 +9,8 @@ Four objectives, each ours vs ST on the same model folder, data, batch, max_len,
 weight decay, clipping and seed, mean pooling everywhere:
   sup    KoSimCSE/train.py --mode sup        vs MultipleNegativesRankingLoss(scale=20), (anchor, pos, hard neg)
   unsup  KoSimCSE/train.py --mode unsup      vs MultipleNegativesRankingLoss(scale=20) on (s, s)
-  sts    KoSBERT/train.py --task sts         vs CosineSimilarityLoss
-  nli    KoSBERT/train.py --task nli         vs SoftmaxLoss (concat u, v, |u-v|)
+  sts    KoSBERT/train.py --mode sts         vs CosineSimilarityLoss
+  nli    KoSBERT/train.py --mode nli         vs SoftmaxLoss (concat u, v, |u-v|)
 ST is trained in a plain loop (no `datasets`/`accelerate` here) over the same batches: BatchPlan with
 the same seed for sup/unsup, the same seeded DataLoader shuffle for sts/nli.
 
@@ -328,7 +328,7 @@ class Bench:
             if c["max_train_samples"]:
                 cmd += ["--max_train_samples", str(c["max_train_samples"])]
         else:
-            cmd = [os.path.join(ROOT, "KoSBERT", "train.py"), "--task", c["objective"]]
+            cmd = [os.path.join(ROOT, "KoSBERT", "train.py"), "--mode", c["objective"]]
             if c["objective"] == "nli":
                 cmd += ["--train_file", *NLI_FILES]
         return [sys.executable, *cmd, "--model", c["model"], "--data_dir", c["data_dir"], "--dev_file", self.tiny_dev,

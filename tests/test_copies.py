@@ -1,4 +1,4 @@
-"""The "Copied from" blocks of the method folders match their origins, and the checker catches drift."""
+"""The copies between method folders match their origins, and the checker catches every kind of drift."""
 import os
 import sys
 
@@ -11,23 +11,62 @@ import check_copies  # noqa: E402
 def test_method_folders_copies_are_in_sync():
     problems = check_copies.check(ROOT)
     assert problems == [], "\n".join(problems) + "\nrun: python utils/check_copies.py --fix"
+    assert len(check_copies.FULL_COPIES) == 7 and len(check_copies.find_copies(ROOT)) > 40
 
 
-def test_checker_detects_and_fixes_drift(tmp_path):
-    origin = tmp_path / "KoSimCSE"
-    copy = tmp_path / "KoOther"
-    origin.mkdir()
-    copy.mkdir()
-    (origin / "evaluation.py").write_text("def f(x):\n    return x + 1\n\n\ndef g():\n    return 2\n")
-    (copy / "evaluation.py").write_text(
-        "import os\n\n\n# Copied from KoSimCSE/evaluation.py:g\ndef g():\n    return 2\n\n\n"
-        "# Copied from KoSimCSE/evaluation.py:f\ndef f(x):\n    return x + 2  # drifted\n\n\n"
-        "# Copied from KoSimCSE/evaluation.py:h\ndef h():\n    pass\n")
-    problems = check_copies.check(str(tmp_path))
+def test_every_method_folder_shares_the_loop():
+    """fit / evaluate_and_save / train are checked copies of KoSimCSE's in every other method folder."""
+    marked = {(os.path.relpath(path, ROOT), name) for path, _, _, name in check_copies.find_copies(ROOT)}
+    for folder in ("KoSBERT", "KoSentenceT5", "KoDiffCSE"):
+        for name in ("fit", "evaluate_and_save", "train", "main"):
+            assert (f"{folder}/train.py", name) in marked, (folder, name)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_checker_detects_and_fixes_drifted_definitions(tmp_path):
+    write(tmp_path / "KoSimCSE" / "evaluation.py", "def f(x):\n    return x + 1\n\n\ndef g():\n    return 2\n")
+    write(tmp_path / "KoOther" / "evaluation.py",
+          "import os\n\n\n# Copied from KoSimCSE/evaluation.py:g\ndef g():\n    return 2\n\n\n"
+          "# Copied from KoSimCSE/evaluation.py:f\ndef f(x):\n    return x + 2  # drifted\n\n\n"
+          "# Copied from KoSimCSE/evaluation.py:h\ndef h():\n    pass\n")
+    problems = check_copies.check(str(tmp_path), full_copies={})
     assert len(problems) == 2
     assert "KoOther/evaluation.py:9: f differs from KoSimCSE/evaluation.py" in problems[0]
     assert "has no top-level h" in problems[1]
-    check_copies.check(str(tmp_path), fix=True)
-    fixed = (copy / "evaluation.py").read_text()
+    check_copies.check(str(tmp_path), fix=True, full_copies={})
+    fixed = (tmp_path / "KoOther" / "evaluation.py").read_text()
     assert "return x + 1\n" in fixed and "drifted" not in fixed and fixed.startswith("import os\n")
-    assert len(check_copies.check(str(tmp_path))) == 1  # only the missing origin is left
+    assert len(check_copies.check(str(tmp_path), full_copies={})) == 1  # only the missing origin is left
+
+
+def test_checker_guards_the_constants_a_copied_function_reads(tmp_path):
+    write(tmp_path / "KoSimCSE" / "data.py", 'SPLITS = {"a": 1}\nOTHER = 3\n\n\ndef get(k):\n    return SPLITS[k]\n')
+    copy = tmp_path / "KoOther" / "data.py"
+    write(copy, 'SPLITS = {"a": 2}\nOTHER = 4\n\n\n# Copied from KoSimCSE/data.py:get\ndef get(k):\n    return SPLITS[k]\n')
+    problems = check_copies.check(str(tmp_path), full_copies={})
+    assert problems == ["KoOther/data.py:5: the constant SPLITS that get reads differs from KoSimCSE/data.py"]
+    check_copies.check(str(tmp_path), fix=True, full_copies={})
+    assert copy.read_text().startswith('SPLITS = {"a": 1}\nOTHER = 4\n')  # OTHER is not read: left alone
+    write(copy, '# Copied from KoSimCSE/data.py:get\ndef get(k):\n    return SPLITS[k]\n')
+    assert "reads the constant SPLITS, which KoOther/data.py does not define" in check_copies.check(
+        str(tmp_path), full_copies={})[0]
+
+
+def test_checker_whole_file_copies_and_unresolvable_markers(tmp_path):
+    write(tmp_path / "KoSimCSE" / "run_utils.py", '"""Doc."""\nX = 1\n')
+    write(tmp_path / "KoOther" / "run_utils.py", '"""Doc, edited."""\nX = 1\n')
+    write(tmp_path / "KoOther" / "train.py", "# Copied from KoSimCSE/run_utils.py:Cls.method\ndef method():\n    pass\n\n\n"
+                                             "# Copied from KoSimCSE/missing.py:f\ndef f():\n    pass\n\n\n"
+                                             "# Copied from KoSimCSE/run_utils.py:X\n\nX = 1\n")
+    full = {"KoOther/run_utils.py": "KoSimCSE/run_utils.py"}
+    problems = check_copies.check(str(tmp_path), full_copies=full)
+    assert problems[0] == "KoOther/run_utils.py: differs from KoSimCSE/run_utils.py (a whole-file copy)"
+    assert "`Cls.method` is a nested name" in problems[1]
+    assert "origin file KoSimCSE/missing.py does not exist" in problems[2]
+    assert "the marker must sit right above the definition of X" in problems[3]
+    check_copies.check(str(tmp_path), fix=True, full_copies=full)
+    assert (tmp_path / "KoOther" / "run_utils.py").read_text() == '"""Doc."""\nX = 1\n'

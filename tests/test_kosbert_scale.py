@@ -40,7 +40,7 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout
 
 def test_torchrun_nli_sts_end_to_end(tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "ddp")
-    run = torchrun(TRAIN, "--model", tiny_bert, "--data_dir", synthetic_data, "--task", "nli_sts", "--nli_file",
+    run = torchrun(TRAIN, "--model", tiny_bert, "--data_dir", synthetic_data, "--mode", "nli_sts", "--nli_file",
                    "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_steps", "4",
                    "--eval_steps", "2", "--max_len", "24", "--device", "cpu")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_torchrun_nli_sts_end_to_end(tiny_bert, synthetic_data, tmp_path):
 
 
 def train_cmd(model, data, out, task="multitask", *extra):
-    return [sys.executable, TRAIN, "--model", model, "--data_dir", data, "--task", task, "--nli_file",
+    return [sys.executable, TRAIN, "--model", model, "--data_dir", data, "--mode", task, "--nli_file",
             "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
             "--epochs", "3", "--eval_steps", "40", "--save_steps", "5", "--logging_steps", "5", "--lr", "1e-3",
             "--device", "cpu", *extra]
@@ -89,7 +89,7 @@ def test_nli_sts_resumes_in_either_stage(kosbert, tiny_bert, synthetic_data, tmp
     """A crash right after the n-th checkpoint: in the NLI stage (resume it, then run STS) or in the STS
     stage (skip the finished NLI stage). Either way the result equals an uninterrupted run."""
     def args(out):
-        return ["--model", tiny_bert, "--data_dir", synthetic_data, "--task", "nli_sts", "--nli_file",
+        return ["--model", tiny_bert, "--data_dir", synthetic_data, "--mode", "nli_sts", "--nli_file",
                 "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
                 "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--lr", "1e-3", "--device", "cpu"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")

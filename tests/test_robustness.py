@@ -68,7 +68,7 @@ def cli(folder, models, data, out):
     """A 2-step run of ``folder``'s train.py on the synthetic data; later flags override these."""
     model = models["t5"] if folder == "KoSentenceT5" else models["bert"]
     task = {"KoSimCSE": ["--mode", "sup", "--train_file", "KorNLI/nli.train.ko.tsv"],
-            "KoSBERT": ["--task", "nli", "--train_file", "KorNLI/nli.train.ko.tsv"],
+            "KoSBERT": ["--mode", "nli", "--train_file", "KorNLI/nli.train.ko.tsv"],
             "KoSentenceT5": ["--mode", "sup", "--train_file", "KorNLI/nli.train.ko.tsv"],
             "KoDiffCSE": ["--generator_name", models["generator"], "--train_file", "wiki/wiki_corpus.txt"]}[folder]
     return ["--model", model, *task, "--data_dir", data, "--output_dir", out, "--batch_size", "8", "--max_len",

@@ -5,7 +5,7 @@ the DDP equality test in tests/test_kosbert_scale.py.
     torchrun --nproc_per_node 2 kosbert_ddp_step.py METHOD_DIR MODEL_DIR OUT.pt   gloo, half a batch each
 
 Writes (rank 0), per objective, the loss averaged over ranks and every parameter gradient after
-backward (DDP has averaged them), through train.PairObjective as the training loop uses it.
+backward (DDP has averaged them), through train.training_step as the training loop calls it.
 """
 import os
 import sys
@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 method_dir, model_dir, out = sys.argv[1:4]
 sys.path.insert(0, method_dir)
-from model import SentenceEncoder, SoftmaxClassifier  # noqa: E402
-from train import PairObjective  # noqa: E402
+from model import PairObjective, SentenceEncoder, SoftmaxClassifier  # noqa: E402
+from train import training_step  # noqa: E402
 
 world = int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
@@ -34,8 +34,9 @@ for source, labels in (("nli", torch.randint(0, 3, (B,), generator=g)), ("sts", 
     mask = torch.ones_like(ids)
     mask[:, :, 4:] = torch.randint(0, 2, (2, B, 2), generator=g)
     local = slice(rank * B // world, (rank + 1) * B // world)
-    loss = ddp(source, labels[local], input_ids=ids[:, local].reshape(-1, L),
-               attention_mask=mask[:, local].reshape(-1, L))
+    batch = {"input_ids": ids[:, local].reshape(-1, L), "attention_mask": mask[:, local].reshape(-1, L),
+             "labels": labels[local]}
+    loss, _ = training_step(ddp, source, batch, None, world)
     loss.backward()
     loss = loss.detach()
     if world > 1:
