@@ -270,6 +270,7 @@ def load_nli_pairs(paths, log=print):
     return pairs
 
 
+# Copied from KoSimCSE/dataloader.py:load_sts_pairs
 def load_sts_pairs(path, log=print):
     """(sentence1, sentence2, score / 5) rows: the regression target is a similarity in 0-1."""
     pairs = [(s1, s2, score / 5.0) for s1, s2, score in read_sts(path)]
@@ -277,6 +278,7 @@ def load_sts_pairs(path, log=print):
     return pairs
 
 
+# Copied from KoSimCSE/dataloader.py:PairDataset
 class PairDataset(torch.utils.data.Dataset):
     """Sentence pairs tokenised once: item i is (ids of sentence1, ids of sentence2, target)."""
 
@@ -291,6 +293,7 @@ class PairDataset(torch.utils.data.Dataset):
         return self.tokenized[2 * i], self.tokenized[2 * i + 1], self.targets[i]
 
 
+# Copied from KoSimCSE/dataloader.py:PairCollator
 class PairCollator:
     """B pairs -> one (2B, L) batch (rows [0:B] the first sentences, [B:2B] the second ones), padded
     dynamically, plus ``labels``: class ids (long) for NLI or 0-1 similarities (float) for STS."""

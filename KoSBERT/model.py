@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel
 
 POOLERS = ("mean", "cls_before_pooler", "pooler")
@@ -67,13 +68,31 @@ def length_buckets(lengths, min_tokens):
     return groups[::-1]
 
 
+# Copied from KoSimCSE/model.py:encode_in_chunks
+def encode_in_chunks(encode, input_ids, attention_mask, chunk_rows):
+    """Gradient caching (GradCache; sentence-transformers' CachedMultipleNegativesRankingLoss) with
+    activation checkpointing: ``encode(input_ids, attention_mask) -> (rows, d)`` runs on chunks of
+    ``chunk_rows`` rows, each under ``torch.utils.checkpoint``, so the forward keeps the (rows, d)
+    embeddings of the whole batch but no chunk's activations. The caller computes the loss over the whole
+    batch; backward then re-runs each chunk's forward with the RNG state it had the first time (the same
+    dropout masks) and backpropagates that chunk's embedding gradients through it, one chunk at a time.
+    Loss and gradients equal the uncached ones; activation memory is one chunk's, whatever the batch.
+    chunk_rows <= 0, a batch that fits in one chunk, or no gradient being recorded: one plain call."""
+    if chunk_rows <= 0 or len(input_ids) <= chunk_rows or not torch.is_grad_enabled():
+        return encode(input_ids, attention_mask)
+    return torch.cat([checkpoint(encode, input_ids[i:i + chunk_rows], attention_mask[i:i + chunk_rows],
+                                 use_reentrant=False)
+                      for i in range(0, len(input_ids), chunk_rows)])
+
+
 # Copied from KoSimCSE/model.py:encode_in_length_buckets
 def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
     """``embed(input_ids, attention_mask) -> (rows, d)`` over a right-padded batch, run per length
     bucket (see length_buckets) with the padding columns each bucket does not need cut off, then put
     back in row order. The result equals one pass over the whole batch (padding is masked out), but
-    the encoder runs on far fewer padding tokens: a (3B, L) SimCSE batch is padded to the longest of
-    all 3B sentences, which is about half padding on KorNLI. All in one call, so DDP sees one forward."""
+    the encoder runs on far fewer padding tokens: a batch of sentences of mixed lengths, padded to its
+    longest, is mostly padding (62% for SimCSE's (3B, L) KorNLI batches). All in one call, so DDP sees one
+    forward."""
     groups = length_buckets(attention_mask.sum(1).cpu(), min_tokens)
     if len(groups) == 1:
         return embed(input_ids, attention_mask)
@@ -88,6 +107,7 @@ def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
     return torch.cat(parts)[inverse]  # back in input order
 
 
+# Copied from KoSimCSE/model.py:split_pairs
 def split_pairs(embeddings):
     """(u, v) from a (2B, d) batch whose rows [0:B] are first sentences and [B:2B] second ones."""
     batch = embeddings.shape[0] // 2
@@ -116,11 +136,14 @@ def softmax_loss(classifier, embeddings, labels):
     return F.cross_entropy(classifier(u, v).float(), labels)
 
 
+# Copied from KoSimCSE/model.py:cosine_regression_loss
 def cosine_regression_loss(embeddings, scores):
     """SBERT's regression objective (sentence-transformers' CosineSimilarityLoss).
 
-    ``embeddings``: (2B, d) as in softmax_loss; ``scores``: (B,) gold similarities scaled to 0-1
-    (KorSTS score / 5). Returns mean((cos(u_i, v_i) - score_i)^2); DDP as in softmax_loss."""
+    ``embeddings``: (2B, d), the B first sentences then the B second ones (see split_pairs and
+    PairCollator); ``scores``: (B,) gold similarities scaled to 0-1 (KorSTS score / 5). Returns
+    mean((cos(u_i, v_i) - score_i)^2) over the B pairs. Under DDP each rank scores its own pairs; the mean
+    over equal slices makes DDP's gradient average the gradient of the global batch (no scaling)."""
     u, v = split_pairs(embeddings.float())
     return F.mse_loss(F.cosine_similarity(u, v, dim=-1), scores.float())
 
@@ -142,9 +165,10 @@ class PairObjective(nn.Module):
 
 
 class SentenceEncoder(nn.Module):
-    def __init__(self, backbone, pooler="mean", bucket_tokens=0):
+    def __init__(self, backbone, pooler="mean", bucket_tokens=0, mini_batch_size=0):
         super().__init__()
         self.bucket_tokens = bucket_tokens  # > 0: encode in length buckets (encode_in_length_buckets)
+        self.mini_batch_size = mini_batch_size  # > 0: gradient caching over chunks of this many sentences
         if pooler not in POOLERS:
             raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
         if pooler == "pooler" and getattr(backbone, "pooler", None) is None:
@@ -155,20 +179,26 @@ class SentenceEncoder(nn.Module):
             backbone.pooler.requires_grad_(False)  # unused: no gradient, and none for DDP to wait for
 
     @classmethod
-    def from_pretrained(cls, name_or_path, pooler="mean", bucket_tokens=0):
+    def from_pretrained(cls, name_or_path, pooler="mean", **options):
+        """The backbone of ``name_or_path`` in float32; ``options`` go to __init__."""
         backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32)
         if pooler == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
             # transformers builds a pooler for every BertModel and initialises it randomly when the
             # checkpoint has none (e.g. multilingual-e5-small): refuse instead of pooling with noise.
             raise ValueError(f"--pooler pooler: {name_or_path} has no trained pooler weights, so its pooler "
                              f"would be random (use mean or cls_before_pooler)")
-        return cls(backbone, pooler=pooler, bucket_tokens=bucket_tokens)
+        return cls(backbone, pooler=pooler, **options)
 
     @property
     def dim(self):
         return self.backbone.config.hidden_size
 
     def forward(self, input_ids, attention_mask):
+        """(rows, d) sentence embeddings of a right-padded batch; see encode_in_chunks and
+        encode_in_length_buckets for how the rows are grouped (the result does not depend on it)."""
+        return encode_in_chunks(self.encode_padded, input_ids, attention_mask, self.mini_batch_size)
+
+    def encode_padded(self, input_ids, attention_mask):
         return encode_in_length_buckets(self.embed, input_ids, attention_mask, self.bucket_tokens)
 
     def embed(self, input_ids, attention_mask):

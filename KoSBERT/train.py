@@ -38,11 +38,11 @@ from transformers import get_linear_schedule_with_warmup
 from dataloader import BatchPlan, DataError, PairCollator, PairDataset, load_nli_pairs, load_sts_pairs, resolve_path
 from evaluation import load_tokenizer
 from model import POOLERS, PairObjective, SentenceEncoder, SoftmaxClassifier
-from run_utils import (METHOD, DevEvaluator, LossWindow, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
-                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args, interleave,
-                       load_checkpoint, load_or_exit, nonfinite_loss_exit, prepare_output_dir,
-                       read_checkpoint, restore_rng, save_atomically, save_checkpoint, set_seed, setup_distributed,
-                       stage_batches, truncate_log)
+from run_utils import (DevEvaluator, LossWindow, METHOD, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
+                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args,
+                       interleave, load_checkpoint, load_or_exit, model_max_len, nonfinite_loss_exit,
+                       prepare_output_dir, read_checkpoint, restore_rng, save_atomically,
+                       save_checkpoint, set_seed, setup_distributed, stage_batches, truncate_log)
 
 MODES = ("nli", "sts", "nli_sts", "multitask")
 SNLI = "KorNLI/snli_1.0_train.ko.tsv"
@@ -92,8 +92,8 @@ def build_source(name, args, tokenizer, rank, world, log):
 def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): the SentenceEncoder, and PairObjective holding it
     with a new NLI classifier in the stages that train on NLI."""
-    encoder = load_or_exit(lambda p: SentenceEncoder.from_pretrained(p, pooler=args.pooler,
-                                                                     bucket_tokens=args.bucket_tokens), path)
+    encoder = load_or_exit(lambda p: SentenceEncoder.from_pretrained(
+        p, pooler=args.pooler, bucket_tokens=args.bucket_tokens, mini_batch_size=args.mini_batch_size), path)
     classifier = SoftmaxClassifier(encoder.dim, num_labels=3) if stage != "sts" else None
     return encoder, PairObjective(encoder, classifier)
 
@@ -113,7 +113,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(trainable, args.lr, args.weight_decay)
+    optimizer = build_optimizer(trainable, stage.lr or args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     best_dir, checkpoint_dir = os.path.join(args.output_dir, stage.best_dir), os.path.join(args.output_dir, "checkpoint")
     best_score, step = -math.inf, 0
@@ -174,7 +174,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
                                     stage=stage.name)
                 barrier(world)
     if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.eval_max_len), best_dir)
         log(f"warning: no dev score was a number; saved the final model to {best_dir}")
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
         f"model in {best_dir}")
@@ -190,7 +190,7 @@ def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoc
         f"max spearman {metrics['max_spearman']:.2f}")
     if metrics["max_spearman"] > best_score:
         best_score = metrics["max_spearman"]
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.eval_max_len), best_dir)
         log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
     return best_score
 
@@ -215,8 +215,10 @@ def train(args):
     sources = {name: build_source(name, args, tokenizer, rank, world, log)
                for name in dict.fromkeys(n for s in plan for n in s.sources)}
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.max_len, args.eval_batch_size,
-                            args.device, amp_dtype) if rank == 0 else None
+    args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
+    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
+                            args.device, amp_dtype, args.dev_protocol, args.batch_size, args.seed, log) \
+        if rank == 0 else None
     if rank == 0 and state is not None:
         truncate_log(log_path, [s.name for s in plan], state["stage"], state["step"])
     elif rank == 0:
@@ -254,6 +256,9 @@ def parse_args(argv=None):
     p.add_argument("--train_file", nargs="+", default=None,
                    help="the training file(s) of --mode nli (as --nli_file) or --mode sts (one file, as --sts_file)")
     p.add_argument("--pooler", choices=POOLERS, default="mean", help="sentence vector")
+    p.add_argument("--mini_batch_size", type=int, default=0,
+                   help="gradient caching: encode each batch in chunks of N sentences whose activations are recomputed "
+                        "in backward (same loss and gradients; activation memory of N sentences); 0 = off")
     p.add_argument("--nli_epochs", type=int, default=1, help="epochs of --mode nli and of the nli_sts NLI stage")
     p.add_argument("--sts_epochs", type=int, default=4, help="epochs of --mode sts and of the nli_sts STS stage")
     add_run_args(p, batch_size=32, lr=2e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0, max_len=128,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel
 
 T5_FAMILY = ("t5", "mt5", "umt5")
@@ -85,13 +86,31 @@ def length_buckets(lengths, min_tokens):
     return groups[::-1]
 
 
+# Copied from KoSimCSE/model.py:encode_in_chunks
+def encode_in_chunks(encode, input_ids, attention_mask, chunk_rows):
+    """Gradient caching (GradCache; sentence-transformers' CachedMultipleNegativesRankingLoss) with
+    activation checkpointing: ``encode(input_ids, attention_mask) -> (rows, d)`` runs on chunks of
+    ``chunk_rows`` rows, each under ``torch.utils.checkpoint``, so the forward keeps the (rows, d)
+    embeddings of the whole batch but no chunk's activations. The caller computes the loss over the whole
+    batch; backward then re-runs each chunk's forward with the RNG state it had the first time (the same
+    dropout masks) and backpropagates that chunk's embedding gradients through it, one chunk at a time.
+    Loss and gradients equal the uncached ones; activation memory is one chunk's, whatever the batch.
+    chunk_rows <= 0, a batch that fits in one chunk, or no gradient being recorded: one plain call."""
+    if chunk_rows <= 0 or len(input_ids) <= chunk_rows or not torch.is_grad_enabled():
+        return encode(input_ids, attention_mask)
+    return torch.cat([checkpoint(encode, input_ids[i:i + chunk_rows], attention_mask[i:i + chunk_rows],
+                                 use_reentrant=False)
+                      for i in range(0, len(input_ids), chunk_rows)])
+
+
 # Copied from KoSimCSE/model.py:encode_in_length_buckets
 def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
     """``embed(input_ids, attention_mask) -> (rows, d)`` over a right-padded batch, run per length
     bucket (see length_buckets) with the padding columns each bucket does not need cut off, then put
     back in row order. The result equals one pass over the whole batch (padding is masked out), but
-    the encoder runs on far fewer padding tokens: a (3B, L) SimCSE batch is padded to the longest of
-    all 3B sentences, which is about half padding on KorNLI. All in one call, so DDP sees one forward."""
+    the encoder runs on far fewer padding tokens: a batch of sentences of mixed lengths, padded to its
+    longest, is mostly padding (62% for SimCSE's (3B, L) KorNLI batches). All in one call, so DDP sees one
+    forward."""
     groups = length_buckets(attention_mask.sum(1).cpu(), min_tokens)
     if len(groups) == 1:
         return embed(input_ids, attention_mask)
@@ -119,18 +138,25 @@ def load_encoder(name_or_path, arch):
 
 
 class SentenceT5(nn.Module):
-    def __init__(self, backbone, st5_head=False, bucket_tokens=0):
+    def __init__(self, backbone, st5_head=False, bucket_tokens=0, mini_batch_size=0):
         super().__init__()
         self.backbone = backbone
         self.bucket_tokens = bucket_tokens  # > 0: encode in length buckets (encode_in_length_buckets)
+        self.mini_batch_size = mini_batch_size  # > 0: gradient caching over chunks of this many sentences
         dim = backbone.config.d_model
         self.head = nn.Linear(dim, dim, bias=False) if st5_head else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path, arch="t5", st5_head=False, bucket_tokens=0):
-        return cls(load_encoder(name_or_path, arch), st5_head=st5_head, bucket_tokens=bucket_tokens)
+    def from_pretrained(cls, name_or_path, arch="t5", **options):
+        """The backbone of ``name_or_path`` for ``arch`` (see load_encoder); ``options`` go to __init__."""
+        return cls(load_encoder(name_or_path, arch), **options)
 
     def forward(self, input_ids, attention_mask):
+        """(rows, d) sentence embeddings of a right-padded batch; see encode_in_chunks and
+        encode_in_length_buckets for how the rows are grouped (the result does not depend on it)."""
+        return encode_in_chunks(self.encode_padded, input_ids, attention_mask, self.mini_batch_size)
+
+    def encode_padded(self, input_ids, attention_mask):
         return encode_in_length_buckets(self.embed, input_ids, attention_mask, self.bucket_tokens)
 
     def embed(self, input_ids, attention_mask):
@@ -146,6 +172,25 @@ class SentenceT5(nn.Module):
         tokenizer.save_pretrained(out_dir)
         write_sentence_transformers_config(out_dir, self.backbone.config.d_model, "mean", max_len, dense=self.head,
                                            dense_activation="identity", normalize=self.head is not None)
+
+
+# Copied from KoSimCSE/model.py:split_pairs
+def split_pairs(embeddings):
+    """(u, v) from a (2B, d) batch whose rows [0:B] are first sentences and [B:2B] second ones."""
+    batch = embeddings.shape[0] // 2
+    return embeddings[:batch], embeddings[batch:]
+
+
+# Copied from KoSimCSE/model.py:cosine_regression_loss
+def cosine_regression_loss(embeddings, scores):
+    """SBERT's regression objective (sentence-transformers' CosineSimilarityLoss).
+
+    ``embeddings``: (2B, d), the B first sentences then the B second ones (see split_pairs and
+    PairCollator); ``scores``: (B,) gold similarities scaled to 0-1 (KorSTS score / 5). Returns
+    mean((cos(u_i, v_i) - score_i)^2) over the B pairs. Under DDP each rank scores its own pairs; the mean
+    over equal slices makes DDP's gradient average the gradient of the global batch (no scaling)."""
+    u, v = split_pairs(embeddings.float())
+    return F.mse_loss(F.cosine_similarity(u, v, dim=-1), scores.float())
 
 
 # Copied from KoSimCSE/model.py:gather_columns

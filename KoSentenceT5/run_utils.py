@@ -19,15 +19,15 @@ import torch
 import torch.distributed as dist
 
 from dataloader import TokenizedTexts, read_sts, resolve_path
-from evaluation import DEFAULT_DATA_DIR, encode_tokenized, sts_metrics
+from evaluation import DEFAULT_DATA_DIR, bmk_metrics, encode_tokenized, sts_metrics
 
 RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
 METHOD = os.path.basename(os.path.dirname(os.path.abspath(__file__)))  # the method folder's name
 
 # One stage of a run: its name, the names of its training sources (see the folder's build_source), its
-# epochs, the folder under --output_dir its best model goes to, and the folder of an earlier stage's best
-# model it starts from (None: --model).
-Stage = collections.namedtuple("Stage", "name sources epochs best_dir start_from")
+# epochs, the folder under --output_dir its best model goes to, the folder of an earlier stage's best
+# model it starts from (None: --model), and its learning rate (None: --lr).
+Stage = collections.namedtuple("Stage", "name sources epochs best_dir start_from lr", defaults=(None,))
 
 
 # --- flags and presets ------------------------------------------------------------------------------
@@ -92,6 +92,9 @@ def add_run_args(p, **defaults):
     p.add_argument("--save_steps", type=int, default=None,
                    help="write output_dir/checkpoint (for --resume) every N steps and whenever it evaluates "
                         "(default: --eval_steps)")
+    p.add_argument("--dev_protocol", choices=("standard", "bmk"), default="standard",
+                   help="checkpoint selection by the max of the 4 dev Spearman values over the whole set "
+                        "(standard), or its mean over shuffled dev batches of --batch_size pairs (bmk, as BM-K)")
     p.add_argument("--eval_batch_size", type=int, default=128, help="sentences per batch at evaluation")
     p.add_argument("--logging_steps", type=int, default=10, help="log the mean losses of every N steps")
     p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of each training set")
@@ -357,14 +360,33 @@ class LossWindow:
         return means
 
 
-class DevEvaluator:
-    """The 8 metrics of the live model on one STS set (--dev_file), tokenised once."""
+def model_max_len(tokenizer, model):
+    """The longest input ``model`` takes (its position table, its tokenizer's limit, else 512): evaluation
+    and saved models use it, so that no benchmark sentence is cut because training used a short --max_len."""
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    limits = [tokenizer.model_max_length] if 0 < tokenizer.model_max_length < 100_000 else []
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:  # RoBERTa-style position ids start after the padding index
+        offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        limits.append(positions - offset)
+    return min(limits) if limits else 512
 
-    def __init__(self, dev_file, data_dir, tokenizer, max_len, batch_size, device, amp_dtype):
-        self.pairs = read_sts(resolve_path(dev_file, data_dir))
+
+class DevEvaluator:
+    """The 8 metrics of the live model on one STS set (--dev_file), tokenised once and never truncated
+    below the model's own limit; ``protocol`` "bmk" averages them over shuffled batches of ``bmk_batch``
+    pairs (BM-K's selection score), "standard" computes them over the whole set."""
+
+    def __init__(self, dev_file, data_dir, tokenizer, max_len, batch_size, device, amp_dtype, protocol="standard",
+                 bmk_batch=256, seed=42, log=print):
+        path = resolve_path(dev_file, data_dir)
+        self.pairs = read_sts(path)
         self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], max_len)
+        log(f"{path}: {len(self.pairs):,} dev pairs, {self.tokenized.num_truncated} of {len(self.tokenized):,} "
+            f"sentences truncated at {max_len} tokens")
         self.gold = np.array([p[2] for p in self.pairs])
         self.pad_id, self.batch_size, self.device, self.amp_dtype = tokenizer.pad_token_id, batch_size, device, amp_dtype
+        self.protocol, self.bmk_batch, self.seed = protocol, bmk_batch, seed
 
     def __call__(self, model):
         model.eval()
@@ -372,6 +394,8 @@ class DevEvaluator:
                                amp_dtype=self.amp_dtype)
         model.train()
         n = len(self.pairs)
+        if self.protocol == "bmk":
+            return bmk_metrics(emb[:n], emb[n:], self.gold, self.bmk_batch, self.seed)
         return sts_metrics(emb[:n], emb[n:], self.gold)
 
 

@@ -27,17 +27,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dataloader import BatchPlan, ColumnCollator, DataError, build_contrastive_dataset, resolve_path
+from dataloader import (BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, build_contrastive_dataset,
+                        load_sts_pairs, resolve_path)
 from evaluation import load_tokenizer
-from model import ARCHS, SentenceT5, contrastive_loss, gather_columns
-from run_utils import (METHOD, DevEvaluator, LossWindow, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
-                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args, interleave,
-                       load_checkpoint, load_or_exit, nonfinite_loss_exit, parse_with_mode_preset, prepare_output_dir,
-                       read_checkpoint, restore_rng, save_atomically, save_checkpoint, set_seed, setup_distributed,
-                       stage_batches, truncate_log)
+from model import ARCHS, SentenceT5, contrastive_loss, cosine_regression_loss, gather_columns
+from run_utils import (DevEvaluator, LossWindow, METHOD, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
+                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args,
+                       interleave, load_checkpoint, load_or_exit, model_max_len, nonfinite_loss_exit,
+                       parse_with_mode_preset, prepare_output_dir, read_checkpoint, restore_rng, save_atomically,
+                       save_checkpoint, set_seed, setup_distributed, stage_batches, truncate_log)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args"}
+MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
 # Copied from KoSimCSE/train.py:COLUMNS
 COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, hard negative) / (s, s)
 
@@ -48,9 +49,14 @@ COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, ha
 def training_step(model, source, batch, args, world):
     """One batch of ``source`` -> (loss to backpropagate, {name: value to log}).
 
-    The batch holds every column of B examples in one (k*B, L) tensor, column after column (see
-    ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence twice;
-    the two dropout masks make the two views). All k*B sentences go through the encoder in one call."""
+    sup / unsup: the batch holds every column of B examples in one (k*B, L) tensor, column after column
+    (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
+    twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
+    sts (multitask, sup_sts): B KorSTS pairs as a (2B, L) tensor plus ``labels`` = score / 5 (PairCollator),
+    for SBERT's cosine regression."""
+    if source == "sts":
+        loss = cosine_regression_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        return loss, {"loss": loss}  # a mean over the local pairs: DDP's average is the global gradient
     k = COLUMNS[source]
     embeddings = gather_columns(model(**batch), k)  # under DDP: the global batch, only local rows differentiable
     loss = contrastive_loss(embeddings, k, args.temperature)
@@ -59,14 +65,28 @@ def training_step(model, source, batch, args, world):
 
 # Copied from KoSimCSE/train.py:stages
 def stages(args):
-    """The stages of a run (see run_utils.Stage): one here."""
+    """The stages of a run (see run_utils.Stage). multitask: one stage that interleaves NLI triplet batches
+    (contrastive) and KorSTS pair batches (cosine regression) by proportional round-robin, so that each
+    epoch uses every batch of both once and the STS batches are spread evenly through the NLI ones, under
+    one optimizer and schedule. sup_sts: supervised SimCSE, then STS regression from its best checkpoint."""
+    if args.mode == "multitask":
+        return [Stage("multitask", ("sup", "sts"), args.epochs, "best_model", None)]
+    if args.mode == "sup_sts":
+        return [Stage("sup", ("sup",), args.epochs, "sup_model", None),
+                Stage("sts", ("sts",), args.sts_epochs, "best_model", "sup_model", lr=args.sts_lr)]
     return [Stage(args.mode, (args.mode,), args.epochs, "best_model", None)]
 
 
 # Copied from KoSimCSE/train.py:build_source
 def build_source(name, args, tokenizer, rank, world, log):
-    """sup: NLI triplets; unsup: wiki sentences, twice each (see build_contrastive_dataset). Full batches
-    only: every anchor needs its B - 1 in-batch negatives."""
+    """sup: NLI triplets; unsup: wiki sentences, twice each (see build_contrastive_dataset) -- full batches
+    only, as every anchor needs its B - 1 in-batch negatives. sts: KorSTS pairs (--sts_file) in batches of
+    --sts_batch_size, the last partial one kept in a single process."""
+    if name == "sts":
+        pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir), log=log)
+        dataset = PairDataset(tokenizer, pairs, args.max_len, desc="tokenize sts pairs")
+        plan = BatchPlan(len(dataset), args.sts_batch_size, args.seed, rank, world, drop_last=False)
+        return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.float))
     dataset = build_contrastive_dataset(name, [resolve_path(p, args.data_dir) for p in args.train_file], tokenizer,
                                         args.max_len, args.max_train_samples, args.seed, log=log)
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
@@ -76,7 +96,8 @@ def build_source(name, args, tokenizer, rank, world, log):
 def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): here both are the SentenceT5."""
     encoder = load_or_exit(lambda p: SentenceT5.from_pretrained(p, arch=args.arch, st5_head=args.st5_head,
-                                                                bucket_tokens=args.bucket_tokens), path)
+                                                                bucket_tokens=args.bucket_tokens,
+                                                                mini_batch_size=args.mini_batch_size), path)
     return encoder, encoder
 
 
@@ -95,7 +116,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(trainable, args.lr, args.weight_decay)
+    optimizer = build_optimizer(trainable, stage.lr or args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     best_dir, checkpoint_dir = os.path.join(args.output_dir, stage.best_dir), os.path.join(args.output_dir, "checkpoint")
     best_score, step = -math.inf, 0
@@ -156,7 +177,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
                                     stage=stage.name)
                 barrier(world)
     if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.eval_max_len), best_dir)
         log(f"warning: no dev score was a number; saved the final model to {best_dir}")
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
         f"model in {best_dir}")
@@ -172,7 +193,7 @@ def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoc
         f"max spearman {metrics['max_spearman']:.2f}")
     if metrics["max_spearman"] > best_score:
         best_score = metrics["max_spearman"]
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.eval_max_len), best_dir)
         log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
     return best_score
 
@@ -197,8 +218,10 @@ def train(args):
     sources = {name: build_source(name, args, tokenizer, rank, world, log)
                for name in dict.fromkeys(n for s in plan for n in s.sources)}
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.max_len, args.eval_batch_size,
-                            args.device, amp_dtype) if rank == 0 else None
+    args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
+    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
+                            args.device, amp_dtype, args.dev_protocol, args.batch_size, args.seed, log) \
+        if rank == 0 else None
     if rank == 0 and state is not None:
         truncate_log(log_path, [s.name for s in plan], state["stage"], state["step"])
     elif rank == 0:
@@ -234,11 +257,19 @@ def parse_args(argv=None):
     p.add_argument("--st5_head", action="store_true",
                    help="Sentence-T5 projection after mean pooling: Dense d->d without bias, then L2 normalisation")
     p.add_argument("--mode", choices=tuple(MODE_PRESETS), default="sup",
-                   help="sup or unsup SimCSE; the run starts from the flags of presets/<mode>.args")
+                   help="sup / unsup SimCSE, multitask (sup + STS regression, joint) or sup_sts (sup, then STS "
+                        "regression); the run starts from the flags of presets/<mode>.args")
     p.add_argument("--train_file", nargs="+", default=None,
                    help="sup: NLI files (KorNLI TSV or KLUE-NLI JSON); unsup: sentence-per-line files. Relative "
                         "paths are tried as given, then under --data_dir")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
+    p.add_argument("--mini_batch_size", type=int, default=0,
+                   help="gradient caching: encode each batch in chunks of N sentences whose activations are recomputed "
+                        "in backward (same loss and gradients; activation memory of N sentences); 0 = off")
+    p.add_argument("--sts_file", default="korsts-train", help="multitask, sup_sts: the STS regression data")
+    p.add_argument("--sts_batch_size", type=int, default=8, help="multitask, sup_sts: STS pairs per batch")
+    p.add_argument("--sts_epochs", type=int, default=4, help="sup_sts: epochs of the STS stage")
+    p.add_argument("--sts_lr", type=float, default=2e-5, help="sup_sts: learning rate of the STS stage")
     add_run_args(p)
     args = parse_with_mode_preset(p, argv, os.path.join(HERE, "presets"), MODE_PRESETS)
     return finish_args(p, args, f"kosentencet5-{args.mode}")

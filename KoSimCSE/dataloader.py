@@ -1,4 +1,4 @@
-"""Readers for the Korean STS/NLI/wiki files and the tokenised datasets KoSimCSE trains on.
+"""Readers for the Korean STS/NLI/wiki files and the tokenised training sets built from them.
 
 Formats (see data/README.md):
   * KorNLU TSVs (KorSTS ``sts-*.tsv``, KorNLI ``*.ko.tsv``): tab-separated with a header row and
@@ -308,6 +308,41 @@ class ColumnCollator:
 
     def __call__(self, batch):
         return pad_batch([seq for column in zip(*batch) for seq in column], self.pad_id)
+
+
+def load_sts_pairs(path, log=print):
+    """(sentence1, sentence2, score / 5) rows: the regression target is a similarity in 0-1."""
+    pairs = [(s1, s2, score / 5.0) for s1, s2, score in read_sts(path)]
+    log(f"{path}: {len(pairs):,} STS pairs")
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Sentence pairs tokenised once: item i is (ids of sentence1, ids of sentence2, target)."""
+
+    def __init__(self, tokenizer, pairs, max_len, desc="tokenize pairs"):
+        self.tokenized = TokenizedTexts(tokenizer, [s for a, b, _ in pairs for s in (a, b)], max_len, desc=desc)
+        self.targets = [target for _, _, target in pairs]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.tokenized[2 * i], self.tokenized[2 * i + 1], self.targets[i]
+
+
+class PairCollator:
+    """B pairs -> one (2B, L) batch (rows [0:B] the first sentences, [B:2B] the second ones), padded
+    dynamically, plus ``labels``: class ids (long) for NLI or 0-1 similarities (float) for STS."""
+
+    def __init__(self, pad_id, label_dtype):
+        self.pad_id, self.label_dtype = pad_id, label_dtype
+
+    def __call__(self, batch):
+        firsts, seconds, targets = zip(*batch)
+        out = pad_batch(list(firsts) + list(seconds), self.pad_id)
+        out["labels"] = torch.tensor(targets, dtype=self.label_dtype)
+        return out
 
 
 def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None, seed=42, log=print):

@@ -265,3 +265,8 @@ def shared_data():
 @pytest.fixture(scope="session")
 def kosimcse():
     return load_method("KoSimCSE")
+
+
+@pytest.fixture(scope="session")
+def kosentencet5():
+    return load_method("KoSentenceT5")

@@ -141,11 +141,12 @@ def check(root=ROOT, fix=False, full_copies=None):
     """List of problems (empty when every copy matches its origin); with fix=True, rewrite copies."""
     full_copies = FULL_COPIES if full_copies is None else full_copies
     problems = _check_full_copies(root, fix, full_copies)
-    whole = {os.path.join(root, c) for c in full_copies}
-    for path, mark_line, origin, name in find_copies(root):
+    whole, marked = {os.path.join(root, c) for c in full_copies}, []
+    # Bottom-up, so that rewriting one copy does not shift the lines of the markers above it.
+    for path, mark_line, origin, name in reversed(find_copies(root)):
         if path not in whole:  # a whole-file copy is checked as a whole (its markers came with its origin)
-            problems += _check_marked(path, mark_line, origin, name, root, fix)
-    return problems
+            marked = _check_marked(path, mark_line, origin, name, root, fix) + marked
+    return problems + marked
 
 
 def main():
