@@ -31,11 +31,11 @@ from dataloader import (BatchPlan, ColumnCollator, DataError, PairCollator, Pair
                         load_sts_pairs, resolve_path)
 from evaluation import load_tokenizer
 from model import POOLERS, SentenceEncoder, contrastive_loss, cosine_regression_loss, gather_columns
-from run_utils import (DevEvaluator, LossWindow, METHOD, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
-                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args,
+from run_utils import (DevEvaluator, LossWindow, METHOD, PresetParser, RunLock, RunLog, Source, Stage, add_run_args,
+                       barrier, best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args,
                        interleave, load_checkpoint, load_or_exit, model_max_len, nonfinite_loss_exit,
                        parse_with_mode_preset, prepare_output_dir, read_checkpoint, restore_rng, save_atomically,
-                       save_checkpoint, set_seed, setup_distributed, stage_batches, truncate_log)
+                       save_checkpoint, save_model, set_seed, setup_distributed, stage_batches, truncate_log)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
@@ -172,7 +172,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
                                     stage=stage.name)
                 barrier(world)
     if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.eval_max_len), best_dir)
+        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, None), best_dir)
         log(f"warning: no dev score was a number; saved the final model to {best_dir}")
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
         f"model in {best_dir}")
@@ -187,15 +187,26 @@ def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoc
         f"max spearman {metrics['max_spearman']:.2f}")
     if metrics["max_spearman"] > best_score:
         best_score = metrics["max_spearman"]
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.eval_max_len), best_dir)
+        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, metrics), best_dir)
         log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
     return best_score
 
 
 def train(args):
-    """Run every stage of ``stages(args)``. Everything that can fail on bad input (model, tokenizer, data)
-    is loaded before the output folder is touched, so a failed start costs an earlier run nothing."""
+    """Run every stage of ``stages(args)`` (see run_stages) holding the output folder's lock."""
     rank, world = setup_distributed(args)
+    lock = RunLock(args.output_dir) if rank == 0 else None  # one live run per output folder
+    try:
+        return run_stages(args, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_stages(args, rank, world):
+    """Load, then train stage after stage; a resumed run restarts in the stage and at the step of its
+    checkpoint. Everything that can fail on bad input (model, tokenizer, data) is loaded before the output
+    folder is touched, so a failed start costs an earlier run nothing."""
     plan = stages(args)
     state = read_checkpoint(args.output_dir) if args.resume else None
     if state is None:

@@ -1,0 +1,138 @@
+"""Faults beyond a clean kill: a full disk during a save, a truncated checkpoint, two runs on one output
+folder, and a kill at any point of a save. One test per fault, all through KoSimCSE's train.py (the
+plumbing is run_utils.py, a checked whole-file copy in every method folder)."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+TRAIN = os.path.join(ROOT, "KoSimCSE", "train.py")
+
+
+def cli(tiny_bert, data, out, *extra):
+    return ["--model", tiny_bert, "--data_dir", data, "--mode", "unsup", "--output_dir", out, "--batch_size", "8",
+            "--max_len", "24", "--max_steps", "6", "--eval_steps", "2", "--logging_steps", "1", "--device", "cpu",
+            *extra]
+
+
+def dev_scores(out):
+    return [e["dev"]["avg"] for e in map(json.loads, open(os.path.join(out, "train_log.jsonl"))) if "dev" in e]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("whole") / "run")
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, out))
+    return dev_scores(out)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "best_model"])
+def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, synthetic_data, tmp_path,
+                                                        monkeypatch, uninterrupted, what):
+    out = str(tmp_path / "run")
+    calls = []
+    if what == "checkpoint":
+        real = torch.save
+
+        def save(obj, path, *a, **k):  # the second checkpoint finds the disk full
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(obj, path, *a, **k)
+        monkeypatch.setattr(kosimcse.run_utils.torch, "save", save)
+    else:
+        real = kosimcse.train.save_model
+
+        def save(encoder, folder, *a):  # writes half the folder, then the disk is full
+            calls.append(folder)
+            if len(calls) == 2:
+                os.makedirs(folder)
+                open(os.path.join(folder, "model.safetensors"), "wb").write(b"\0" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(encoder, folder, *a)
+        monkeypatch.setattr(kosimcse.train, "save_model", save)
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--temperature", "0.05"))
+    message = str(e.value)
+    assert message.startswith(f"error: could not write {os.path.join(out, what)}: No space left on device; "
+                              f"the previous {what} is intact") and "\n" not in message
+    assert not os.path.exists(os.path.join(out, what + ".tmp"))
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    assert state["step"] == 2  # the checkpoint before the failure, whole
+    assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
+    monkeypatch.undo()
+    kosimcse.train.main(["--resume", out])  # after "freeing space" the run continues
+    assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_checkpoint_is_a_clear_error_on_resume(kosimcse, tiny_bert, synthetic_data, tmp_path, damage):
+    out = str(tmp_path / "run")
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, out))
+    path = os.path.join(out, "checkpoint", "state.pt")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 10)
+    with pytest.raises(SystemExit, match=rf"^error: {path} is truncated or corrupt \(.*\); it cannot be resumed"):
+        kosimcse.train.main(["--resume", out])
+
+
+def test_a_second_run_on_a_live_output_folder_is_refused(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, TRAIN, *cli(tiny_bert, synthetic_data, out, "--max_steps", "100000",
+                                                          "--eval_steps", "50000")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock, deadline = os.path.join(out, ".lock"), time.time() + 120
+        while time.time() < deadline and not (os.path.exists(lock) and open(lock).read() == str(proc.pid)
+                                               and os.path.exists(os.path.join(out, "train_log.jsonl"))):
+            time.sleep(0.05)
+        with pytest.raises(SystemExit, match=rf"{out} is in use by a running training \(pid {proc.pid}\)"):
+            kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--overwrite_output_dir"))
+        with pytest.raises(SystemExit, match="is in use by a running training"):
+            kosimcse.train.main(["--resume", out])
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the kernel dropped the dead run's lock: the folder can be taken again (and the lock is released on exit)
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--overwrite_output_dir"))
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--overwrite_output_dir", "--max_steps", "2"))
+
+
+@pytest.mark.parametrize("point", ["while_writing", "after_first_rename", "after_second_rename"])
+def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(kosimcse, tiny_bert, synthetic_data, tmp_path,
+                                                              monkeypatch, uninterrupted, point):
+    """The second checkpoint save is killed: while state.pt is written, between checkpoint -> checkpoint.old
+    and checkpoint.tmp -> checkpoint, or before checkpoint.old is removed. --resume then continues from a
+    whole checkpoint, and the run ends exactly as an uninterrupted one."""
+    out = str(tmp_path / "run")
+    real_replace, real_save = os.replace, torch.save
+    final = os.path.join(out, "checkpoint")
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if point == "after_first_rename" and dst == final + ".old":
+            raise KeyboardInterrupt
+        if point == "after_second_rename" and dst == final and os.path.isdir(final + ".old"):
+            raise KeyboardInterrupt
+
+    def save(obj, path, *a, **k):
+        if point == "while_writing" and os.path.isdir(final):
+            open(path, "wb").write(b"PK\x03\x04 half a file")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        kosimcse.train.main(cli(tiny_bert, synthetic_data, out))
+    monkeypatch.undo()
+    assert not os.path.isdir(final) or not os.path.isdir(final + ".tmp") or point == "while_writing"
+    kosimcse.train.main(["--resume", out])
+    assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint"]
