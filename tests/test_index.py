@@ -1,0 +1,208 @@
+"""KoSimCSE --task index / --task search --index_dir: exact search equals streaming search, a killed
+build resumes byte-identical, mismatched models are refused, float16, hnsw/ivf, bad input."""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, topic_sentence
+
+CHUNK = 64  # several chunks over the ~300-sentence corpus
+QUERIES = ["사과 바나나 포도 과일.", "기차 역 승객 표 출발.", "고양이 강아지 산책 함께.", "비 우산 구름 날씨."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one torch thread is faster, and immune to a busy second core."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ev(kosimcse):
+    return kosimcse.evaluation
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~300 distinct sentences (no exact score ties), with blank lines that the index must skip."""
+    rng = random.Random(7)
+    sentences = list(dict.fromkeys(topic_sentence(rng, rng.randrange(8), rng.randint(2, 5)) for _ in range(400)))
+    assert len(sentences) > 250
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    lines = sentences[:100] + ["", "   "] + sentences[100:]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path), sentences
+
+
+def build(ev, model, corpus_file, index_dir, *flags, pooler="mean"):
+    ev.main(["--model_dir", model, "--pooler", pooler, "--task", "index", "--corpus_file", corpus_file,
+             "--index_dir", str(index_dir), "--chunk_size", str(CHUNK), "--max_len", "32", "--batch_size", "16",
+             *flags])
+    return str(index_dir)
+
+
+@pytest.fixture(scope="module")
+def flat_index(ev, tiny_bert, corpus, tmp_path_factory):
+    return build(ev, tiny_bert, corpus[0], tmp_path_factory.mktemp("idx") / "flat")
+
+
+@pytest.fixture(scope="module")
+def encoder(ev, tiny_bert):
+    return ev.FolderEncoder(tiny_bert, pooler="mean").eval()
+
+
+def search(ev, encoder, index_dir, top_k=5, **kw):
+    index = ev.load_index(index_dir, **kw)
+    return ev.index_search(encoder, encoder.tokenizer, QUERIES, index, top_k=top_k, max_len=32, batch_size=16)
+
+
+def test_exact_index_search_equals_streaming_search(ev, encoder, corpus, flat_index, tiny_bert, capsys):
+    corpus_file, sentences = corpus
+    queries = QUERIES + [sentences[150]]
+    streamed = ev.semantic_search(encoder, encoder.tokenizer, queries, corpus_file, top_k=5, chunk_size=CHUNK,
+                                  max_len=32, batch_size=16)
+    index = ev.load_index(flat_index)
+    indexed = ev.index_search(encoder, encoder.tokenizer, queries, index, top_k=5, max_len=32, batch_size=16)
+    assert [[i for _, i, _ in row] for row in indexed] == [[i for _, i, _ in row] for row in streamed]
+    np.testing.assert_allclose([[s for s, _, _ in row] for row in indexed],
+                               [[s for s, _, _ in row] for row in streamed], atol=1e-5)
+    assert [[t for _, _, t in row] for row in indexed] == [[t for _, _, t in row] for row in streamed]
+    assert indexed[-1][0][1] == 150 and indexed[-1][0][2] == sentences[150]  # blank lines skipped
+    meta = index["meta"]
+    assert meta["count"] == len(sentences) and meta["index"]["faiss_class"] == "IndexFlatIP"
+    assert meta["model_dir"] == os.path.abspath(tiny_bert) and meta["pooling"] == "mean" and meta["max_len"] == 32
+    assert index["embeddings"].shape == (len(sentences), 32) and isinstance(index["embeddings"], np.memmap)
+    assert index["offsets"].dtype == np.int64 and not os.path.exists(os.path.join(flat_index, "chunks"))
+    # The CLI prints what the streaming CLI prints.
+    capsys.readouterr()
+    args = ["--model_dir", tiny_bert, "--pooler", "mean", "--task", "search", "--max_len", "32",
+            "--batch_size", "16", "--top_k", "3", "--chunk_size", str(CHUNK), "--queries", *QUERIES]
+    ev.main(args + ["--corpus_file", corpus_file])
+    via_stream = capsys.readouterr().out
+    ev.main(args + ["--index_dir", flat_index])
+    assert capsys.readouterr().out == via_stream
+
+
+def test_killed_build_resumes_byte_identical(ev, tiny_bert, corpus, flat_index, encoder, tmp_path, monkeypatch, capsys):
+    original, calls = ev.encode, []
+
+    def encode_then_die(*args, **kwargs):  # the process "dies" while encoding chunk 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(ev, "encode", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(ev, tiny_bert, corpus[0], tmp_path / "idx")
+    monkeypatch.setattr(ev, "encode", original)
+    with open(tmp_path / "idx" / "chunks" / "progress.json") as f:
+        assert json.load(f)["chunks_done"] == 2
+    assert sorted(os.listdir(tmp_path / "idx" / "chunks")) == ["000000.npy", "000001.npy", "progress.json"]
+    with pytest.raises(ev.DataError, match="not a complete index .*partial build in chunks/"):
+        ev.load_index(str(tmp_path / "idx"))
+    with pytest.raises(ev.DataError, match="a partial build with other settings .*chunk_size 64 \\(now 32\\)"):
+        ev.main(["--model_dir", tiny_bert, "--pooler", "mean", "--task", "index", "--corpus_file", corpus[0],
+                 "--index_dir", str(tmp_path / "idx"), "--chunk_size", "32", "--max_len", "32", "--batch_size", "16"])
+    capsys.readouterr()
+    resumed = build(ev, tiny_bert, corpus[0], tmp_path / "idx")
+    n_chunks = -(-len(corpus[1]) // CHUNK)
+    assert f"resuming after 2 of {n_chunks} chunks ({2 * CHUNK:,} sentences already encoded)" in capsys.readouterr().out
+    for name in ("embeddings.npy", "offsets.npy", "index.faiss"):
+        with open(os.path.join(resumed, name), "rb") as a, open(os.path.join(flat_index, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert search(ev, encoder, resumed) == search(ev, encoder, flat_index)
+    with pytest.raises(ev.DataError, match="already holds a complete index"):
+        build(ev, tiny_bert, corpus[0], tmp_path / "idx")
+
+
+def test_search_refuses_another_model_pooling_max_len_or_prefix(ev, tiny_bert, flat_index, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    other = str(tmp_path / "other")
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.save_pretrained(other)
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+              ).save_pretrained(other)
+    base = ["--task", "search", "--index_dir", flat_index, "--queries", QUERIES[0]]
+    cases = [(["--model_dir", other, "--pooler", "mean", "--max_len", "32"], "another model"),
+             (["--model_dir", tiny_bert, "--pooler", "cls_before_pooler", "--max_len", "32"],
+              "pooling 'mean' \\(now 'cls_before_pooler'\\)"),
+             (["--model_dir", tiny_bert, "--pooler", "mean", "--max_len", "24"], "max_len 32 \\(now 24\\)"),
+             (["--model_dir", tiny_bert, "--pooler", "mean", "--max_len", "32", "--prefix", "query: "],
+              "prefix '' \\(now 'query: '\\)")]
+    for flags, what in cases:
+        with pytest.raises(ev.DataError, match="index_meta.json: index built with " + what) as e:
+            ev.main(flags + base)
+        assert "\n" not in str(e.value)
+    # A copy of the model folder is the same model.
+    import shutil
+    copy = shutil.copytree(tiny_bert, str(tmp_path / "copy"))
+    ev.main(["--model_dir", copy, "--pooler", "mean", "--max_len", "32"] + base)
+
+
+def test_float16_halves_the_embeddings_and_keeps_top1(ev, encoder, tiny_bert, corpus, flat_index, tmp_path):
+    half = build(ev, tiny_bert, corpus[0], tmp_path / "fp16", "--index_dtype", "float16")
+    header = 128  # .npy v1 header of these shapes
+    size32, size16 = (os.path.getsize(os.path.join(d, "embeddings.npy")) for d in (flat_index, half))
+    assert size16 - header == (size32 - header) // 2
+    assert os.path.getsize(os.path.join(half, "index.faiss")) < 0.6 * os.path.getsize(os.path.join(flat_index, "index.faiss"))
+    index = ev.load_index(half)
+    assert index["embeddings"].dtype == np.float16 and index["meta"]["index"]["faiss_class"] == "IndexScalarQuantizer"
+    full, halved = search(ev, encoder, flat_index), search(ev, encoder, half)
+    assert [row[0][1] for row in halved] == [row[0][1] for row in full]
+    np.testing.assert_allclose([row[0][0] for row in halved], [row[0][0] for row in full], atol=2e-3)
+
+
+@pytest.mark.parametrize("kind, flags, faiss_class", [
+    ("hnsw", ["--hnsw_m", "8", "--ef_search", "16"], "IndexHNSWFlat"),
+    ("ivf", ["--nlist", "4", "--nprobe", "2"], "IndexIVFFlat")])
+def test_approximate_indexes_return_k_results(ev, encoder, tiny_bert, corpus, tmp_path, kind, flags, faiss_class):
+    path = build(ev, tiny_bert, corpus[0], tmp_path / kind, "--index_type", kind, *flags)
+    index = ev.load_index(path)
+    info = index["meta"]["index"]
+    assert info["type"] == kind and info["faiss_class"] == faiss_class
+    assert (info["hnsw_m"], info["ef_search"]) == (8, 16) if kind == "hnsw" else (info["nlist"], info["nprobe"]) == (4, 2)
+    for row in search(ev, encoder, path, top_k=10):
+        assert len(row) == 10 and len({i for _, i, _ in row}) == 10
+        assert all(corpus[1][i] == text for _, i, text in row)
+        assert [s for s, _, _ in row] == sorted((s for s, _, _ in row), reverse=True)
+
+
+def test_bad_corpus_or_index_dir_errors(ev, tiny_bert, corpus, tmp_path, monkeypatch):
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_text("\n  \n\n")
+    for path, what in ((tmp_path / "missing.txt", "file not found"), (empty, "file is empty"),
+                       (blank, "has no non-blank lines")):
+        with pytest.raises(ev.DataError, match=f"^{path}: {what}$"):
+            build(ev, tiny_bert, str(path), tmp_path / "idx")
+    assert not os.path.exists(tmp_path / "idx" / "index_meta.json")
+    for index_dir, what in ((tmp_path / "nowhere", "no such index folder"),
+                            (tmp_path, "not a complete index \\(no index_meta.json; build one")):
+        with pytest.raises(ev.DataError, match=f"^{index_dir}: {what}"):
+            ev.load_index(str(index_dir))
+    # The command line: sys.exit("error: <file>: <what>"), which Python prints as that one line (no
+    # traceback) with exit code 1. Run in-process (runpy) to spare the test a second torch import.
+    import runpy
+    missing = str(tmp_path / "missing.txt")
+    script = os.path.join(ROOT, "KoSimCSE", "evaluation.py")
+    saved = {name: sys.modules.pop(name) for name in ("dataloader",) if name in sys.modules}
+    monkeypatch.setattr(sys, "argv", [script, "--model_dir", tiny_bert, "--pooler", "mean", "--task", "index",
+                                      "--corpus_file", missing, "--index_dir", str(tmp_path / "idx")])
+    monkeypatch.syspath_prepend(os.path.dirname(script))
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.modules.pop("dataloader", None)
+        sys.modules.update(saved)
+    assert e.value.code == f"error: {missing}: file not found"
