@@ -86,11 +86,11 @@ def build_source(name, args, tokenizer, rank, world, log):
         pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir), log=log)
         dataset = PairDataset(tokenizer, pairs, args.max_len, desc="tokenize sts pairs")
         plan = BatchPlan(len(dataset), args.sts_batch_size, args.seed, rank, world, drop_last=False)
-        return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.float))
+        return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.float), [args.sts_file])
     dataset = build_contrastive_dataset(name, [resolve_path(p, args.data_dir) for p in args.train_file], tokenizer,
                                         args.max_len, args.max_train_samples, args.seed, log=log)
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
-                  ColumnCollator(tokenizer.pad_token_id))
+                  ColumnCollator(tokenizer.pad_token_id), args.train_file)
 
 
 def load_model(args, path, stage):
@@ -135,6 +135,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
         + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
         + f", {total_steps:,} steps ({len(schedule):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
 
+    files = [f for s in sources for f in s.files]  # for the model card
     window, start = LossWindow(), time.time()
     trainable.train()
     batches = stage_batches(sources, schedule, step, total_steps, args.num_workers, device_type == "cuda")
@@ -169,7 +170,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
             if evaluate_now:
                 if main_process:
                     best_score = evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch,
-                                                   best_score, best_dir)
+                                                   best_score, best_dir, files)
                 barrier(world)
             if save_now:
                 if main_process:
@@ -177,7 +178,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
                                     stage=stage.name)
                 barrier(world)
     if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
-        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, None), best_dir)
+        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, None, files), best_dir)
         log(f"warning: no dev score was a number; saved the final model to {best_dir}")
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
         f"model in {best_dir}")
@@ -185,7 +186,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
 
 
 # Copied from KoSimCSE/train.py:evaluate_and_save
-def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir):
+def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir, files):
     """Dev metrics of ``encoder``, logged; the model is saved when its max Spearman beats ``best_score``."""
     metrics = evaluate(encoder)
     log.record({"stage": stage.name, "step": step, "epoch": epoch, "dev": metrics})
@@ -193,7 +194,7 @@ def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoc
         f"max spearman {metrics['max_spearman']:.2f}")
     if metrics["max_spearman"] > best_score:
         best_score = metrics["max_spearman"]
-        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, metrics), best_dir)
+        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, metrics, files), best_dir)
         log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
     return best_score
 
