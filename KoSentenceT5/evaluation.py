@@ -118,9 +118,9 @@ def load_backbone(path):
 class FolderEncoder(nn.Module):
     """Embeddings of a saved model folder, computed as sentence-transformers computes them."""
 
-    def __init__(self, path, pooler=None):
+    def __init__(self, path, pooling=None):
         super().__init__()
-        transformer_dir, self.pooling, self.normalize = path, pooler, False
+        transformer_dir, self.pooling, self.normalize = path, pooling, False
         self.heads = nn.ModuleList()
         modules_file = os.path.join(path, "modules.json")
         if os.path.isfile(modules_file):
@@ -138,9 +138,9 @@ class FolderEncoder(nn.Module):
                     self.normalize = True
                 else:
                     raise ValueError(f"{modules_file}: module type {module['type']} is not supported")
-        elif pooler is None:
-            raise ValueError(f"{path} has no modules.json, so its pooling is unknown: pass --pooler "
-                             f"(cls_before_pooler for [CLS], mean for mean pooling, pooler for pooler_output)")
+        elif pooling is None:
+            raise ValueError(f"{path} has no modules.json, so its pooling is unknown: pass --pooling "
+                             f"(cls for [CLS], mean for mean pooling, pooler for pooler_output)")
         try:
             self.tokenizer = load_tokenizer(transformer_dir)
         except (OSError, ValueError) as e:
@@ -174,7 +174,7 @@ def _pooling_mode(config_file):
                                        "mean" if cfg.get("pooling_mode_mean_tokens") else None)
     if mode not in ("cls", "mean"):
         raise ValueError(f"{config_file}: pooling {cfg} is not supported (cls or mean)")
-    return "mean" if mode == "mean" else "cls_before_pooler"
+    return mode
 
 
 def _load_dense(folder):
@@ -806,8 +806,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="shuffle seed of the bmk protocol; KMeans seed")
     p.add_argument("--max_len", type=int, default=None,
                    help="max tokens per sentence (default: max_seq_length of the folder, else 512)")
-    p.add_argument("--pooler", choices=("cls_before_pooler", "cls", "mean", "pooler"), default=None,
-                   help="pooling for a folder without modules.json (cls = cls_before_pooler here: no MLP)")
+    p.add_argument("--pooling", choices=("cls", "mean", "pooler"), default=None,
+                   help="pooling of a folder without modules.json, in sentence-transformers' names: cls = the raw "
+                        "[CLS] vector (train.py's cls_before_pooler), mean, pooler = the checkpoint's pooler_output")
     p.add_argument("--prefix", default="", help="text put before every sentence (e.g. 'query: ' for e5 models)")
     p.add_argument("--output_json", default=None, help="write the result rows here (sts task)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -853,7 +854,7 @@ def main(argv=None):
     elif args.task == "search" and args.index_dir:
         index = load_index(args.index_dir, nprobe=args.nprobe, ef_search=args.ef_search)
     try:
-        encoder = FolderEncoder(args.model_dir, pooler=args.pooler).to(args.device).eval()
+        encoder = FolderEncoder(args.model_dir, pooling=args.pooling).to(args.device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {e}")
     tok, max_len = encoder.tokenizer, args.max_len or encoder.max_len or 512

@@ -55,7 +55,7 @@ def main():
                           "--max_steps", str(args.steps), "--eval_steps", str(args.steps), "--device", "cpu"])
     print(f"unsup training, 1M sentences tokenised + {args.steps} steps: peak RSS {gb:.2f} GB ({seconds:.0f} s)")
     seconds, gb2, out = run([sys.executable, os.path.join(ROOT, "KoSimCSE", "evaluation.py"), "--model_dir", model,
-                             "--pooler", "mean", "--task", "search", "--corpus_file", wiki,
+                             "--pooling", "mean", "--task", "search", "--corpus_file", wiki,
                              "--batch_size", "512", "--max_len", "64", "--device", "cpu"])
     print(f"search over {wiki}: peak RSS {gb2:.2f} GB ({seconds:.0f} s)")
     print(out[out.find("Query:"):][:400])

@@ -41,8 +41,8 @@ def corpus(tmp_path_factory):
     return str(path), sentences
 
 
-def build(ev, model, corpus_file, index_dir, *flags, pooler="mean"):
-    ev.main(["--model_dir", model, "--pooler", pooler, "--task", "index", "--corpus_file", corpus_file,
+def build(ev, model, corpus_file, index_dir, *flags, pooling="mean"):
+    ev.main(["--model_dir", model, "--pooling", pooling, "--task", "index", "--corpus_file", corpus_file,
              "--index_dir", str(index_dir), "--chunk_size", str(CHUNK), "--max_len", "32", "--batch_size", "16",
              *flags])
     return str(index_dir)
@@ -55,7 +55,7 @@ def flat_index(ev, tiny_bert, corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(ev, tiny_bert):
-    return ev.FolderEncoder(tiny_bert, pooler="mean").eval()
+    return ev.FolderEncoder(tiny_bert, pooling="mean").eval()
 
 
 def search(ev, encoder, index_dir, top_k=5, **kw):
@@ -82,7 +82,7 @@ def test_exact_index_search_equals_streaming_search(ev, encoder, corpus, flat_in
     assert index["offsets"].dtype == np.int64 and not os.path.exists(os.path.join(flat_index, "chunks"))
     # The CLI prints what the streaming CLI prints.
     capsys.readouterr()
-    args = ["--model_dir", tiny_bert, "--pooler", "mean", "--task", "search", "--max_len", "32",
+    args = ["--model_dir", tiny_bert, "--pooling", "mean", "--task", "search", "--max_len", "32",
             "--batch_size", "16", "--top_k", "3", "--chunk_size", str(CHUNK), "--queries", *QUERIES]
     ev.main(args + ["--corpus_file", corpus_file])
     via_stream = capsys.readouterr().out
@@ -108,7 +108,7 @@ def test_killed_build_resumes_byte_identical(ev, tiny_bert, corpus, flat_index, 
     with pytest.raises(ev.DataError, match="not a complete index .*partial build in chunks/"):
         ev.load_index(str(tmp_path / "idx"))
     with pytest.raises(ev.DataError, match="a partial build with other settings .*chunk_size 64 \\(now 32\\)"):
-        ev.main(["--model_dir", tiny_bert, "--pooler", "mean", "--task", "index", "--corpus_file", corpus[0],
+        ev.main(["--model_dir", tiny_bert, "--pooling", "mean", "--task", "index", "--corpus_file", corpus[0],
                  "--index_dir", str(tmp_path / "idx"), "--chunk_size", "32", "--max_len", "32", "--batch_size", "16"])
     capsys.readouterr()
     resumed = build(ev, tiny_bert, corpus[0], tmp_path / "idx")
@@ -133,11 +133,11 @@ def test_search_refuses_another_model_pooling_max_len_or_prefix(ev, tiny_bert, f
                          intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
               ).save_pretrained(other)
     base = ["--task", "search", "--index_dir", flat_index, "--queries", QUERIES[0]]
-    cases = [(["--model_dir", other, "--pooler", "mean", "--max_len", "32"], "another model"),
-             (["--model_dir", tiny_bert, "--pooler", "cls_before_pooler", "--max_len", "32"],
-              "pooling 'mean' \\(now 'cls_before_pooler'\\)"),
-             (["--model_dir", tiny_bert, "--pooler", "mean", "--max_len", "24"], "max_len 32 \\(now 24\\)"),
-             (["--model_dir", tiny_bert, "--pooler", "mean", "--max_len", "32", "--prefix", "query: "],
+    cases = [(["--model_dir", other, "--pooling", "mean", "--max_len", "32"], "another model"),
+             (["--model_dir", tiny_bert, "--pooling", "cls", "--max_len", "32"],
+              "pooling 'mean' \\(now 'cls'\\)"),
+             (["--model_dir", tiny_bert, "--pooling", "mean", "--max_len", "24"], "max_len 32 \\(now 24\\)"),
+             (["--model_dir", tiny_bert, "--pooling", "mean", "--max_len", "32", "--prefix", "query: "],
               "prefix '' \\(now 'query: '\\)")]
     for flags, what in cases:
         with pytest.raises(ev.DataError, match="index_meta.json: index built with " + what) as e:
@@ -146,7 +146,7 @@ def test_search_refuses_another_model_pooling_max_len_or_prefix(ev, tiny_bert, f
     # A copy of the model folder is the same model.
     import shutil
     copy = shutil.copytree(tiny_bert, str(tmp_path / "copy"))
-    ev.main(["--model_dir", copy, "--pooler", "mean", "--max_len", "32"] + base)
+    ev.main(["--model_dir", copy, "--pooling", "mean", "--max_len", "32"] + base)
 
 
 def test_float16_halves_the_embeddings_and_keeps_top1(ev, encoder, tiny_bert, corpus, flat_index, tmp_path):
@@ -196,7 +196,7 @@ def test_bad_corpus_or_index_dir_errors(ev, tiny_bert, corpus, tmp_path, monkeyp
     missing = str(tmp_path / "missing.txt")
     script = os.path.join(ROOT, "KoSimCSE", "evaluation.py")
     saved = {name: sys.modules.pop(name) for name in ("dataloader",) if name in sys.modules}
-    monkeypatch.setattr(sys, "argv", [script, "--model_dir", tiny_bert, "--pooler", "mean", "--task", "index",
+    monkeypatch.setattr(sys, "argv", [script, "--model_dir", tiny_bert, "--pooling", "mean", "--task", "index",
                                       "--corpus_file", missing, "--index_dir", str(tmp_path / "idx")])
     monkeypatch.syspath_prepend(os.path.dirname(script))
     try:

@@ -117,11 +117,11 @@ def test_sts_training_improves_held_out_pairs_and_logs(kosbert, tiny_bert, synth
     assert [e["step"] for e in log if "dev" in e] == [8, 16, 20, 24, 32, 40, 48]
     losses = [e["loss"] for e in log if "loss" in e]  # one source: no per-source loss_sts field
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    assert sorted(os.listdir(best)) == sorted(["1_Pooling", "config.json", "model.safetensors", "modules.json",
-                                               "sentence_bert_config.json", "tokenizer.json",
-                                               "tokenizer_config.json"])
+    assert sorted(os.listdir(best)) == sorted(["1_Pooling", "README.md", "config.json", "eval_results.json",
+                                               "model.safetensors", "modules.json", "sentence_bert_config.json",
+                                               "tokenizer.json", "tokenizer_config.json", "training.json"])
     scores = {}
-    for name, folder, pooler in (("before", tiny_bert, ["--pooler", "mean"]), ("after", best, [])):
+    for name, folder, pooler in (("before", tiny_bert, ["--pooling", "mean"]), ("after", best, [])):
         rows_json = os.path.join(out, f"{name}.json")
         kosbert.evaluation.main(["--model_dir", folder, "--data_dir", synthetic_data, "--dataset", "korsts-test",
                                  "--output_json", rows_json, *pooler])

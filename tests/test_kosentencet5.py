@@ -118,7 +118,7 @@ def test_train_save_reload_and_evaluate(t5, tiny_t5, tiny_bart, synthetic_data, 
 def test_training_beats_untrained_on_held_out_pairs(t5, tiny_t5, synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     common = ["--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json"]
-    t5.evaluation.main(["--model_dir", tiny_t5, "--pooler", "mean", *common, str(tmp_path / "before.json")])
+    t5.evaluation.main(["--model_dir", tiny_t5, "--pooling", "mean", *common, str(tmp_path / "before.json")])
     t5.train.main(["--model", tiny_t5, "--mode", "sup", "--data_dir", synthetic_data, "--train_file",
                    "KorNLI/nli.train.ko.tsv", "--output_dir", out, "--batch_size", "16", "--max_len", "24",
                    "--max_steps", "80", "--eval_steps", "40", "--lr", "1e-3", "--warmup_ratio", "0.1", "--seed", "0"])

@@ -31,3 +31,10 @@ def test_training_curve_png(tmp_path):
     assert len(losses) == 10 and [p[0] for p in points] == [5, 10]
     out = plot_training.plot(str(tmp_path))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(out) > 5000
+
+
+def test_results_table_prints_skipped_runs(tmp_path, capsys, monkeypatch):
+    (tmp_path / "kodiffcse.skipped").write_text("kodiffcse: skipped: needs a generator, set DIFFCSE_GENERATOR\n")
+    monkeypatch.setattr(sys, "argv", ["results_table.py", str(tmp_path)])
+    results_table.main()
+    assert capsys.readouterr().out.splitlines()[-1] == "| kodiffcse: skipped: needs a generator, set DIFFCSE_GENERATOR |"

