@@ -5,10 +5,10 @@ frozen masked-LM generator and a conditional replaced-token discriminator -- and
   1. encoder -> raw [CLS] -> projection (training only) -> the sentence vectors z, (2B, d).
   2. the generator (frozen, no gradient) fills the masked views by argmax; replaced = generated !=
      original, on real tokens.
-  3. the discriminator (a second copy of the encoder checkpoint) reads the generated tokens with its
-     FIRST input embedding replaced by z (``DiffCSE.discriminate``; DiffCSE's patched BertModel swaps the
-     whole embedding output of position 0 instead), and a Linear(hidden, 2) head scores every token
-     original / replaced.
+  3. the discriminator (a second copy of the encoder checkpoint) reads the generated tokens conditioned
+     on z the way the originals' patched ``BertModel(cls_input=z)`` is: the OUTPUT of its embedding layer
+     at position 0 is replaced by z (``DiffCSE.discriminate``), and a Linear(hidden, 2) head scores every
+     token original / replaced.
 The losses are the free functions below: ``contrastive_loss`` (SimCSE's InfoNCE over z),
 ``replaced_token_loss`` (the head's cross-entropy) and ``diffcse_loss`` (contrastive + lambda * rtd).
 Evaluation and the saved model use the encoder alone, raw [CLS] (``SentenceEncoder``, ``DiffCSE.encoder``).
@@ -16,6 +16,7 @@ Evaluation and the saved model use the encoder alone, raw [CLS] (``SentenceEncod
 import json
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForMaskedLM
 
-PROJECTIONS = ("mlp", "bn_mlp", "pooler")
+PROJECTIONS = ("pooler", "bn_mlp", "mlp")
 
 
 # Copied from KoSimCSE/model.py:length_buckets
@@ -218,14 +219,16 @@ class DiffCSE(nn.Module):
     discriminator is trained too). generator: a masked LM with the encoder's vocabulary, never trained.
     vocabulary: what training_step's masking needs of the tokenizer (``dataloader.masking_vocabulary``),
     kept here so that training_step reaches it through the model (``model.module`` under DDP).
-    bucket_tokens: see SentenceEncoder / encode_in_length_buckets.
+    generator_eval: run the generator in eval mode; the originals leave it in train mode (dropout on),
+    so its argmax varies from pass to pass. bucket_tokens: see SentenceEncoder / encode_in_length_buckets.
     """
 
-    def __init__(self, encoder, discriminator, generator, vocabulary, projection="mlp", bucket_tokens=0):
+    def __init__(self, encoder, discriminator, generator, vocabulary, projection="pooler", generator_eval=False,
+                 bucket_tokens=0):
         super().__init__()
         self.encoder = SentenceEncoder(encoder, bucket_tokens)
         self.discriminator, self.generator = discriminator, generator
-        self.vocabulary = vocabulary
+        self.vocabulary, self.generator_eval = vocabulary, generator_eval
         self.generator.requires_grad_(False)
         for backbone in (encoder, discriminator):  # a pooler is unused unless it is the projection:
             if getattr(backbone, "pooler", None) is not None:  # no gradient, and none for DDP to wait for
@@ -234,18 +237,21 @@ class DiffCSE(nn.Module):
         self.rtd_head = nn.Linear(discriminator.config.hidden_size, 2)
 
     @classmethod
-    def from_pretrained(cls, model, generator_name, vocabulary, projection="mlp", **kwargs):
+    def from_pretrained(cls, model, generator_name, vocabulary, projection="pooler", **kwargs):
         """Encoder and discriminator from ``model``, the generator from ``generator_name``, in float32."""
         encoder, info = AutoModel.from_pretrained(model, output_loading_info=True, dtype=torch.float32)
         if projection == "pooler" and any(k.startswith("pooler.") for k in info["missing_keys"]):
-            raise ValueError(f"--projection pooler: {model} has no trained pooler weights (use mlp or bn_mlp)")
+            warnings.warn(f"--projection pooler: {model} has no trained pooler weights, so the pooler starts "
+                          f"from transformers' initialisation (N(0, 0.02), bias 0), as in BM-K's code for such "
+                          f"a checkpoint", stacklevel=2)
         return cls(encoder, AutoModel.from_pretrained(model, dtype=torch.float32),
                    AutoModelForMaskedLM.from_pretrained(generator_name, dtype=torch.float32), vocabulary,
                    projection, **kwargs)
 
     def train(self, mode=True):
         super().train(mode)
-        self.generator.eval()  # frozen: never dropout
+        if self.generator_eval:
+            self.generator.eval()
         return self
 
     def forward(self, input_ids, attention_mask, mlm_input_ids):
@@ -262,12 +268,18 @@ class DiffCSE(nn.Module):
         return DiffCSEOutput(z, self.rtd_head(hidden), replaced)
 
     def discriminate(self, input_ids, attention_mask, sentence_vectors):
-        """The discriminator's last hidden states over ``input_ids`` with the first input embedding replaced
-        by ``sentence_vectors`` (N, d), passed as ``inputs_embeds``: position 0's position and token-type
-        embeddings, the embedding LayerNorm and dropout still apply on top of z."""
-        embeds = self.discriminator.get_input_embeddings()(input_ids)
-        embeds = torch.cat([sentence_vectors[:, None].to(embeds.dtype), embeds[:, 1:]], dim=1)
-        return self.discriminator(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        """The discriminator's last hidden states over ``input_ids``, conditioned on ``sentence_vectors``
+        (N, d) as in DiffCSE's and BM-K's patched models (``cls_input``): the output of the embedding
+        layer -- word + position + token-type embeddings, LayerNorm, dropout -- has its position 0
+        replaced by the sentence vector, so the first layer receives z itself. Done with a forward hook on
+        the stock embeddings module, removed again after the call."""
+        def put_sentence_vector_first(module, inputs, output):
+            return torch.cat([sentence_vectors[:, None].to(output.dtype), output[:, 1:]], dim=1)
+        hook = self.discriminator.embeddings.register_forward_hook(put_sentence_vector_first)
+        try:
+            return self.discriminator(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            hook.remove()
 
 
 # Copied from KoSimCSE/model.py:write_sentence_transformers_config

@@ -1,15 +1,17 @@
 """Train KoDiffCSE: DiffCSE on Korean wiki sentences -- unsupervised SimCSE plus a replaced-token
 discriminator conditioned on the sentence vector, fed by a frozen masked-LM generator.
 
-    python KoDiffCSE/train.py                                                  # one process
-    torchrun --nproc_per_node 4 KoDiffCSE/train.py                             # 4 GPUs, same global batch
+    python KoDiffCSE/train.py                                                  # BM-K's KoDiffCSE-RoBERTa (the defaults)
+    python KoDiffCSE/train.py @KoDiffCSE/presets/diffcse-bert.args             # DiffCSE's own recipe, klue/bert-base
+    torchrun --nproc_per_node 4 KoDiffCSE/train.py @KoDiffCSE/presets/bmk-roberta.args  # 4 GPUs, same global batch
     python KoDiffCSE/train.py --resume output/kodiffcse                        # continue a killed run
     python KoDiffCSE/train.py @KoDiffCSE/presets/quick.args --model M --generator_name G --lr 3e-5  # flags override
 
-The defaults are BM-K's KoDiffCSE run_diff.sh values (klue/roberta-base with generator klue/roberta-small)
-with a new Linear + Tanh projection and DiffCSE's dynamic masking; presets/quick.args is run_example.sh's
-quick run. Presets are plain files of flags; flags after one win. The generator must share the encoder's
-vocabulary (checked before any weights are loaded).
+The defaults are BM-K's KoDiffCSE: its run_diff.sh values and its code's projection (the checkpoint's
+pooler), masking (static, [SEP]) and generator mode (train, dropout on); presets/bmk-roberta.args spells
+them out with their sources, presets/diffcse-bert.args is DiffCSE's own recipe. Presets are plain files
+of flags; flags after one win. The generator must share the encoder's vocabulary (checked before any
+weights are loaded).
 
 Where things are: the step is ``training_step`` below (masking -> DiffCSE.forward -> losses); the losses
 (``contrastive_loss``, ``replaced_token_loss``, ``diffcse_loss``), the projections and the conditioning
@@ -87,7 +89,8 @@ def load_model(args, path, stage):
     tokenizer = check_generator(args, path)
     try:
         model = DiffCSE.from_pretrained(path, args.generator_name, masking_vocabulary(tokenizer),
-                                        projection=args.projection, bucket_tokens=args.bucket_tokens)
+                                        projection=args.projection, generator_eval=args.generator_eval,
+                                        bucket_tokens=args.bucket_tokens)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load the encoder '{path}' with the generator '{args.generator_name}': "
                          f"{e}") from None
@@ -275,20 +278,24 @@ def parse_args(argv=None):
                    help="frozen masked-LM generator with the encoder's vocabulary")
     p.add_argument("--train_file", nargs="+", default=["wiki/wiki_corpus.txt"],
                    help="sentence-per-line files; relative paths are tried as given, then under --data_dir")
-    p.add_argument("--masking", choices=MASKINGS, default="dynamic",
+    p.add_argument("--masking", choices=MASKINGS, default="static_sep",
                    help="static_sep: BM-K's KoDiffCSE, fixed at load time, exactly max(1, int(n * ratio)) of a "
                         "sentence's n tokens between [CLS] and [SEP] replaced by the [SEP] id; dynamic: DiffCSE's, "
                         "drawn per batch, each non-special token chosen with probability ratio, then 80/10/10 "
-                        "[MASK]/random/kept")
+                        "[MASK]/random/kept. Default static_sep, as the defaults are BM-K's")
     p.add_argument("--masking_ratio", type=float, default=0.15, help="share of tokens masked (BM-K 0.15, DiffCSE 0.30)")
     p.add_argument("--lambda_weight", type=float, default=0.005,
                    help="weight of the replaced-token loss, a cross-entropy over real tokens (the originals also "
                         "count padded positions, labelled original)")
-    p.add_argument("--projection", choices=PROJECTIONS, default="mlp",
+    p.add_argument("--projection", choices=PROJECTIONS, default="pooler",
                    help="training-only head over [CLS] that gives the sentence vectors (evaluation and the saved "
-                        "model use raw [CLS]): mlp = a new Linear + Tanh; bn_mlp = DiffCSE's BatchNorm MLP (its "
-                        "--batchnorm); pooler = the checkpoint's pooler, dense + tanh (BM-K's KoDiffCSE; refused "
-                        "if the checkpoint has no pooler weights)")
+                        "model use raw [CLS]): pooler = the checkpoint's pooler, dense + tanh (BM-K's KoDiffCSE); "
+                        "bn_mlp = DiffCSE's BatchNorm MLP (its --batchnorm); mlp = a new Linear + Tanh. Default "
+                        "pooler, as the defaults are BM-K's; a checkpoint without pooler weights starts it from "
+                        "transformers' initialisation, as BM-K's code did (with a warning)")
+    p.add_argument("--generator_eval", action="store_true",
+                   help="run the generator in eval mode, no dropout (default: train mode, dropout on, as DiffCSE "
+                        "and BM-K run it)")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
     add_run_args(p, batch_size=256, epochs=1, lr=5e-5, max_len=64, warmup_ratio=0.05)
     args = finish_args(p, p.parse_args(argv), "kodiffcse")

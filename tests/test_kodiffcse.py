@@ -1,6 +1,6 @@
 """KoDiffCSE on a tiny encoder + tiny MLM generator sharing one tokenizer: masking statistics, the
-losses by hand, lambda=0 == unsupervised KoSimCSE, the vocabulary check, DDP, train -> save -> reload,
-resume."""
+conditioning against the originals' cls_input, the losses by hand, generator dropout, lambda=0 ==
+unsupervised KoSimCSE, the vocabulary check, DDP, train -> save -> reload, resume."""
 import json
 import math
 import os
@@ -96,24 +96,78 @@ def test_replaced_labels_are_the_generators_changes_on_real_tokens(dc, tok, mode
     assert out.embeddings.shape == (4, 32) and out.rtd_logits.shape == (*ids.shape, 2)
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_inputs_embeds_route_changes_only_position_zero(tok, arch):
-    """The conditioning passes word embeddings as inputs_embeds. Unmodified, that route must give the
-    input_ids forward on every real token (right padding: RoBERTa's position ids from inputs_embeds are
-    sequential, which equals its pad-skipping ids on real tokens), so swapping position 0 is the only change."""
+def tiny_backbone(arch, tok, dropout=0.1):
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
-    kwargs = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=32, max_position_embeddings=80, pad_token_id=tok.pad_token_id)
+    kwargs = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=80, pad_token_id=tok.pad_token_id,
+                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return BertModel(BertConfig(**kwargs)) if arch == "bert" else RobertaModel(RobertaConfig(**kwargs))
+
+
+def originals_discriminator(discriminator, input_ids, attention_mask, z):
+    """DiffCSE's / BM-K's patched ``BertModel(cls_input=z)``, step by step on the stock modules: the
+    embedding layer's output, its position 0 overwritten by z, then the encoder layers."""
+    embedding_output = discriminator.embeddings(input_ids=input_ids)
+    embedding_output = torch.cat([z[:, None], embedding_output[:, 1:]], dim=1)
+    additive_mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    hidden = embedding_output
+    for layer in discriminator.encoder.layer:
+        out = layer(hidden, attention_mask=additive_mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_conditioning_equals_the_originals_cls_input(dc, tok, generator, arch):
+    """The sentence vector replaces the embedding layer's OUTPUT at position 0 (after word + position +
+    type embeddings, LayerNorm, dropout): the whole forward in eval mode, and the discriminator alone in
+    train mode (dropout on, same seed), equal the originals' route to 1e-6 on every real token."""
+    from transformers import AutoModelForMaskedLM
     torch.manual_seed(0)
-    model = (BertModel(BertConfig(**kwargs)) if arch == "bert" else RobertaModel(RobertaConfig(**kwargs))).eval()
-    batch = batch_of(tok, ["사과 바나나 포도 딸기 기차.", "기차."])
-    real = batch["attention_mask"].bool()
+    model = dc.model.DiffCSE(tiny_backbone(arch, tok), tiny_backbone(arch, tok),
+                             AutoModelForMaskedLM.from_pretrained(generator), dc.dataloader.masking_vocabulary(tok),
+                             projection="pooler").eval()
+    batch = batch_of(tok, ["사과 바나나 포도 딸기 기차.", "기차.", "사과 바나나 포도 딸기 기차.", "기차."])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlm, _ = dc.dataloader.mask_tokens(ids, mask, model.vocabulary, 0.5, generator=torch.Generator().manual_seed(0))
+    real = mask.bool()
     with torch.no_grad():
-        by_ids = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        embeds = model.get_input_embeddings()(batch["input_ids"])
-        by_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-    assert (~real).any()
-    torch.testing.assert_close(by_embeds[real], by_ids[real], atol=1e-5, rtol=0)
+        out = model(ids, mask, mlm)
+        generated = model.generator(input_ids=mlm, attention_mask=mask).logits.argmax(-1)
+        generated[:, 0] = ids[:, 0]
+        generated = torch.where(real, generated, ids)
+        reference = model.rtd_head(originals_discriminator(model.discriminator, generated, mask, out.embeddings))
+    assert (~real).any() and out.replaced.any()
+    worst = (out.rtd_logits - reference)[real].abs().max().item()
+    assert worst < 1e-6, worst
+    model.train()
+    z = torch.randn(len(ids), 16)
+    torch.manual_seed(5)
+    ours = model.discriminate(generated, mask, z)
+    torch.manual_seed(5)
+    theirs = originals_discriminator(model.discriminator, generated, mask, z)
+    worst = (ours - theirs)[real].abs().max().item()
+    assert worst < 1e-6, worst
+    torch.manual_seed(6)
+    assert (model.discriminate(generated, mask, z) - theirs)[real].abs().max() > 1e-3  # dropout is on
+
+
+def test_generator_runs_with_dropout_unless_generator_eval(dc, tok, tiny_bert, generator):
+    """As in DiffCSE and BM-K, model.train() leaves the generator in train mode, so two passes over the
+    same masked input differ; --generator_eval keeps it in eval mode (and everything else training)."""
+    batch = batch_of(tok, corpus_texts()[:8])
+    mlm, _ = dc.dataloader.mask_tokens(batch["input_ids"], batch["attention_mask"],
+                                       dc.dataloader.masking_vocabulary(tok), 0.3,
+                                       generator=torch.Generator().manual_seed(0))
+    for flags, differ in (([], True), (["--generator_eval"], False)):
+        args = dc.train.parse_args(["--model", tiny_bert, "--generator_name", generator, "--device", "cpu", *flags])
+        _, trainable = dc.train.load_model(args, tiny_bert, "unsup")
+        trainable.train()
+        assert trainable.generator.training is differ and trainable.encoder.training
+        with torch.no_grad():
+            first, second = (trainable.generator(input_ids=mlm, attention_mask=batch["attention_mask"]).logits
+                             for _ in range(2))
+        assert (not torch.equal(first, second)) is differ, flags
 
 
 def test_rtd_loss_alone_reaches_the_encoder(dc, tok, model):
@@ -193,6 +247,19 @@ def test_lambda_zero_step_equals_kosimcse_unsup_step_with_dropout(dc, tok, tiny_
     assert all(p.grad is None or not p.grad.any() for p in ours.rtd_head.parameters())
 
 
+def test_pooler_projection_without_pooler_weights_warns_and_starts_from_init(dc, tok, tiny_bert, generator,
+                                                                            tmp_path):
+    """BM-K's projection is the encoder's pooler_output; a checkpoint saved without pooler weights gets a
+    freshly initialised pooler there, so here too -- with a warning rather than silently."""
+    from transformers import BertModel
+    bare = str(tmp_path / "no-pooler")
+    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(bare)
+    tok.save_pretrained(bare)
+    with pytest.warns(UserWarning, match="no trained pooler weights"):
+        model = dc.model.DiffCSE.from_pretrained(bare, generator, dc.dataloader.masking_vocabulary(tok))
+    assert model.projection[0] is model.encoder.backbone.pooler.dense and model.projection[0].weight.requires_grad
+
+
 def test_generator_vocabulary_mismatch_stops_before_training(dc, tiny_bert, synthetic_data, tmp_path):
     from transformers import BertConfig, BertForMaskedLM
     other = str(tmp_path / "other-generator")
@@ -205,7 +272,7 @@ def test_generator_vocabulary_mismatch_stops_before_training(dc, tiny_bert, synt
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("extra", [[], ["--masking", "static_sep", "--projection", "bn_mlp"]])
+@pytest.mark.parametrize("extra", [[], ["--masking", "dynamic", "--projection", "bn_mlp"]])
 def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data, tmp_path, extra):
     st = pytest.importorskip("sentence_transformers")
     from transformers import AutoModel, AutoTokenizer
@@ -244,8 +311,13 @@ def test_generator_vocab_size_larger_than_the_encoders_stops(dc, tiny_bert, synt
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, generator):
-    assert dc.train.parse_args(["--device", "cpu"]).projection == "mlp"
+def test_defaults_are_bmk_and_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, generator):
+    defaults = dc.train.parse_args(["--device", "cpu"])
+    bmk = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "bmk-roberta.args"), "--device", "cpu"])
+    assert vars(bmk) == vars(defaults)
+    assert (defaults.projection, defaults.masking, defaults.generator_eval) == ("pooler", "static_sep", False)
+    diffcse = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "diffcse-bert.args"), "--device", "cpu"])
+    assert (diffcse.projection, diffcse.masking, diffcse.masking_ratio) == ("bn_mlp", "dynamic", 0.3)
     with pytest.raises(SystemExit):
         dc.train.parse_args(["--batchnorm"])  # DiffCSE's flag name is gone: --projection bn_mlp
     head = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, dc.dataloader.masking_vocabulary(tok),
@@ -296,7 +368,7 @@ def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_
 
 
 def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, synthetic_data, tmp_path):
-    """Dropout and the dynamic masking all draw from the restored RNG states: every
+    """Dropout (generator included) and the dynamic masking all draw from the restored RNG states: every
     loss after the resume and every dev score equal the uninterrupted run's."""
     def args(out):
         return ["--model", tiny_bert, "--generator_name", generator, "--data_dir", synthetic_data,

@@ -6,8 +6,8 @@ the DDP equality test in tests/test_kodiffcse.py.
 
 Writes (rank 0) the losses averaged over ranks and every parameter gradient after backward (DDP has
 averaged them). Every rank holds the same number of real tokens, so the mean of the per-rank RTD means
-is the global mean. Deterministic: the encoder has dropout 0, the generator runs in eval mode, and the
-masked views are given (the static masking path of training_step).
+is the global mean. Deterministic: the encoder has dropout 0, the generator runs in eval mode
+(--generator_eval), and the masked views are given (the static masking path of training_step).
 """
 import os
 import sys
@@ -30,7 +30,7 @@ if world > 1:
 rank = dist.get_rank() if world > 1 else 0
 torch.manual_seed(0)  # the same new projection and RTD head in every process
 model = DiffCSE.from_pretrained(model_dir, generator_dir, masking_vocabulary(load_tokenizer(model_dir)),
-                                projection="mlp")
+                                projection="mlp", generator_eval=True)
 model.train()
 B, L = 8, 7
 g = torch.Generator().manual_seed(1)
