@@ -1,25 +1,25 @@
-"""Readers, tokenised wiki sentences and MLM masking for KoDiffCSE.
+"""Readers, the tokenised training set and the masking of KoDiffCSE.
 
-Formats (see data/README.md):
-  * KorNLU TSVs (KorSTS ``sts-*.tsv``, KorNLI ``*.ko.tsv``): tab-separated with a header row and
-    **no quoting** -- many fields start with a raw ``"`` that a CSV reader would swallow.
-  * KLUE-STS: the official dev JSON or the CSV export (ordinary RFC-4180 quoting).
-  * KLUE-NLI: the official JSON.
-  * wiki: one sentence per line.
+Files (see data/README.md): wiki sentences, one per line, to train on; KorSTS TSVs (tab-separated with a
+header row and **no quoting**: many fields start with a raw ``"`` that a CSV reader would swallow) and
+KLUE-STS (the official dev JSON or the CSV export) for the dev and test scores. Every reader stops on a
+malformed row with a ``DataError`` naming the file, the line and the problem; nothing is dropped or
+altered silently.
 
-Every reader stops on a malformed row with a ``DataError`` whose message names the file, the line
-and the problem; nothing is dropped or altered silently.
+The masking that feeds the generator comes in the two forms of the originals: DiffCSE's dynamic BERT
+masking (``mask_tokens``, per batch) and BM-K's static [SEP] masking (``static_sep_masks``, once at load
+time).
 """
 import csv
 import json
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-NLI_LABELS = ("entailment", "neutral", "contradiction")
 STS_SPLITS = {
     "korsts-train": "KorSTS/sts-train.tsv",
     "korsts-dev": "KorSTS/sts-dev.tsv",
@@ -144,67 +144,6 @@ def _read_json_list(path):
     return data
 
 
-# Copied from KoSimCSE/dataloader.py:read_nli
-def read_nli(path):
-    """(premise, hypothesis, label) rows from a KorNLI TSV or a KLUE-NLI JSON.
-
-    Rows whose gold label is ``-`` (SNLI's "annotators did not agree") carry no label and are
-    skipped; their count is returned so callers can report it. Any other unknown label is an error.
-    """
-    rows, unlabeled = [], 0
-    if path.endswith(".json"):
-        items = ((f"{path}: item {i}", item) for i, item in enumerate(_read_json_list(path)))
-        fields = (("premise", "hypothesis", "gold_label"))
-        records = []
-        for where, item in items:
-            try:
-                records.append((where, [item[k] for k in fields]))
-            except (KeyError, TypeError) as e:
-                raise DataError(f"{where}: missing field {e}") from None
-    else:
-        records = ((f"{path}:{n}", r) for n, r in read_tsv(path, ["sentence1", "sentence2", "gold_label"]))
-    for where, (premise, hypothesis, label) in records:
-        label = label.strip()
-        if label == "-":
-            unlabeled += 1
-            continue
-        if label not in NLI_LABELS:
-            raise DataError(f"{where}: unknown NLI label {label!r} (expected one of {', '.join(NLI_LABELS)})")
-        rows.append((premise, hypothesis, label))
-    return rows, unlabeled
-
-
-# Copied from KoSimCSE/dataloader.py:nli_to_triplets
-def nli_to_triplets(rows):
-    """SimCSE's rule: one (premise, entailment, contradiction) per premise that has both.
-
-    The first entailment and the first contradiction hypothesis seen for a premise are used, in file
-    order; neutral pairs are not used.
-    """
-    slots = {}
-    for premise, hypothesis, label in rows:
-        slot = slots.setdefault(premise, [None, None])
-        if label == "entailment" and slot[0] is None:
-            slot[0] = hypothesis
-        elif label == "contradiction" and slot[1] is None:
-            slot[1] = hypothesis
-    return [(p, e, c) for p, (e, c) in slots.items() if e is not None and c is not None]
-
-
-# Copied from KoSimCSE/dataloader.py:load_triplets
-def load_triplets(paths, log=print):
-    triplets = []
-    for path in paths:
-        rows, unlabeled = read_nli(path)
-        found = nli_to_triplets(rows)
-        note = f", {unlabeled:,} rows without a gold label skipped" if unlabeled else ""
-        log(f"{path}: {len(found):,} triplets from {len(rows):,} labelled rows{note}")
-        triplets.extend(found)
-    if not triplets:
-        raise DataError(f"{', '.join(paths)}: no premise has both an entailment and a contradiction hypothesis")
-    return triplets
-
-
 # Copied from KoSimCSE/dataloader.py:read_sentences
 def read_sentences(path, max_samples=None, seed=42, log=print):
     """One sentence per line (blank lines ignored); optionally a seeded random subsample."""
@@ -296,45 +235,60 @@ class BatchPlan:
             yield order[first:first + self.local_batch].tolist()
 
 
-def special_token_mask(input_ids, tokenizer):
+class MaskingVocabulary(NamedTuple):
+    """What dynamic masking needs to know of the encoder's tokenizer (``masking_vocabulary``)."""
+    special_ids: tuple  # never masked: [CLS], [SEP], [PAD], [UNK], [MASK], ...
+    mask_id: int  # what 80% of the chosen tokens become
+    size: int  # a random replacement is drawn from range(size), len(tokenizer) as in DiffCSE
+
+
+def masking_vocabulary(tokenizer):
+    return MaskingVocabulary(tuple(sorted(set(tokenizer.all_special_ids))), tokenizer.mask_token_id, len(tokenizer))
+
+
+def special_token_mask(input_ids, vocabulary):
     """True where input_ids holds a special token ([CLS], [SEP], [PAD], ...)."""
-    return torch.isin(input_ids, torch.tensor(sorted(set(tokenizer.all_special_ids)), device=input_ids.device))
+    return torch.isin(input_ids, torch.tensor(vocabulary.special_ids, device=input_ids.device))
 
 
-def mask_tokens(input_ids, attention_mask, tokenizer, ratio, generator=None):
-    """Dynamic MLM masking (BERT/DiffCSE): each non-special, non-pad token is chosen with probability
-    ``ratio``; a chosen token becomes [MASK] 80% of the time, a random token 10%, stays 10%.
-    Returns (masked ids, chosen positions)."""
-    candidates = attention_mask.bool() & ~special_token_mask(input_ids, tokenizer)
-    draw = lambda p: torch.bernoulli(torch.full(input_ids.shape, p), generator=generator).bool().to(input_ids.device)
+def mask_tokens(input_ids, attention_mask, vocabulary, ratio, generator=None):
+    """DiffCSE's masking, drawn anew for every batch (BERT's MLM recipe): each real, non-special token is
+    chosen with probability ``ratio``; a chosen token becomes [MASK] 80% of the time, a random token of
+    ``range(vocabulary.size)`` 10%, and stays as it is 10%. Draws from ``generator`` (default: the global
+    RNG, which --resume restores). Returns (masked ids, chosen positions); training uses the masked ids,
+    the chosen positions are there for the test of the 80/10/10 split (tests/test_kodiffcse.py)."""
+    candidates = attention_mask.bool() & ~special_token_mask(input_ids, vocabulary)
+
+    def draw(p):
+        return torch.bernoulli(torch.full(input_ids.shape, p), generator=generator).bool().to(input_ids.device)
     chosen = draw(ratio) & candidates
     to_mask = draw(0.8) & chosen
     to_random = draw(0.5) & chosen & ~to_mask
     masked = input_ids.clone()
-    masked[to_mask] = tokenizer.mask_token_id
-    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator).to(input_ids.device)
+    masked[to_mask] = vocabulary.mask_id
+    random_ids = torch.randint(vocabulary.size, input_ids.shape, generator=generator).to(input_ids.device)
     masked[to_random] = random_ids[to_random]
     return masked, chosen
 
 
-def static_sep_masks(tokenized, tokenizer, ratio, seed):
-    """BM-K's KoDiffCSE masking, for parity: once, at load time, exactly k = max(1, int(n * ratio)) distinct
-    content positions of each sentence (n = its non-special tokens) are replaced by the [SEP] id -- not
-    [MASK], no 80/10/10 -- giving a fixed masked copy of the flat id array."""
+def static_sep_masks(tokenized, sep_id, ratio, seed):
+    """BM-K's KoDiffCSE masking: once, at load time, exactly k = max(1, int(n * ratio)) distinct positions
+    among the n tokens between a sentence's first token ([CLS]) and its last ([SEP]) are replaced by the
+    [SEP] id -- not [MASK], no 80/10/10 -- giving a fixed masked copy of the flat id array of
+    ``tokenized``. A sentence with no such token stays as it is (BM-K counts it as a missing value)."""
     rng = np.random.default_rng(seed)
     masked = tokenized.ids.copy()
-    special = np.isin(masked, sorted(set(tokenizer.all_special_ids)))
     for i in range(len(tokenized)):
-        start = tokenized.offsets[i]
-        content = start + np.flatnonzero(~special[start:tokenized.offsets[i + 1]])
-        if len(content):
-            masked[rng.choice(content, max(1, int(len(content) * ratio)), replace=False)] = tokenizer.sep_token_id
+        start, end = tokenized.offsets[i], tokenized.offsets[i + 1]
+        n = end - start - 2
+        if n > 0:
+            masked[start + 1 + rng.choice(n, max(1, int(n * ratio)), replace=False)] = sep_id
     return masked
 
 
 class DiffCSEDataset(torch.utils.data.Dataset):
-    """Items: (ids, ids) -- the sentence twice, dropout makes the two views -- or, with static
-    masks, (ids, ids, masked view 1, masked view 2)."""
+    """Items: (ids, ids) -- the sentence twice, dropout makes the two views -- or, with static masks,
+    (ids, ids, masked view 1, masked view 2)."""
 
     def __init__(self, tokenized, static_masks=None):
         self.tokenized, self.static_masks = tokenized, static_masks
@@ -362,16 +316,16 @@ class ColumnCollator:
         return pad_batch([seq for column in zip(*batch) for seq in column], self.pad_id)
 
 
-def build_train_dataset(args, tokenizer, log=print):
-    """Wiki sentences, tokenised once; with --static_sep_masking also their two fixed masked views."""
-    texts = []
-    for path in (resolve_path(p, args.data_dir) for p in args.train_file):
-        texts += read_sentences(path, args.max_train_samples, args.seed, log=log)
-    tokenized = TokenizedTexts(tokenizer, texts, args.max_len, desc="tokenize sentences")
+def build_diffcse_dataset(paths, tokenizer, max_len, max_samples=None, seed=42, static_sep_ratio=None, log=print):
+    """Sentence-per-line files, tokenised once (``max_samples``: a seeded random subset of each file).
+    With ``static_sep_ratio``, also two fixed masked views of every sentence (``static_sep_masks``, seeds
+    seed and seed + 1)."""
+    texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
+    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc="tokenize sentences")
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "
-            f"--max_len {args.max_len} tokens and were truncated")
+            f"--max_len {max_len} tokens and were truncated")
     masks = None
-    if args.static_sep_masking:
-        masks = tuple(static_sep_masks(tokenized, tokenizer, args.masking_ratio, args.seed + i) for i in (0, 1))
+    if static_sep_ratio is not None:
+        masks = tuple(static_sep_masks(tokenized, tokenizer.sep_token_id, static_sep_ratio, seed + i) for i in (0, 1))
     return DiffCSEDataset(tokenized, masks)

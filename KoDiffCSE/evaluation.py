@@ -46,7 +46,6 @@ EXAMPLE_QUERIES = ["한 남자가 파스타를 먹는다.", "고릴라 의상을
                    "치타가 들판을 가로 질러 먹이를 쫓는다."]
 
 
-# Copied from KoSimCSE/evaluation.py:sts_metrics
 def sts_metrics(emb1, emb2, gold):
     """The 8 correlations x100 in the papers' order, their mean ``avg``, and ``max_spearman`` (the
     checkpoint-selection score of BM-K and sentence-transformers <= 2.2)."""
@@ -64,7 +63,6 @@ def sts_metrics(emb1, emb2, gold):
     return out
 
 
-# Copied from KoSimCSE/evaluation.py:bmk_metrics
 def bmk_metrics(emb1, emb2, gold, batch_size, seed):
     """BM-K's protocol: shuffle the pairs (seeded), cut into batches of ``batch_size``, compute the
     metrics per batch and average them over batches (the last, smaller batch weighs as much)."""
@@ -74,7 +72,6 @@ def bmk_metrics(emb1, emb2, gold, batch_size, seed):
     return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
 
 
-# Copied from KoSimCSE/evaluation.py:format_table
 def format_table(rows):
     """Markdown table in the papers' column order, two decimals, x100."""
     lines = ["| model | dataset | protocol | AVG | " + " | ".join(COLUMNS) + " |",
@@ -86,7 +83,6 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-# Copied from KoSimCSE/evaluation.py:load_tokenizer
 def load_tokenizer(path):
     """AutoTokenizer, refusing the empty vocabulary-less tokenizer that transformers builds silently
     for a model folder that has no tokenizer files."""
@@ -97,7 +93,6 @@ def load_tokenizer(path):
     return tokenizer
 
 
-# Copied from KoSimCSE/evaluation.py:load_backbone
 def load_backbone(path):
     """The model whose last_hidden_state sentence-transformers pools for this checkpoint: the
     encoder alone for the T5 family (T5EncoderModel, no decoder weights), else AutoModel -- which,
@@ -110,7 +105,6 @@ def load_backbone(path):
     return AutoModel.from_pretrained(path, dtype=torch.float32)
 
 
-# Copied from KoSimCSE/evaluation.py:FolderEncoder
 class FolderEncoder(nn.Module):
     """Embeddings of a saved model folder, computed as sentence-transformers computes them."""
 
@@ -163,7 +157,6 @@ class FolderEncoder(nn.Module):
         return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
 
 
-# Copied from KoSimCSE/evaluation.py:_pooling_mode
 def _pooling_mode(config_file):
     with open(config_file) as f:
         cfg = json.load(f)
@@ -174,7 +167,6 @@ def _pooling_mode(config_file):
     return "mean" if mode == "mean" else "cls_before_pooler"
 
 
-# Copied from KoSimCSE/evaluation.py:_load_dense
 def _load_dense(folder):
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
@@ -192,7 +184,6 @@ def _load_dense(folder):
     return nn.Sequential(linear, nn.Tanh() if activation == "Tanh" else nn.Identity())
 
 
-# Copied from KoSimCSE/evaluation.py:encode_tokenized
 @torch.no_grad()
 def encode_tokenized(embed, tokenized, pad_id, batch_size=64, device="cpu", desc=None, amp_dtype=None):
     """Embeddings (float32 numpy, input order) of a TokenizedTexts. Batches are formed from
@@ -219,7 +210,6 @@ def encode_tokenized(embed, tokenized, pad_id, batch_size=64, device="cpu", desc
     return out
 
 
-# Copied from KoSimCSE/evaluation.py:encode
 def encode(embed, tokenizer, sentences, max_len, batch_size=64, device="cpu", desc=None):
     """Embeddings (float32 numpy, input order) of ``sentences``; a sentence that occurs more than once
     is encoded once (KorSTS test repeats 9% of its sentences)."""
@@ -230,7 +220,6 @@ def encode(embed, tokenizer, sentences, max_len, batch_size=64, device="cpu", de
     return emb[rows] if emb is not None else emb
 
 
-# Copied from KoSimCSE/evaluation.py:evaluate_sts
 def evaluate_sts(embed, tokenizer, pairs, max_len, batch_size, device, protocols=("standard",), seed=42):
     """{protocol: metrics} for (sentence1, sentence2, score) pairs."""
     n = len(pairs)
@@ -241,7 +230,6 @@ def evaluate_sts(embed, tokenizer, pairs, max_len, batch_size, device, protocols
             else bmk_metrics(emb[:n], emb[n:], gold, batch_size, seed) for p in protocols}
 
 
-# Copied from KoSimCSE/evaluation.py:_corpus_chunks
 def _corpus_chunks(corpus, chunk_size):
     if isinstance(corpus, list):
         for start in range(0, len(corpus), chunk_size):
@@ -257,7 +245,6 @@ def _corpus_chunks(corpus, chunk_size):
         yield chunk
 
 
-# Copied from KoSimCSE/evaluation.py:semantic_search
 def semantic_search(embed, tokenizer, queries, corpus, top_k=5, chunk_size=20_000, max_len=128,
                     batch_size=64, device="cpu"):
     """Top-k corpus sentences by cosine for each query: a list (per query) of (score, index, sentence).
@@ -290,7 +277,6 @@ def semantic_search(embed, tokenizer, queries, corpus, top_k=5, chunk_size=20_00
             for srow, irow in zip(best_scores, best_ids)]
 
 
-# Copied from KoSimCSE/evaluation.py:print_search_results
 def print_search_results(queries, results):
     """The printed format of the KoSBERT/KoSimCSE SemanticSearch examples."""
     for query, hits in zip(queries, results):
@@ -301,13 +287,11 @@ def print_search_results(queries, results):
             print(sentence, "(Score: %.4f)" % score)
 
 
-# Copied from KoSimCSE/evaluation.py:cluster
 def cluster(embeddings, num_clusters, seed=42):
     from sklearn.cluster import KMeans
     return KMeans(n_clusters=num_clusters, random_state=seed, n_init=10).fit_predict(embeddings)
 
 
-# Copied from KoSimCSE/evaluation.py:plot_clusters
 def plot_clusters(embeddings, labels, path, title=""):
     """Sentences in 2-D (PCA of the embeddings), coloured by cluster, numbered as printed."""
     import matplotlib
@@ -326,7 +310,6 @@ def plot_clusters(embeddings, labels, path, title=""):
     plt.close(fig)
 
 
-# Copied from KoSimCSE/evaluation.py:parse_args
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="saved model folder (ours or any sentence-transformers "
@@ -361,7 +344,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Copied from KoSimCSE/evaluation.py:main
 def main(argv=None):
     args = parse_args(argv)
     try:

@@ -1,399 +1,312 @@
-"""Train KoDiffCSE: unsupervised SimCSE plus a frozen MLM generator and a conditional replaced-token
-discriminator (see model.py), on wiki sentences.
+"""Train KoDiffCSE: DiffCSE on Korean wiki sentences -- unsupervised SimCSE plus a replaced-token
+discriminator conditioned on the sentence vector, fed by a frozen masked-LM generator.
 
-Defaults are BM-K's KoDiffCSE run_diff.sh (klue/roberta-base with generator klue/roberta-small):
-batch 256, 1 epoch, lr 5e-5, max_len 64, masking ratio 0.15 (DiffCSE used 0.30), lambda 0.005,
-warmup 0.05, no weight decay, tau 0.05, eval every 125 steps. The generator must share the encoder's
-vocabulary (checked before training).
+    python KoDiffCSE/train.py                                                  # BM-K's KoDiffCSE-RoBERTa (the defaults)
+    python KoDiffCSE/train.py @KoDiffCSE/presets/diffcse-bert.args             # DiffCSE's own recipe, klue/bert-base
+    torchrun --nproc_per_node 4 KoDiffCSE/train.py @KoDiffCSE/presets/bmk-roberta.args  # 4 GPUs, same global batch
+    python KoDiffCSE/train.py --resume output/kodiffcse                        # continue a killed run
+    python KoDiffCSE/train.py @KoDiffCSE/presets/quick.args --model M --generator_name G --lr 3e-5  # flags override
 
-Outputs in --output_dir: best_model/ (the encoder only, best KorSTS dev, raw [CLS]; a Hugging Face +
-sentence-transformers folder), checkpoint/ (everything, for --resume), train_log.jsonl, args.json.
+The defaults are BM-K's KoDiffCSE: its run_diff.sh values and its code's projection (the checkpoint's
+pooler), masking (static, [SEP]) and generator mode (train, dropout on); presets/bmk-roberta.args spells
+them out with their sources, presets/diffcse-bert.args is DiffCSE's own recipe. Presets are plain files
+of flags; flags after one win. The generator must share the encoder's vocabulary (checked before any
+weights are loaded).
+
+Where things are: the step is ``training_step`` below (masking -> DiffCSE.forward -> losses); the losses
+(``contrastive_loss``, ``replaced_token_loss``, ``diffcse_loss``), the projections and the conditioning
+(``DiffCSE.discriminate``) are in model.py; the masking and the data in dataloader.py; ``fit`` (the loop)
+and ``train`` (stages, resume) are the same in every method folder; run_utils.py holds the plumbing.
+
+Outputs in --output_dir: best_model/ (the encoder alone, best dev score, raw [CLS]; a Hugging Face +
+sentence-transformers folder), checkpoint/ (the whole model, for --resume), train_log.jsonl (loss,
+contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics), args.json.
 """
-import argparse
-import json
 import math
 import os
-import random
-import shutil
-import sys
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_linear_schedule_with_warmup
 
-from dataloader import (BatchPlan, ColumnCollator, DataError, TokenizedTexts, build_train_dataset, mask_tokens,
-                        read_sts, resolve_path)
-from evaluation import DEFAULT_DATA_DIR, encode_tokenized, load_tokenizer, sts_metrics
-from model import PROJECTIONS, DiffCSE, backward_objective
+from dataloader import (BatchPlan, ColumnCollator, DataError, build_diffcse_dataset, mask_tokens, masking_vocabulary,
+                        resolve_path)
+from evaluation import load_tokenizer
+from model import (PROJECTIONS, DiffCSE, contrastive_loss, diffcse_loss, gather_columns, replaced_token_accuracy,
+                   replaced_token_loss)
+from run_utils import (METHOD, DevEvaluator, LossWindow, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
+                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args, interleave,
+                       load_checkpoint, load_or_exit, nonfinite_loss_exit, prepare_output_dir, read_checkpoint,
+                       restore_rng, save_atomically, save_checkpoint, set_seed, setup_distributed, stage_batches,
+                       truncate_log)
 
-DEFAULTS = dict(train_file=["wiki/wiki_corpus.txt"], batch_size=256, epochs=1, lr=5e-5, max_len=64,
-                warmup_ratio=0.05, weight_decay=0.0, eval_steps=125)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="klue/roberta-base", help="encoder: Hugging Face model id or local folder (default: %(default)s)")
-    p.add_argument("--generator_name", default="klue/roberta-small",
-                   help="frozen masked-LM generator with the encoder's vocabulary (default: %(default)s)")
-    p.add_argument("--masking_ratio", type=float, default=0.15, help="share of real tokens masked for the generator")
-    p.add_argument("--lambda_weight", type=float, default=0.005,
-                   help="weight of the replaced-token loss, a cross-entropy over real tokens only (DiffCSE and BM-K's "
-                        "KoDiffCSE also count padded positions, labelled 'original') (default: %(default)s)")
-    p.add_argument("--projection", choices=PROJECTIONS, default=None,
-                   help="training-only head over [CLS]: mlp (new Linear+Tanh; default), bn_mlp (DiffCSE's BN-MLP), "
-                        "pooler (the checkpoint's pretrained pooler, as BM-K's KoDiffCSE; refused if the checkpoint "
-                        "has no pooler weights, as MLM-only RoBERTa checkpoints often lack); evaluation uses raw [CLS]")
-    p.add_argument("--batchnorm", action="store_true",
-                   help="DiffCSE's flag name for --projection bn_mlp: Linear(d,2d,no bias) -> BatchNorm -> ReLU -> "
-                        "Linear(2d,d,no bias) -> BatchNorm(affine=False)")
-    p.add_argument("--static_sep_masking", action="store_true",
-                   help="BM-K's masking, for parity: fixed at load time, exactly max(1, int(n*ratio)) tokens replaced "
-                        "by [SEP] (default: dynamic per-batch masking with 80/10/10 [MASK]/random/keep)")
-    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder (default: %(default)s)")
-    p.add_argument("--train_file", nargs="+", default=None,
-                   help="sentence-per-line files (default wiki/wiki_corpus.txt); relative paths are tried as "
-                        "given, then under --data_dir")
-    p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection (default: %(default)s)")
-    p.add_argument("--output_dir", default=None, help="default: output/kodiffcse")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--max_len", type=int, default=None, help="max tokens per sentence, special tokens included")
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--warmup_ratio", type=float, default=None)
-    p.add_argument("--weight_decay", type=float, default=None, help="AdamW; biases and LayerNorm weights get none")
-    p.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off (as BM-K)")
-    p.add_argument("--eval_steps", type=int, default=None, help="evaluate on --dev_file every N steps and at the end")
-    p.add_argument("--save_steps", type=int, default=None,
-                   help="write output_dir/checkpoint (for --resume) every N steps (default: --eval_steps)")
-    p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
-                   help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
-                        "it was started with (only --device and --num_workers may change)")
-    p.add_argument("--eval_batch_size", type=int, default=128)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of the training rows")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--fp16", action="store_true", help="float16 autocast + gradient scaling (CUDA)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.resume:
-        saved = os.path.join(args.resume, "args.json")
-        if not os.path.isfile(os.path.join(args.resume, "checkpoint", "state.pt")) or not os.path.isfile(saved):
-            p.error(f"--resume {args.resume}: no checkpoint/state.pt and args.json there to resume from")
-        with open(saved) as f:
-            for key, value in json.load(f).items():
-                if key not in ("device", "num_workers"):
-                    setattr(args, key, value)
-        args.output_dir = args.resume
-        return args
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.batchnorm and args.projection not in (None, "bn_mlp"):
-        p.error(f"--batchnorm means --projection bn_mlp; it contradicts --projection {args.projection}")
-    args.projection = "bn_mlp" if args.batchnorm else args.projection or "mlp"
-    args.output_dir = args.output_dir or os.path.join("output", "kodiffcse")
-    args.save_steps = args.save_steps or args.eval_steps
-    if args.fp16 and args.bf16:
-        p.error("--fp16 and --bf16 are exclusive")
-    if args.fp16 and not args.device.startswith("cuda"):
-        p.error("--fp16 needs a CUDA device (use --bf16 on CPU)")
-    return args
+MASKINGS = ("static_sep", "dynamic")
 
 
-# Copied from KoSimCSE/train.py:set_seed
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
+# --- the method ---------------------------------------------------------------------------------------
+
+def training_step(model, source, batch, args, world):
+    """One batch of wiki sentences -> (loss to backpropagate, {name: value to log}).
+
+    The batch holds B sentences twice, (2B, L): view 1 of every sentence, then view 2 (ColumnCollator;
+    dropout makes the views differ). With --masking static_sep it also holds their masked views, made
+    at load time: (4B, L), the views first. With --masking dynamic the masked views are drawn here."""
+    diffcse = getattr(model, "module", model)  # under DDP the DiffCSE module is model.module
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if args.masking == "static_sep":
+        input_ids, mlm_input_ids = input_ids.chunk(2)
+        attention_mask = attention_mask.chunk(2)[0]  # a masked view keeps its sentence's length
+    else:
+        mlm_input_ids, _ = mask_tokens(input_ids, attention_mask, diffcse.vocabulary, args.masking_ratio)
+    out = model(input_ids, attention_mask, mlm_input_ids)
+    # Under DDP gather_columns gives the global batch, only this process's rows differentiable.
+    contrastive = contrastive_loss(gather_columns(out.embeddings, 2), 2, args.temperature)
+    rtd = replaced_token_loss(out.rtd_logits, out.replaced, attention_mask)
+    to_backpropagate, loss = diffcse_loss(contrastive, rtd, args.lambda_weight, world)
+    return to_backpropagate, {"loss": loss.detach(), "contrastive_loss": contrastive.detach(), "rtd_loss": rtd.detach(),
+                              "rtd_accuracy": replaced_token_accuracy(out.rtd_logits, out.replaced, attention_mask)}
 
 
-# Copied from KoSimCSE/train.py:check_output_dir
-def check_output_dir(args):
-    """Refuse to mix two runs in one folder unless --overwrite_output_dir (nothing is written here)."""
-    best = os.path.join(args.output_dir, "best_model")
-    if not os.path.isdir(best) and os.path.isdir(best + ".old"):
-        os.replace(best + ".old", best)  # a kill between the two renames of save_atomically
-    earlier = [f for f in ("args.json", "train_log.jsonl", "best_model", "checkpoint")
-               if os.path.exists(os.path.join(args.output_dir, f))]
-    if earlier and not args.overwrite_output_dir:
-        resume = f", --resume {args.output_dir} to continue it," if hasattr(args, "resume") else ""
-        raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
-                         f"--overwrite_output_dir to replace it{resume} or choose another --output_dir")
+def stages(args):
+    """The stages of a run (see run_utils.Stage): one here."""
+    return [Stage("unsup", ("wiki",), args.epochs, "best_model", None)]
 
 
-# Copied from KoSimCSE/train.py:prepare_output_dir
-def prepare_output_dir(args):
-    """Clear an earlier run (only once the new one's inputs have loaded) and record the arguments."""
-    for stale in ("best_model", "checkpoint", "train_log.jsonl"):
-        path = os.path.join(args.output_dir, stale)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
+def build_source(name, args, tokenizer, rank, world, log):
+    """The wiki sentences, twice each, with their two fixed masked views under --masking static_sep (see
+    build_diffcse_dataset). Full batches only: every anchor needs its B - 1 in-batch negatives."""
+    static_sep_ratio = args.masking_ratio if args.masking == "static_sep" else None
+    dataset = build_diffcse_dataset([resolve_path(p, args.data_dir) for p in args.train_file], tokenizer, args.max_len,
+                                    args.max_train_samples, args.seed, static_sep_ratio, log=log)
+    return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
+                  ColumnCollator(tokenizer.pad_token_id))
 
 
-# Copied from KoSimCSE/train.py:save_atomically
-def save_atomically(save, final_dir):
-    """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir."""
-    tmp, old = final_dir + ".tmp", final_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if os.path.isdir(final_dir):
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def load_model(args, path, stage):
+    """(encoder to evaluate and save, module to train): the whole DiffCSE module trains; its encoder
+    alone (raw [CLS]) is evaluated and saved."""
+    tokenizer = check_generator(args, path)
+    try:
+        model = DiffCSE.from_pretrained(path, args.generator_name, masking_vocabulary(tokenizer),
+                                        projection=args.projection, generator_eval=args.generator_eval,
+                                        bucket_tokens=args.bucket_tokens)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the encoder '{path}' with the generator '{args.generator_name}': "
+                         f"{e}") from None
+    return model.encoder, model
 
 
-# Copied from KoSimCSE/train.py:build_optimizer
-def build_optimizer(model, lr, weight_decay):
-    """AdamW; no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    # fused: one kernel for all parameters; ~10x faster than the default on CPU for a large
-    # embedding table (0.03 s vs 0.4 s a step for multilingual-e5-small's 96M-entry vocabulary).
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
-
-
-def check_same_vocabulary(args):
-    """The generator's token ids are fed to the discriminator as they are, so the generator must use the
+def check_generator(args, path):
+    """The generator's token ids go to the discriminator as they are, so the generator must use the
     encoder's tokenizer and may not predict ids outside the encoder's embedding table. Checked from the
-    tokenizers and configs alone, before any model is loaded or anything is written."""
+    tokenizers and configs alone, before any weights are loaded; returns the encoder's tokenizer."""
     def load(what, name, loader):
         try:
             return loader(name)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot load the {what} '{name}': {e}\nPass a Hugging Face model folder "
-                             f"(config.json, weights and tokenizer files) or a hub id reachable from this machine.") from None
-    tokenizer = load("encoder (--model)", args.model, load_tokenizer)
+                             f"(config.json, weights and tokenizer files) or a hub id reachable from this "
+                             f"machine.") from None
+    tokenizer = load("encoder (--model)", path, load_tokenizer)
     generator_tokenizer = load("generator (--generator_name)", args.generator_name, load_tokenizer)
-    encoder_size = load("encoder (--model)", args.model, AutoConfig.from_pretrained).vocab_size
+    encoder_size = load("encoder (--model)", path, AutoConfig.from_pretrained).vocab_size
     generator_size = load("generator (--generator_name)", args.generator_name, AutoConfig.from_pretrained).vocab_size
     if generator_tokenizer.get_vocab() != tokenizer.get_vocab() or generator_size > encoder_size:
         raise SystemExit(
             f"error: the generator {args.generator_name} (tokenizer {len(generator_tokenizer):,} tokens, vocab_size "
-            f"{generator_size:,}) does not share the vocabulary of the encoder {args.model} (tokenizer "
+            f"{generator_size:,}) does not share the vocabulary of the encoder {path} (tokenizer "
             f"{len(tokenizer):,} tokens, vocab_size {encoder_size:,}); pick a masked-LM generator trained with the "
             f"same tokenizer (e.g. klue/roberta-small for klue/roberta-base)")
+    needed = {"dynamic": ("mask_token", "[MASK]"), "static_sep": ("sep_token", "[SEP]")}[args.masking]
+    if getattr(tokenizer, needed[0] + "_id") is None:
+        raise SystemExit(f"error: --masking {args.masking} needs a {needed[1]} token; the tokenizer of {path} has none")
     return tokenizer
 
 
-def load_model(args):
-    tokenizer = check_same_vocabulary(args)
-    if tokenizer.pad_token_id is None or tokenizer.mask_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {args.model} needs a padding and a mask token")
-    try:
-        model = DiffCSE.from_pretrained(args.model, args.generator_name, projection=args.projection)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load the encoder '{args.model}' with the generator "
-                         f"'{args.generator_name}': {e}") from None
-    return tokenizer, model
+# --- the loop (the same code in every method folder) ---------------------------------------------------
 
-
-# Copied from KoSimCSE/train.py:DevEvaluator
-class DevEvaluator:
-    """KorSTS-dev (or --dev_file) metrics of the live model; the dev set is tokenised once."""
-
-    def __init__(self, args, tokenizer, amp_dtype):
-        self.pairs = read_sts(resolve_path(args.dev_file, args.data_dir))
-        self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], args.max_len)
-        self.gold = np.array([p[2] for p in self.pairs])
-        self.pad_id, self.args, self.amp_dtype = tokenizer.pad_token_id, args, amp_dtype
-
-    def __call__(self, model):
-        model.eval()
-        emb = encode_tokenized(model, self.tokenized, self.pad_id, self.args.eval_batch_size,
-                               self.args.device, amp_dtype=self.amp_dtype)
-        model.train()
-        n = len(self.pairs)
-        return sts_metrics(emb[:n], emb[n:], self.gold)
-
-
-# Copied from KoSimCSE/train.py:setup_distributed
-def setup_distributed(args):
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
-    gloo on CPU; each process drives one GPU (LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    if args.device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        args.device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# Copied from KoSimCSE/train.py:save_checkpoint
-def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score, **extra):
-    """Everything --resume needs, written atomically: weights, optimizer, schedule, loss scale,
-    the step (which fixes the data position through BatchPlan), the best dev score, RNG states,
-    and any ``extra`` entries of the caller's."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, **extra}
-
-    def write(folder):
-        os.makedirs(folder)
-        torch.save(state, os.path.join(folder, "state.pt"))
-    save_atomically(write, path)
-
-
-# Copied from KoSimCSE/train.py:load_checkpoint
-def load_checkpoint(path, model, optimizer, scheduler, scaler):
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return state
-
-
-# Copied from KoSimCSE/train.py:restore_rng
-def restore_rng(rng):
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# Copied from KoSimCSE/train.py:truncate_log
-def truncate_log(path, step):
-    """Drop log lines written after the checkpoint a resumed run restarts from."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-
-def train(args):
-    rank, world = setup_distributed(args)
+# Copied from KoSimCSE/train.py:fit
+def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank, world, state=None):
+    """Train ``trainable`` on ``sources`` (interleaved, see interleave) for ``stage.epochs`` or --max_steps.
+    Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
+    the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
+    output_dir/checkpoint every --save_steps and whenever it evaluates. ``state``: a checkpoint of this stage to resume from. Under
+    torch.distributed every process takes its slice of each global batch; rank 0 evaluates and saves."""
     main_process = rank == 0
-    log = (lambda msg: tqdm.write(msg)) if main_process else (lambda msg: None)
-    if not args.resume:
-        check_output_dir(args)
-    set_seed(args.seed + rank)  # per-rank dropout masks
-    tokenizer, model = load_model(args)
-    model.to(args.device)
-    dataset = build_train_dataset(args, tokenizer, log=log)
-    plan = BatchPlan(len(dataset), args.batch_size, args.seed, rank, world)
-    collate = ColumnCollator(tokenizer.pad_token_id)
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * len(plan)
+    schedule = interleave([len(s.plan) for s in sources])
+    total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = build_optimizer(trainable, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    evaluate = DevEvaluator(args, tokenizer, amp_dtype) if main_process else None
-    best_dir = os.path.join(args.output_dir, "best_model")
-    checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    best_dir, checkpoint_dir = os.path.join(args.output_dir, stage.best_dir), os.path.join(args.output_dir, "checkpoint")
     best_score, step = -math.inf, 0
-    if args.resume:
-        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler)
-        best_score, step = state["best_score"], state["step"]
-        restore_rng(state["rng"]) if main_process else torch.manual_seed(args.seed + rank + step)
+    if state is not None:
+        step, best_score = load_checkpoint(state, trainable, optimizer, scheduler, scaler)
         if main_process:
-            truncate_log(log_path, step)
-        log(f"resuming {args.output_dir} at step {step:,} (best dev max-spearman {best_score:.2f})")
-    elif main_process:
-        prepare_output_dir(args)  # only now: bad inputs above must not cost the earlier run anything
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    log(f"{len(dataset):,} training examples, batch {args.batch_size}"
-        + (f" ({world} processes x {plan.local_batch})" if world > 1 else "")
-        + f", {total_steps:,} steps ({len(plan):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
+            restore_rng(state["rng"])
+        else:  # only rank 0's RNG state is saved; the others get fresh (seeded) dropout masks
+            torch.manual_seed(args.seed + rank + step)
+        log(f"[{stage.name}] resuming {args.output_dir} at step {step:,} (best dev {best_score_text(best_score)})")
+    # With several sources, parameters idle on one source's batches (KoSBERT's classifier) must not be waited for.
+    ddp = torch.nn.parallel.DistributedDataParallel(trainable, find_unused_parameters=len(sources) > 1) \
+        if world > 1 else trainable
+    sizes = ", ".join(f"{s.name} {len(s.dataset):,} examples / {len(s.plan):,} batches" for s in sources)
+    log(f"[{stage.name}] {sizes}; batch {args.batch_size}"
+        + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
+        + f", {total_steps:,} steps ({len(schedule):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
 
-    start = time.time()
-    with open(log_path, "a") if main_process else open(os.devnull, "w") as log_file, \
-            tqdm(total=total_steps, initial=step, desc="KoDiffCSE", unit="step",
-                 disable=not main_process) as bar:
-        def record(entry):
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+    window, start = LossWindow(), time.time()
+    trainable.train()
+    batches = stage_batches(sources, schedule, step, total_steps, args.num_workers, device_type == "cuda")
+    with tqdm(total=total_steps, initial=step, desc=f"{METHOD} {stage.name}", unit="step",
+              disable=not main_process) as bar:
+        for epoch, source, batch in batches:
+            batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, logged = training_step(ddp, source.name, batch, args, world)
+            scaler.scale(loss).backward()
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            window.add(logged if len(sources) == 1 else {**logged, **{f"{k}_{source.name}": v for k, v in logged.items()}})
 
-        model.train()
-        while step < total_steps:
-            epoch = step // len(plan)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=list(plan.batches(epoch, step % len(plan))), collate_fn=collate,
-                num_workers=args.num_workers, pin_memory=device_type == "cuda",
-                generator=torch.Generator())  # own generator: the global RNG stays untouched
-            for batch in loader:
-                batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-                ids, mask = batch["input_ids"], batch["attention_mask"]
-                if args.static_sep_masking:  # rows: [view 1; view 2; masked view 1; masked view 2]
-                    ids, mlm_ids, mask = ids[:len(ids) // 2], ids[len(ids) // 2:], mask[:len(ids) // 2]
-                else:
-                    mlm_ids, _ = mask_tokens(ids, mask, tokenizer, args.masking_ratio)
-                with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    contrastive, rtd, _, rtd_accuracy = ddp(ids, mask, mlm_ids, args.temperature)
-                    loss = contrastive + args.lambda_weight * rtd
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: the loss is {loss.item()} at step {step + 1}; stopping. The best model "
-                                     f"so far is kept in {best_dir} and the last checkpoint in {checkpoint_dir}. "
-                                     f"Try a lower --lr, or --bf16 instead of --fp16.")
-                scaler.scale(backward_objective(contrastive, rtd, args.lambda_weight, world)).backward()
-                if args.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best_score:.2f}")
-                if step % args.logging_steps == 0:
-                    record({"step": step, "epoch": epoch, "loss": loss.item(), "contrastive_loss": contrastive.item(),
-                            "rtd_loss": rtd.item(), "rtd_accuracy": rtd_accuracy.item(),
+            boundary = step == total_steps or (args.eval_each_epoch and step % len(schedule) == 0)
+            evaluate_now = step % args.eval_steps == 0 or boundary
+            save_now = step % args.save_steps == 0 or boundary
+            if (step % args.logging_steps == 0 or evaluate_now or save_now) and not window.finite():
+                raise nonfinite_loss_exit(step, args.output_dir)  # the only GPU sync outside logging steps
+            if step % args.logging_steps == 0:
+                means = window.pop()
+                log.record({"stage": stage.name, "step": step, "epoch": epoch, **means,
                             "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 3)})
-                if step % args.eval_steps == 0 or step == total_steps:
-                    if main_process:
-                        metrics = evaluate(model)
-                        record({"step": step, "epoch": epoch, "dev": metrics})
-                        log(f"step {step}: dev avg {metrics['avg']:.2f}, cosine spearman "
-                            f"{metrics['cosine_spearman']:.2f}, max spearman {metrics['max_spearman']:.2f}")
-                        if metrics["max_spearman"] > best_score:
-                            best_score = metrics["max_spearman"]
-                            save_atomically(lambda d: model.save(d, tokenizer, args.max_len), best_dir)
-                            log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} "
-                                f"| electra acc: {rtd_accuracy.item():.4f} ##")
-                    if world > 1:
-                        dist.barrier()
-                if step % args.save_steps == 0 or step == total_steps:
-                    if main_process:
-                        save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, step, best_score)
-                    if world > 1:
-                        dist.barrier()
-                if step >= total_steps:
-                    break
-    log(f"done in {time.time() - start:.0f}s: best dev max-spearman {best_score:.2f}, model in {best_dir}")
-    if world > 1:
-        dist.destroy_process_group()
+                bar.set_postfix(loss=f"{means['loss']:.4f}", best=best_score_text(best_score))
+            if evaluate_now:
+                if main_process:
+                    best_score = evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch,
+                                                   best_score, best_dir)
+                barrier(world)
+            if save_now:
+                if main_process:
+                    save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, scaler, step, best_score,
+                                    stage=stage.name)
+                barrier(world)
+    if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        log(f"warning: no dev score was a number; saved the final model to {best_dir}")
+    log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
+        f"model in {best_dir}")
     return best_score
+
+
+# Copied from KoSimCSE/train.py:evaluate_and_save
+def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir):
+    """Dev metrics of ``encoder``, logged; the model is saved when its max Spearman beats ``best_score``."""
+    metrics = evaluate(encoder)
+    log.record({"stage": stage.name, "step": step, "epoch": epoch, "dev": metrics})
+    log(f"[{stage.name}] step {step}: dev avg {metrics['avg']:.2f}, cosine spearman {metrics['cosine_spearman']:.2f}, "
+        f"max spearman {metrics['max_spearman']:.2f}")
+    if metrics["max_spearman"] > best_score:
+        best_score = metrics["max_spearman"]
+        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
+    return best_score
+
+
+# Copied from KoSimCSE/train.py:train
+def train(args):
+    """Run every stage of ``stages(args)``. Everything that can fail on bad input (model, tokenizer, data)
+    is loaded before the output folder is touched, so a failed start costs an earlier run nothing."""
+    rank, world = setup_distributed(args)
+    plan = stages(args)
+    state = read_checkpoint(args.output_dir) if args.resume else None
+    if state is None:
+        check_output_dir(args)
+    set_seed(args.seed + rank)  # per-rank dropout masks
+    tokenizer = load_or_exit(load_tokenizer, args.model)
+    if tokenizer.pad_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {args.model} has no padding token")
+    encoder, trainable = load_model(args, args.model, plan[0].name)
+    trainable.to(args.device)
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    log = RunLog(log_path, rank)  # the file is opened at the first record, after the folder is prepared
+    sources = {name: build_source(name, args, tokenizer, rank, world, log)
+               for name in dict.fromkeys(n for s in plan for n in s.sources)}
+    amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.max_len, args.eval_batch_size,
+                            args.device, amp_dtype) if rank == 0 else None
+    if rank == 0 and state is not None:
+        truncate_log(log_path, [s.name for s in plan], state["stage"], state["step"])
+    elif rank == 0:
+        prepare_output_dir(args, extra=[s.best_dir for s in plan])  # only now: the inputs above all loaded
+    barrier(world)  # nobody starts before rank 0 has set up (or truncated) the output folder
+    resume_at = [s.name for s in plan].index(state["stage"]) if state is not None else 0
+    try:
+        for i, stage in enumerate(plan[resume_at:], resume_at):
+            if stage.start_from is not None:  # continue from the best model of an earlier stage
+                del encoder, trainable
+                set_seed(args.seed + rank)
+                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
+                trainable.to(args.device)
+                log(f"[{stage.name}] continuing from {stage.start_from}")
+            best = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
+                       log, rank, world, state if i == resume_at else None)
+            barrier(world)  # rank 0 has written this stage's best model
+    finally:
+        log.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return best
+
+
+# --- flags ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = PresetParser(description=__doc__)
+    p.add_argument("--model", default="klue/roberta-base",
+                   help="encoder checkpoint (the discriminator starts from it too): Hugging Face model id or local "
+                        "folder")
+    p.add_argument("--generator_name", default="klue/roberta-small",
+                   help="frozen masked-LM generator with the encoder's vocabulary")
+    p.add_argument("--train_file", nargs="+", default=["wiki/wiki_corpus.txt"],
+                   help="sentence-per-line files; relative paths are tried as given, then under --data_dir")
+    p.add_argument("--masking", choices=MASKINGS, default="static_sep",
+                   help="static_sep: BM-K's KoDiffCSE, fixed at load time, exactly max(1, int(n * ratio)) of a "
+                        "sentence's n tokens between [CLS] and [SEP] replaced by the [SEP] id; dynamic: DiffCSE's, "
+                        "drawn per batch, each non-special token chosen with probability ratio, then 80/10/10 "
+                        "[MASK]/random/kept. Default static_sep, as the defaults are BM-K's")
+    p.add_argument("--masking_ratio", type=float, default=0.15, help="share of tokens masked (BM-K 0.15, DiffCSE 0.30)")
+    p.add_argument("--lambda_weight", type=float, default=0.005,
+                   help="weight of the replaced-token loss, a cross-entropy over real tokens (the originals also "
+                        "count padded positions, labelled original)")
+    p.add_argument("--projection", choices=PROJECTIONS, default="pooler",
+                   help="training-only head over [CLS] that gives the sentence vectors (evaluation and the saved "
+                        "model use raw [CLS]): pooler = the checkpoint's pooler, dense + tanh (BM-K's KoDiffCSE); "
+                        "bn_mlp = DiffCSE's BatchNorm MLP (its --batchnorm); mlp = a new Linear + Tanh. Default "
+                        "pooler, as the defaults are BM-K's; a checkpoint without pooler weights starts it from "
+                        "transformers' initialisation, as BM-K's code did (with a warning)")
+    p.add_argument("--generator_eval", action="store_true",
+                   help="run the generator in eval mode, no dropout (default: train mode, dropout on, as DiffCSE "
+                        "and BM-K run it)")
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
+    add_run_args(p, batch_size=256, epochs=1, lr=5e-5, max_len=64, warmup_ratio=0.05)
+    args = finish_args(p, p.parse_args(argv), "kodiffcse")
+    if not 0.0 <= args.masking_ratio <= 1.0:
+        p.error(f"--masking_ratio {args.masking_ratio} is not a share between 0 and 1")
+    return args
 
 
 # Copied from KoSimCSE/train.py:main
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    return exit_on_data_error(lambda: train(parse_args(argv)), DataError)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""KoDiffCSE on a tiny encoder + tiny MLM generator sharing one tokenizer: masking statistics,
-replaced-token labels, gradient through the conditioning vector, lambda=0 == unsup SimCSE, vocabulary
-check, train -> save -> reload."""
+"""KoDiffCSE on a tiny encoder + tiny MLM generator sharing one tokenizer: masking statistics, the
+conditioning against the originals' cls_input, the losses by hand, generator dropout, lambda=0 ==
+unsupervised KoSimCSE, the vocabulary check, DDP, train -> save -> reload, resume."""
 import json
+import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -16,21 +18,31 @@ def dc():
     return load_method("KoDiffCSE")
 
 
-def batch_of(tok, texts):
-    return tok(texts, padding=True, return_tensors="pt")
-
-
-def test_dynamic_masking_ratio_and_80_10_10(dc, tiny_bert):
+@pytest.fixture(scope="module")
+def tok(tiny_bert):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    return AutoTokenizer.from_pretrained(tiny_bert)
+
+
+def batch_of(tok, texts):
+    return tok(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+
+
+def step_args(**kwargs):
+    """The flags training_step reads."""
+    return types.SimpleNamespace(**{"masking": "dynamic", "masking_ratio": 0.3, "temperature": 0.05,
+                                    "lambda_weight": 0.005, **kwargs})
+
+
+def test_dynamic_masking_ratio_and_80_10_10(dc, tok):
     batch = batch_of(tok, corpus_texts()[:200])
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    special = dc.dataloader.special_token_mask(ids, tok)
-    real = mask.bool() & ~special
+    vocabulary = dc.dataloader.masking_vocabulary(tok)
+    real = mask.bool() & ~dc.dataloader.special_token_mask(ids, vocabulary)
     chosen_total = real_total = masked_as_mask = kept = 0
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
-        masked, chosen = dc.dataloader.mask_tokens(ids, mask, tok, 0.3, generator=g)
+        masked, chosen = dc.dataloader.mask_tokens(ids, mask, vocabulary, 0.3, generator=g)
         assert not (chosen & ~real).any()  # never specials or padding
         assert torch.equal(masked[~chosen], ids[~chosen])
         chosen_total += chosen.sum().item()
@@ -42,12 +54,9 @@ def test_dynamic_masking_ratio_and_80_10_10(dc, tiny_bert):
     assert kept / chosen_total == pytest.approx(0.1, abs=0.015)  # 10% kept (+ random hits of the same id)
 
 
-def test_static_sep_masking_is_exact_k(dc, tiny_bert):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    texts = corpus_texts()[:50]
-    tt = dc.dataloader.TokenizedTexts(tok, texts, 32)
-    masked = dc.dataloader.static_sep_masks(tt, tok, 0.15, seed=0)
+def test_static_sep_masking_is_exact_k(dc, tok):
+    tt = dc.dataloader.TokenizedTexts(tok, corpus_texts()[:50], 32)
+    masked = dc.dataloader.static_sep_masks(tt, tok.sep_token_id, 0.15, seed=0)
     for i in range(len(tt)):
         a, b = tt.offsets[i], tt.offsets[i + 1]
         n_content = len(tt[i]) - 2
@@ -57,58 +66,198 @@ def test_static_sep_masking_is_exact_k(dc, tiny_bert):
 
 
 @pytest.fixture
-def model(dc, tiny_bert, generator):
+def model(dc, tok, tiny_bert, generator):
     torch.manual_seed(0)
-    return dc.model.DiffCSE.from_pretrained(tiny_bert, generator, projection="mlp")
+    return dc.model.DiffCSE.from_pretrained(tiny_bert, generator, dc.dataloader.masking_vocabulary(tok),
+                                            projection="mlp")
 
 
-def test_replaced_labels_and_padding_excluded(dc, tiny_bert, model):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
+def test_replaced_token_loss_by_hand(dc):
+    """One sentence of 3 real tokens and a pad: the CE is the mean of the 3 real tokens' -log p(label)."""
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [5.0, -5.0]]])
+    replaced = torch.tensor([[False, True, True, True]])  # the pad's label must not count either
+    mask = torch.tensor([[1, 1, 1, 0]])
+    by_hand = (math.log(2) + math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 3
+    assert dc.model.replaced_token_loss(logits, replaced, mask).item() == pytest.approx(by_hand, abs=1e-6)
+    assert dc.model.replaced_token_accuracy(logits, replaced, mask).item() == pytest.approx(2 / 3)  # ties -> 0
+
+
+def test_replaced_labels_are_the_generators_changes_on_real_tokens(dc, tok, model):
     batch = batch_of(tok, ["사과 바나나 포도 딸기.", "기차.", "사과 바나나 포도 딸기.", "기차."])
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    mlm, _ = dc.dataloader.mask_tokens(ids, mask, tok, 0.5, generator=torch.Generator().manual_seed(0))
-    model.eval()  # no dropout: the pieces can be recomputed by hand below
-    _, rtd, replaced, _ = model(ids, mask, mlm)
+    mlm, _ = dc.dataloader.mask_tokens(ids, mask, model.vocabulary, 0.5, generator=torch.Generator().manual_seed(0))
+    model.eval()  # no dropout: the generator's argmax can be recomputed
     with torch.no_grad():
+        out = model(ids, mask, mlm)
+        generated = model.generator(input_ids=mlm, attention_mask=mask).logits.argmax(-1)
+    generated[:, 0] = ids[:, 0]
+    assert torch.equal(out.replaced, (generated != ids) & mask.bool())
+    assert out.replaced.any() and not out.replaced[mask == 0].any() and not out.replaced[:, 0].any()
+    assert out.embeddings.shape == (4, 32) and out.rtd_logits.shape == (*ids.shape, 2)
+
+
+def tiny_backbone(arch, tok, dropout=0.1):
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    kwargs = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=80, pad_token_id=tok.pad_token_id,
+                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return BertModel(BertConfig(**kwargs)) if arch == "bert" else RobertaModel(RobertaConfig(**kwargs))
+
+
+def originals_discriminator(discriminator, input_ids, attention_mask, z):
+    """DiffCSE's / BM-K's patched ``BertModel(cls_input=z)``, step by step on the stock modules: the
+    embedding layer's output, its position 0 overwritten by z, then the encoder layers."""
+    embedding_output = discriminator.embeddings(input_ids=input_ids)
+    embedding_output = torch.cat([z[:, None], embedding_output[:, 1:]], dim=1)
+    additive_mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    hidden = embedding_output
+    for layer in discriminator.encoder.layer:
+        out = layer(hidden, attention_mask=additive_mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_conditioning_equals_the_originals_cls_input(dc, tok, generator, arch):
+    """The sentence vector replaces the embedding layer's OUTPUT at position 0 (after word + position +
+    type embeddings, LayerNorm, dropout): the whole forward in eval mode, and the discriminator alone in
+    train mode (dropout on, same seed), equal the originals' route to 1e-6 on every real token."""
+    from transformers import AutoModelForMaskedLM
+    torch.manual_seed(0)
+    model = dc.model.DiffCSE(tiny_backbone(arch, tok), tiny_backbone(arch, tok),
+                             AutoModelForMaskedLM.from_pretrained(generator), dc.dataloader.masking_vocabulary(tok),
+                             projection="pooler").eval()
+    batch = batch_of(tok, ["사과 바나나 포도 딸기 기차.", "기차.", "사과 바나나 포도 딸기 기차.", "기차."])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlm, _ = dc.dataloader.mask_tokens(ids, mask, model.vocabulary, 0.5, generator=torch.Generator().manual_seed(0))
+    real = mask.bool()
+    with torch.no_grad():
+        out = model(ids, mask, mlm)
         generated = model.generator(input_ids=mlm, attention_mask=mask).logits.argmax(-1)
         generated[:, 0] = ids[:, 0]
-        assert torch.equal(replaced, (generated != ids) & mask.bool())
-        assert replaced.any() and not replaced[mask == 0].any()
-        z = model.projection(model(ids, mask))
-        embeds = model.discriminator.get_input_embeddings()(generated)
-        embeds[:, 0] = z  # the sentence vector replaces the first input embedding
-        logits = model.rtd_head(model.discriminator(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
-        real = mask.bool()
-        want = torch.nn.functional.cross_entropy(logits[real], replaced[real].long())
-        with_pads = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), replaced.reshape(-1).long())
-    assert rtd.item() == pytest.approx(want.item(), abs=1e-6)
-    assert (mask == 0).any() and rtd.item() != pytest.approx(with_pads.item(), abs=1e-6)  # pads excluded
-
-
-def test_rtd_loss_alone_reaches_the_encoder(dc, tiny_bert, model):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    batch = batch_of(tok, ["사과 바나나 포도 딸기.", "바다 파도 모래.", "사과 바나나 포도 딸기.", "바다 파도 모래."])
-    mlm, _ = dc.dataloader.mask_tokens(batch["input_ids"], batch["attention_mask"], tok, 0.5,
-                                       generator=torch.Generator().manual_seed(1))
+        generated = torch.where(real, generated, ids)
+        reference = model.rtd_head(originals_discriminator(model.discriminator, generated, mask, out.embeddings))
+    assert (~real).any() and out.replaced.any()
+    worst = (out.rtd_logits - reference)[real].abs().max().item()
+    assert worst < 1e-6, worst
     model.train()
-    _, rtd, _, _ = model(batch["input_ids"], batch["attention_mask"], mlm)
-    rtd.backward()
+    z = torch.randn(len(ids), 16)
+    torch.manual_seed(5)
+    ours = model.discriminate(generated, mask, z)
+    torch.manual_seed(5)
+    theirs = originals_discriminator(model.discriminator, generated, mask, z)
+    worst = (ours - theirs)[real].abs().max().item()
+    assert worst < 1e-6, worst
+    torch.manual_seed(6)
+    assert (model.discriminate(generated, mask, z) - theirs)[real].abs().max() > 1e-3  # dropout is on
+
+
+def test_generator_runs_with_dropout_unless_generator_eval(dc, tok, tiny_bert, generator):
+    """As in DiffCSE and BM-K, model.train() leaves the generator in train mode, so two passes over the
+    same masked input differ; --generator_eval keeps it in eval mode (and everything else training)."""
+    batch = batch_of(tok, corpus_texts()[:8])
+    mlm, _ = dc.dataloader.mask_tokens(batch["input_ids"], batch["attention_mask"],
+                                       dc.dataloader.masking_vocabulary(tok), 0.3,
+                                       generator=torch.Generator().manual_seed(0))
+    for flags, differ in (([], True), (["--generator_eval"], False)):
+        args = dc.train.parse_args(["--model", tiny_bert, "--generator_name", generator, "--device", "cpu", *flags])
+        _, trainable = dc.train.load_model(args, tiny_bert, "unsup")
+        trainable.train()
+        assert trainable.generator.training is differ and trainable.encoder.training
+        with torch.no_grad():
+            first, second = (trainable.generator(input_ids=mlm, attention_mask=batch["attention_mask"]).logits
+                             for _ in range(2))
+        assert (not torch.equal(first, second)) is differ, flags
+
+
+def test_rtd_loss_alone_reaches_the_encoder(dc, tok, model):
+    batch = batch_of(tok, ["사과 바나나 포도 딸기.", "바다 파도 모래.", "사과 바나나 포도 딸기.", "바다 파도 모래."])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlm, _ = dc.dataloader.mask_tokens(ids, mask, model.vocabulary, 0.5, generator=torch.Generator().manual_seed(1))
+    model.train()
+    out = model(ids, mask, mlm)
+    dc.model.replaced_token_loss(out.rtd_logits, out.replaced, mask).backward()
     grads = [p.grad for n, p in model.encoder.named_parameters() if "pooler" not in n]
     assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
     assert all(p.grad is None for p in model.generator.parameters())  # frozen
 
 
-def test_lambda_zero_is_unsupervised_simcse(dc, tiny_bert, model):
-    from transformers import AutoTokenizer
+def test_total_loss_is_computed_once(dc, tok, model, monkeypatch):
+    """training_step calls each loss once and diffcse_loss once; what it backpropagates is
+    world * contrastive + lambda * rtd and what it logs as loss is contrastive + lambda * rtd."""
+    calls = []
+    for name in ("contrastive_loss", "replaced_token_loss", "diffcse_loss"):
+        def counted(*args, _f=getattr(dc.train, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(dc.train, name, counted)
+    texts = ["사과 바나나.", "바다 파도 모래.", "기차 역 승객."]
+    batch = dict(batch_of(tok, texts + texts))
+    model.train()
+    for world in (1, 3):  # no process group: the gathered batch is the local one, only the scaling differs
+        calls.clear()
+        loss, logged = dc.train.training_step(model, "wiki", batch, step_args(lambda_weight=0.3), world)
+        assert sorted(calls) == ["contrastive_loss", "diffcse_loss", "replaced_token_loss"]
+        assert sorted(logged) == ["contrastive_loss", "loss", "rtd_accuracy", "rtd_loss"]
+        assert all(not v.requires_grad for v in logged.values())
+        c, r = logged["contrastive_loss"].item(), logged["rtd_loss"].item()
+        assert loss.item() == pytest.approx(world * c + 0.3 * r, abs=1e-6)
+        assert logged["loss"].item() == pytest.approx(c + 0.3 * r, abs=1e-6)
+        assert r > 0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("projection, pooler", [("mlp", "cls"), ("pooler", "pooler")])
+def test_lambda_zero_step_equals_kosimcse_unsup_step_with_dropout(dc, tok, tiny_bert, generator, projection,
+                                                                  pooler):
+    """Train mode, dropout on, same seed: a KoDiffCSE training_step with lambda=0 gives unsupervised
+    KoSimCSE's step (pooler cls + MLP in training, or the checkpoint's pooler): the same loss and the
+    same encoder gradients, since the encoder's dropout draws come first in both and the generator and
+    discriminator only run afterwards (static masking: no draws before the encoder)."""
     kosimcse = load_method("KoSimCSE")
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    batch = batch_of(tok, ["사과 바나나.", "바다 파도 모래.", "사과 바나나.", "바다 파도 모래."])
-    model.eval()  # deterministic views: compare the losses on identical embeddings
-    contrastive, rtd, _, _ = model(batch["input_ids"], batch["attention_mask"], batch["input_ids"])
-    z = model.projection(model(batch["input_ids"], batch["attention_mask"]))
-    assert (contrastive + 0.0 * rtd).item() == pytest.approx(kosimcse.model.contrastive_loss(z, 2, 0.05).item(), abs=1e-6)
+    texts = ["사과 바나나.", "바다 파도 모래.", "기차 역 승객."]
+    batch = batch_of(tok, texts + texts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlm = dc.dataloader.mask_tokens(ids, mask, dc.dataloader.masking_vocabulary(tok), 0.3,
+                                    generator=torch.Generator().manual_seed(0))[0]
+    torch.manual_seed(0)
+    ours = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, dc.dataloader.masking_vocabulary(tok),
+                                            projection=projection).train()
+    theirs = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler=pooler, mlp_only_train=True).train()
+    if projection == "mlp":
+        theirs.mlp.load_state_dict(ours.projection.state_dict())
+    torch.manual_seed(123)
+    loss, logged = dc.train.training_step(ours, "wiki", {"input_ids": torch.cat([ids, mlm]),
+                                                         "attention_mask": torch.cat([mask, mask])},
+                                          step_args(masking="static_sep", lambda_weight=0.0), 1)
+    loss.backward()
+    torch.manual_seed(123)
+    reference, _ = kosimcse.train.training_step(theirs, "unsup", {"input_ids": ids, "attention_mask": mask},
+                                                types.SimpleNamespace(temperature=0.05), 1)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-6)
+    assert logged["loss"].item() == pytest.approx(reference.item(), abs=1e-6)
+    theirs_grads = dict(theirs.backbone.named_parameters())
+    for name, param in ours.encoder.backbone.named_parameters():
+        if param.grad is not None or theirs_grads[name].grad is not None:
+            torch.testing.assert_close(param.grad, theirs_grads[name].grad, atol=1e-6, rtol=0)
+    assert ours.encoder.backbone.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    torch.manual_seed(124)  # dropout really is on: other draws, another loss
+    with torch.no_grad():
+        assert kosimcse.model.contrastive_loss(theirs(ids, mask), 2, 0.05).item() != pytest.approx(reference.item(), abs=1e-4)
+    assert all(p.grad is None or not p.grad.any() for p in ours.rtd_head.parameters())
+
+
+def test_pooler_projection_without_pooler_weights_warns_and_starts_from_init(dc, tok, tiny_bert, generator,
+                                                                            tmp_path):
+    """BM-K's projection is the encoder's pooler_output; a checkpoint saved without pooler weights gets a
+    freshly initialised pooler there, so here too -- with a warning rather than silently."""
+    from transformers import BertModel
+    bare = str(tmp_path / "no-pooler")
+    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(bare)
+    tok.save_pretrained(bare)
+    with pytest.warns(UserWarning, match="no trained pooler weights"):
+        model = dc.model.DiffCSE.from_pretrained(bare, generator, dc.dataloader.masking_vocabulary(tok))
+    assert model.projection[0] is model.encoder.backbone.pooler.dense and model.projection[0].weight.requires_grad
 
 
 def test_generator_vocabulary_mismatch_stops_before_training(dc, tiny_bert, synthetic_data, tmp_path):
@@ -123,7 +272,7 @@ def test_generator_vocabulary_mismatch_stops_before_training(dc, tiny_bert, synt
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("extra", [[], ["--static_sep_masking", "--projection", "bn_mlp"]])
+@pytest.mark.parametrize("extra", [[], ["--masking", "dynamic", "--projection", "bn_mlp"]])
 def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data, tmp_path, extra):
     st = pytest.importorskip("sentence_transformers")
     from transformers import AutoModel, AutoTokenizer
@@ -132,7 +281,8 @@ def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data
                    "--output_dir", out, "--batch_size", "16", "--max_len", "24", "--max_steps", "6",
                    "--eval_steps", "3", "--logging_steps", "2", "--lambda_weight", "0.1", *extra])
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
-    assert all("rtd_loss" in e and "contrastive_loss" in e for e in log if "loss" in e)
+    losses = [e for e in log if "loss" in e]
+    assert len(losses) == 3 and all({"rtd_loss", "contrastive_loss", "rtd_accuracy"} <= set(e) for e in losses)
     best = os.path.join(out, "best_model")
     assert sorted(f for f in os.listdir(best) if f.endswith(".safetensors")) == ["model.safetensors"]
     tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
@@ -161,12 +311,17 @@ def test_generator_vocab_size_larger_than_the_encoders_stops(dc, tiny_bert, synt
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_batchnorm_flag_is_the_bn_mlp_projection(dc, tiny_bert, generator):
-    assert dc.train.parse_args(["--batchnorm"]).projection == "bn_mlp"
-    assert dc.train.parse_args([]).projection == "mlp"
+def test_defaults_are_bmk_and_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, generator):
+    defaults = dc.train.parse_args(["--device", "cpu"])
+    bmk = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "bmk-roberta.args"), "--device", "cpu"])
+    assert vars(bmk) == vars(defaults)
+    assert (defaults.projection, defaults.masking, defaults.generator_eval) == ("pooler", "static_sep", False)
+    diffcse = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "diffcse-bert.args"), "--device", "cpu"])
+    assert (diffcse.projection, diffcse.masking, diffcse.masking_ratio) == ("bn_mlp", "dynamic", 0.3)
     with pytest.raises(SystemExit):
-        dc.train.parse_args(["--batchnorm", "--projection", "pooler"])
-    head = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, projection="bn_mlp").projection
+        dc.train.parse_args(["--batchnorm"])  # DiffCSE's flag name is gone: --projection bn_mlp
+    head = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, dc.dataloader.masking_vocabulary(tok),
+                                            projection="bn_mlp").projection
     linears = [m for m in head if isinstance(m, torch.nn.Linear)]
     norms = [m for m in head if isinstance(m, torch.nn.BatchNorm1d)]
     assert [m.bias for m in linears] == [None, None] and linears[0].out_features == 2 * linears[0].in_features
@@ -174,8 +329,9 @@ def test_batchnorm_flag_is_the_bn_mlp_projection(dc, tiny_bert, generator):
 
 
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, generator, tmp_path):
-    """torchrun (gloo, 2 processes) vs one process: the same gradients, the RTD part included (its loss
-    is local to each rank, so it must not be scaled by the world size as the gathered contrastive loss is)."""
+    """torchrun (gloo, 2 processes) vs one process: the same training_step gradients, the RTD part
+    included (its loss is local to each rank, so it must not be scaled by the world size as the gathered
+    contrastive loss is)."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -198,60 +354,6 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout
     assert worst < 1e-5, worst
 
 
-def test_lambda_zero_step_equals_kosimcse_unsup_step_with_dropout(dc, tiny_bert, generator):
-    """Train mode, dropout on, same seed: KoDiffCSE with lambda=0 gives unsupervised KoSimCSE's loss
-    (pooler cls + MLP in training) and the same encoder gradients, since the encoder's dropout draws come
-    first in both and the generator/discriminator only run afterwards."""
-    from transformers import AutoTokenizer
-    kosimcse = load_method("KoSimCSE")
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    texts = ["사과 바나나.", "바다 파도 모래.", "기차 역 승객."]
-    batch = batch_of(tok, texts + texts)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    mlm, _ = dc.dataloader.mask_tokens(ids, mask, tok, 0.3, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    ours = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, projection="mlp").train()
-    theirs = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="cls", mlp_only_train=True).train()
-    theirs.mlp.load_state_dict(ours.projection.state_dict())
-    torch.manual_seed(123)
-    contrastive, rtd, _, _ = ours(ids, mask, mlm, 0.05)
-    dc.model.backward_objective(contrastive, rtd, 0.0).backward()
-    torch.manual_seed(123)
-    reference = kosimcse.model.contrastive_loss(theirs(ids, mask), 2, 0.05)
-    reference.backward()
-    assert contrastive.item() == pytest.approx(reference.item(), abs=1e-6)
-    theirs_grads = dict(theirs.backbone.named_parameters())
-    for name, param in ours.encoder.named_parameters():
-        if param.grad is not None or theirs_grads[name].grad is not None:
-            torch.testing.assert_close(param.grad, theirs_grads[name].grad, atol=1e-6, rtol=0)
-    assert ours.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    torch.manual_seed(124)  # dropout really is on: other draws, another loss
-    with torch.no_grad():
-        assert kosimcse.model.contrastive_loss(theirs(ids, mask), 2, 0.05).item() != pytest.approx(reference.item(), abs=1e-4)
-    assert all(p.grad is None or not p.grad.any() for p in ours.rtd_head.parameters())
-
-
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_inputs_embeds_route_changes_only_position_zero(tiny_bert, arch):
-    """The conditioning passes word embeddings as inputs_embeds. Unmodified, that route must give the
-    input_ids forward on every real token (right padding: RoBERTa's position ids from inputs_embeds are
-    sequential, which equals its pad-skipping ids on real tokens), so swapping position 0 is the only change."""
-    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    kwargs = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=32, max_position_embeddings=80, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = (BertModel(BertConfig(**kwargs)) if arch == "bert" else RobertaModel(RobertaConfig(**kwargs))).eval()
-    batch = batch_of(tok, ["사과 바나나 포도 딸기 기차.", "기차."])
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        by_ids = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        embeds = model.get_input_embeddings()(batch["input_ids"])
-        by_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-    assert (~real).any()
-    torch.testing.assert_close(by_embeds[real], by_ids[real], atol=1e-5, rtol=0)
-
-
 def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_path):
     from conftest import ROOT, torchrun
     out = str(tmp_path / "ddp")
@@ -266,12 +368,13 @@ def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_
 
 
 def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, synthetic_data, tmp_path):
-    """Dropout and the random masking both draw from the restored RNG states: every loss after the
-    resume and every dev score equal the uninterrupted run's."""
+    """Dropout (generator included) and the dynamic masking all draw from the restored RNG states: every
+    loss after the resume and every dev score equal the uninterrupted run's."""
     def args(out):
         return ["--model", tiny_bert, "--generator_name", generator, "--data_dir", synthetic_data,
                 "--output_dir", out, "--batch_size", "16", "--max_len", "24", "--max_steps", "9", "--eval_steps",
-                "3", "--save_steps", "2", "--logging_steps", "1", "--lambda_weight", "0.1", "--device", "cpu"]
+                "3", "--save_steps", "2", "--logging_steps", "1", "--lambda_weight", "0.1", "--masking", "dynamic",
+                "--device", "cpu"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     dc.train.main(args(straight))
     crash_after_first_checkpoint(dc.train, args(crashed))  # killed right after step 2's checkpoint
@@ -279,7 +382,7 @@ def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, 
     a, b = ([json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (straight, crashed))
     assert [e["step"] for e in a] == [e["step"] for e in b] and len(a) == 9 + 3
     for x, y in zip(a, b):
-        for key in ("loss", "rtd_loss", "contrastive_loss"):
+        for key in ("loss", "rtd_loss", "contrastive_loss", "rtd_accuracy"):
             assert y.get(key) == pytest.approx(x.get(key), abs=1e-6), (x["step"], key)
         for key in x.get("dev", {}):
             assert y["dev"][key] == pytest.approx(x["dev"][key], abs=1e-6), (x["step"], key)

@@ -32,7 +32,7 @@ def test_bf16_checkpoints_load_in_float32(methods, tiny_bert, tiny_t5, generator
     """transformers 5 keeps a checkpoint's saved dtype: every folder's training and evaluation loaders
     must still give float32 weights (autocast is what --bf16 is for)."""
     import json
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
     bert = saved_in_bf16(tiny_bert, str(tmp_path / "bert"))
     t5 = saved_in_bf16(tiny_t5, str(tmp_path / "t5"))
     mlm = saved_in_bf16(generator, str(tmp_path / "generator"))
@@ -41,7 +41,8 @@ def test_bf16_checkpoints_load_in_float32(methods, tiny_bert, tiny_t5, generator
     trained = {"KoSimCSE": methods["KoSimCSE"].model.SentenceEncoder.from_pretrained(bert, pooler="mean"),
                "KoSBERT": methods["KoSBERT"].model.SentenceEncoder.from_pretrained(bert),
                "KoSentenceT5": methods["KoSentenceT5"].model.SentenceT5.from_pretrained(t5),
-               "KoDiffCSE": methods["KoDiffCSE"].model.DiffCSE.from_pretrained(bert, mlm)}
+               "KoDiffCSE": methods["KoDiffCSE"].model.DiffCSE.from_pretrained(
+                   bert, mlm, methods["KoDiffCSE"].dataloader.masking_vocabulary(AutoTokenizer.from_pretrained(bert)))}
     for name, model in trained.items():
         assert {p.dtype for p in model.parameters()} == {torch.float32}, name
     for name in FOLDERS:

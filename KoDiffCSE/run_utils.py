@@ -1,0 +1,403 @@
+"""Run plumbing of a training script: flags and presets, the output folder, atomic saves, checkpoints
+and --resume, RNG state, torch.distributed setup, the optimizer, the training log and the dev evaluator.
+
+Nothing here is specific to one method. KoSimCSE/run_utils.py is the origin; the other method folders
+hold whole-file copies that utils/check_copies.py keeps equal (``python utils/check_copies.py --fix``
+re-syncs them), so each folder stays standalone. Edit this file in KoSimCSE/ only.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import random
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dataloader import TokenizedTexts, read_sts, resolve_path
+from evaluation import DEFAULT_DATA_DIR, encode_tokenized, sts_metrics
+
+RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
+METHOD = os.path.basename(os.path.dirname(os.path.abspath(__file__)))  # the method folder's name
+
+# One stage of a run: its name, the names of its training sources (see the folder's build_source), its
+# epochs, the folder under --output_dir its best model goes to, and the folder of an earlier stage's best
+# model it starts from (None: --model).
+Stage = collections.namedtuple("Stage", "name sources epochs best_dir start_from")
+
+
+# --- flags and presets ------------------------------------------------------------------------------
+
+class PresetParser(argparse.ArgumentParser):
+    """argparse with preset files: ``train.py @presets/NAME.args --lr 1e-5`` reads the file's flags as if
+    typed in its place (later flags win). A preset holds any number of flags per line; ``#`` starts a
+    comment. Every flag's default is shown in --help."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", formatter_class=HelpFormatter, **kwargs)
+
+    def convert_arg_line_to_args(self, line):
+        return line.split("#", 1)[0].split()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring verbatim, and "(default: ...)" after every flag whose help does not say it."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
+def parse_with_mode_preset(p, argv, presets_dir, mode_presets):
+    """Parse ``argv`` with the defaults of its --mode's preset file (``mode_presets[mode]`` in
+    ``presets_dir``), so that --help shows the values a run of that mode really starts from."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = PresetParser(add_help=False)
+    pre.add_argument("--mode", default=p.get_default("mode"))
+    mode = pre.parse_known_args(argv)[0].mode
+    if mode in mode_presets:
+        p.set_defaults(**vars(p.parse_args(["@" + os.path.join(presets_dir, mode_presets[mode])])))
+    return p.parse_args(argv)
+
+
+def add_run_args(p, **defaults):
+    """The flags every method's train.py takes; ``defaults`` sets the method's own defaults."""
+    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder")
+    p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection")
+    p.add_argument("--output_dir", default=None, help="where the run is written (default: output/<method>-<mode>)")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
+    p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
+                   help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
+                        "it was started with (only --device and --num_workers may change)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch (all processes together)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
+    p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (AdamW, linear decay)")
+    p.add_argument("--warmup_ratio", type=float, default=0.0, help="linear warmup over this fraction of the steps")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW; biases and LayerNorm weights get none")
+    p.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping; 0 = off")
+    p.add_argument("--max_len", type=int, default=64,
+                   help="max tokens per training sentence, special tokens included; longer ones are truncated "
+                        "and counted")
+    p.add_argument("--bucket_tokens", type=int, default=None,
+                   help="encode each training batch in length buckets of at least N padded tokens, each padded "
+                        "only to its own longest sentence (same result, far less padding); 0 = one pass over the "
+                        "batch padded to its longest sentence (default: 512 on CPU, 8192 on GPU)")
+    p.add_argument("--eval_steps", type=int, default=125, help="evaluate on --dev_file every N steps and at the end")
+    p.add_argument("--eval_each_epoch", action=argparse.BooleanOptionalAction, default=False,
+                   help="also evaluate (and checkpoint) at the end of every epoch, as sentence-transformers' fit")
+    p.add_argument("--save_steps", type=int, default=None,
+                   help="write output_dir/checkpoint (for --resume) every N steps and whenever it evaluates "
+                        "(default: --eval_steps)")
+    p.add_argument("--eval_batch_size", type=int, default=128, help="sentences per batch at evaluation")
+    p.add_argument("--logging_steps", type=int, default=10, help="log the mean losses of every N steps")
+    p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of each training set")
+    p.add_argument("--seed", type=int, default=42, help="seeds the model head init, dropout and the data order")
+    p.add_argument("--fp16", action="store_true", help="float16 autocast + gradient scaling (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(**defaults)
+
+
+def finish_args(p, args, default_output_dir):
+    """Checks and derived values after parsing; with --resume, the arguments the run was started with."""
+    if args.resume:
+        saved = os.path.join(args.resume, "args.json")
+        if not os.path.isfile(saved):
+            p.error(f"--resume {args.resume}: no args.json there, so no run to resume")
+        with open(saved) as f:
+            for key, value in json.load(f).items():
+                if key not in ("device", "num_workers", "resume"):
+                    setattr(args, key, value)
+        args.output_dir = args.resume
+        return args
+    if args.bucket_tokens is None:
+        args.bucket_tokens = 512 if args.device == "cpu" else 8192
+    args.output_dir = args.output_dir or os.path.join("output", default_output_dir)
+    if args.save_steps is None:
+        args.save_steps = args.eval_steps
+    if args.fp16 and args.bf16:
+        p.error("--fp16 and --bf16 are exclusive")
+    if args.fp16 and not args.device.startswith("cuda"):
+        p.error("--fp16 needs a CUDA device (use --bf16 on CPU)")
+    for name in ("eval_steps", "save_steps", "logging_steps", "batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    return args
+
+
+# --- the output folder ------------------------------------------------------------------------------
+
+def recover_interrupted_save(output_dir):
+    """A kill between the two renames of save_atomically leaves NAME.old and no NAME: put it back."""
+    for name in ("best_model", "checkpoint", "nli_model", "sup_model"):
+        path = os.path.join(output_dir, name)
+        if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+            os.replace(path + ".old", path)
+
+
+def check_output_dir(args):
+    """Refuse to mix two runs in one folder unless --overwrite_output_dir."""
+    recover_interrupted_save(args.output_dir)
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output_dir, f))]
+    if earlier and not args.overwrite_output_dir:
+        raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
+                         f"--overwrite_output_dir to replace it, --resume {args.output_dir} to continue it, "
+                         f"or choose another --output_dir")
+
+
+def prepare_output_dir(args, extra=()):
+    """Clear an earlier run (only once the new one's inputs have loaded) and record the arguments."""
+    for stale in ("best_model", "checkpoint", "train_log.jsonl", *extra):
+        path = os.path.join(args.output_dir, stale)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
+
+
+def save_atomically(save, final_dir):
+    """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir."""
+    tmp, old = final_dir + ".tmp", final_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    if os.path.isdir(final_dir):
+        os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- checkpoints and RNG ----------------------------------------------------------------------------
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score, **extra):
+    """Everything --resume needs, written atomically: weights, optimizer, schedule, loss scale,
+    the step (which fixes the data position through BatchPlan), the best dev score, RNG states,
+    and any ``extra`` entries of the caller's."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, **extra}
+
+    def write(folder):
+        os.makedirs(folder)
+        torch.save(state, os.path.join(folder, "state.pt"))
+    save_atomically(write, path)
+
+
+def read_checkpoint(output_dir):
+    """The state dict of output_dir/checkpoint/state.pt (see save_checkpoint)."""
+    recover_interrupted_save(output_dir)
+    path = os.path.join(output_dir, "checkpoint", "state.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume {output_dir}: no checkpoint/state.pt there to resume from")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(state, model, optimizer, scheduler, scaler):
+    """Put a read_checkpoint state back into the live objects; returns (step, best dev score)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state["step"], state["best_score"]
+
+
+def restore_rng(rng):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def truncate_log(path, stages, stage, step):
+    """Drop the log lines written after the checkpoint (``stage``, ``step``) a resumed run restarts from."""
+    if os.path.exists(path):
+        position = (stages.index(stage), step)
+        with open(path) as f:
+            entries = [(line, json.loads(line)) for line in f]
+        kept = [line for line, e in entries if (stages.index(e["stage"]), e["step"]) <= position]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+# --- distributed, optimizer, logging ----------------------------------------------------------------
+
+def setup_distributed(args):
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
+    gloo on CPU; each process drives one GPU (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+class Source:
+    """One training set of a stage: its name (what training_step is told), dataset, BatchPlan and collator."""
+
+    def __init__(self, name, dataset, plan, collate):
+        self.name, self.dataset, self.plan, self.collate = name, dataset, plan, collate
+
+    def loader(self, epoch, start_batch, num_workers=0, pin_memory=False):
+        """The batches of ``epoch`` from ``start_batch`` on, in BatchPlan's order."""
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=list(self.plan.batches(epoch, start_batch)), collate_fn=self.collate,
+            num_workers=num_workers, pin_memory=pin_memory,
+            generator=torch.Generator())  # its own generator: the global RNG stays untouched
+
+
+def interleave(sizes):
+    """Proportional round-robin: the source index of every step of one epoch, given each source's
+    batches per epoch. Each step takes the source with the smallest (done + 1) / size; ties go to the
+    earlier source, so a smaller source is spread evenly through a larger one. With one source this is
+    simply its batches in order."""
+    done, order = [0] * len(sizes), []
+    for _ in range(sum(sizes)):
+        i = min((k for k in range(len(sizes)) if done[k] < sizes[k]), key=lambda k: ((done[k] + 1) / sizes[k], k))
+        done[i] += 1
+        order.append(i)
+    return order
+
+
+def stage_batches(sources, schedule, step, total_steps, num_workers=0, pin_memory=False):
+    """(epoch, source, batch) for every step from ``step`` to ``total_steps``: epoch after epoch, each
+    taking the sources' batches in the order of ``schedule`` (see interleave)."""
+    while step < total_steps:
+        epoch, offset = divmod(step, len(schedule))
+        taken = [schedule[:offset].count(i) for i in range(len(sources))]  # batches already used this epoch
+        loaders = [iter(s.loader(epoch, taken[i], num_workers, pin_memory)) for i, s in enumerate(sources)]
+        for index in schedule[offset:]:
+            if step >= total_steps:
+                return
+            yield epoch, sources[index], next(loaders[index])
+            step += 1
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def build_optimizer(model, lr, weight_decay):
+    """AdamW; no weight decay on biases and LayerNorm weights. Fused (one kernel for all parameters):
+    much faster than the default on CPU for a large embedding table."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
+
+
+class RunLog:
+    """Messages (tqdm-safe, rank 0 only) and the JSON-lines training log (rank 0 only)."""
+
+    def __init__(self, path, rank):
+        self.path, self.main, self.file = path, rank == 0, None
+
+    def __call__(self, message):
+        if self.main:
+            from tqdm.auto import tqdm
+            tqdm.write(message)
+
+    def record(self, entry):
+        if self.main:
+            if self.file is None:  # opened on first use: the output folder is prepared by then
+                self.file = open(self.path, "a")
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+class LossWindow:
+    """Sums of the logged values since the last log line, kept on the device (no GPU sync per step)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, values):
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def finite(self):
+        """False if any value added since the last pop was NaN or infinite (one sync)."""
+        return not self.sums or bool(torch.isfinite(torch.stack(list(self.sums.values()))).all())
+
+    def pop(self):
+        means = {k: self.sums[k].item() / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+class DevEvaluator:
+    """The 8 metrics of the live model on one STS set (--dev_file), tokenised once."""
+
+    def __init__(self, dev_file, data_dir, tokenizer, max_len, batch_size, device, amp_dtype):
+        self.pairs = read_sts(resolve_path(dev_file, data_dir))
+        self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], max_len)
+        self.gold = np.array([p[2] for p in self.pairs])
+        self.pad_id, self.batch_size, self.device, self.amp_dtype = tokenizer.pad_token_id, batch_size, device, amp_dtype
+
+    def __call__(self, model):
+        model.eval()
+        emb = encode_tokenized(model, self.tokenized, self.pad_id, self.batch_size, self.device,
+                               amp_dtype=self.amp_dtype)
+        model.train()
+        n = len(self.pairs)
+        return sts_metrics(emb[:n], emb[n:], self.gold)
+
+
+def load_or_exit(load, path):
+    """``load(path)``, with a bad model folder or unreachable hub id turned into one clear line."""
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load model '{path}': {e}\n"
+                         f"Pass --model with a Hugging Face model folder (config.json, weights and "
+                         f"tokenizer files) or a hub id reachable from this machine.") from None
+
+
+def nonfinite_loss_exit(step, output_dir):
+    return SystemExit(f"error: the loss was not finite (NaN or inf) in the steps up to {step}; stopping. The best "
+                      f"model so far is kept in {os.path.join(output_dir, 'best_model')} and the last checkpoint "
+                      f"in {os.path.join(output_dir, 'checkpoint')}. Try a lower --lr, or --bf16 instead of --fp16.")
+
+
+def best_score_text(score):
+    return "none yet" if score == -math.inf else f"{score:.2f}"
+
+
+def exit_on_data_error(run, error_type):
+    """Call ``run()``; a bad input file (``error_type``) ends the program with its one-line message."""
+    try:
+        return run()
+    except error_type as e:
+        sys.exit(f"error: {e}")
