@@ -69,8 +69,9 @@ def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
     """``embed(input_ids, attention_mask) -> (rows, d)`` over a right-padded batch, run per length
     bucket (see length_buckets) with the padding columns each bucket does not need cut off, then put
     back in row order. The result equals one pass over the whole batch (padding is masked out), but
-    the encoder runs on far fewer padding tokens: a (3B, L) SimCSE batch is padded to the longest of
-    all 3B sentences, which is about half padding on KorNLI. All in one call, so DDP sees one forward."""
+    the encoder runs on far fewer padding tokens: a batch of sentences of mixed lengths, padded to its
+    longest, is mostly padding (62% for SimCSE's (3B, L) KorNLI batches). All in one call, so DDP sees one
+    forward."""
     groups = length_buckets(attention_mask.sum(1).cpu(), min_tokens)
     if len(groups) == 1:
         return embed(input_ids, attention_mask)

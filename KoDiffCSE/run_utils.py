@@ -19,15 +19,15 @@ import torch
 import torch.distributed as dist
 
 from dataloader import TokenizedTexts, read_sts, resolve_path
-from evaluation import DEFAULT_DATA_DIR, encode_tokenized, sts_metrics
+from evaluation import DEFAULT_DATA_DIR, bmk_metrics, encode_tokenized, sts_metrics, write_model_card
 
 RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
 METHOD = os.path.basename(os.path.dirname(os.path.abspath(__file__)))  # the method folder's name
 
 # One stage of a run: its name, the names of its training sources (see the folder's build_source), its
-# epochs, the folder under --output_dir its best model goes to, and the folder of an earlier stage's best
-# model it starts from (None: --model).
-Stage = collections.namedtuple("Stage", "name sources epochs best_dir start_from")
+# epochs, the folder under --output_dir its best model goes to, the folder of an earlier stage's best
+# model it starts from (None: --model), and its learning rate (None: --lr).
+Stage = collections.namedtuple("Stage", "name sources epochs best_dir start_from lr", defaults=(None,))
 
 
 # --- flags and presets ------------------------------------------------------------------------------
@@ -67,7 +67,8 @@ def add_run_args(p, **defaults):
     """The flags every method's train.py takes; ``defaults`` sets the method's own defaults."""
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder")
     p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection")
-    p.add_argument("--output_dir", default=None, help="where the run is written (default: output/<method>-<mode>)")
+    p.add_argument("--output_dir", default=None, help="where the run is written (default: a folder under output/ named after the method and "
+                                                   "mode)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
     p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
                    help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
@@ -92,6 +93,9 @@ def add_run_args(p, **defaults):
     p.add_argument("--save_steps", type=int, default=None,
                    help="write output_dir/checkpoint (for --resume) every N steps and whenever it evaluates "
                         "(default: --eval_steps)")
+    p.add_argument("--dev_protocol", choices=("standard", "bmk"), default="standard",
+                   help="checkpoint selection by the max of the 4 dev Spearman values over the whole set "
+                        "(standard), or its mean over shuffled dev batches of --batch_size pairs (bmk, as BM-K)")
     p.add_argument("--eval_batch_size", type=int, default=128, help="sentences per batch at evaluation")
     p.add_argument("--logging_steps", type=int, default=10, help="log the mean losses of every N steps")
     p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of each training set")
@@ -133,11 +137,48 @@ def finish_args(p, args, default_output_dir):
 # --- the output folder ------------------------------------------------------------------------------
 
 def recover_interrupted_save(output_dir):
-    """A kill between the two renames of save_atomically leaves NAME.old and no NAME: put it back."""
+    """Undo what a kill in the middle of save_atomically left: NAME.old and no NAME (killed between its two
+    renames) -> NAME again; a leftover NAME.tmp (killed while writing) or NAME.old (killed before the
+    clean-up) beside a complete NAME -> removed."""
     for name in ("best_model", "checkpoint", "nli_model", "sup_model"):
         path = os.path.join(output_dir, name)
         if not os.path.isdir(path) and os.path.isdir(path + ".old"):
             os.replace(path + ".old", path)
+        for leftover in (path + ".tmp", path + ".old"):
+            if os.path.isdir(path) and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive lock on an output folder (output_dir/.lock, flock): a second run on a folder that a
+    live run holds is refused. The kernel drops the lock when its process exits, so a crashed or killed
+    run leaves no stale lock behind; the file keeps the last holder's pid for the message."""
+
+    def __init__(self, output_dir):
+        self.path, self.file = os.path.join(output_dir, ".lock"), None
+        os.makedirs(output_dir, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            import fcntl
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise SystemExit(f"error: {output_dir} is in use by a running training (pid {holder}); wait for it to "
+                             f"finish or choose another --output_dir") from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        self.file = file
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing the descriptor releases the flock
+            self.file = None
 
 
 def check_output_dir(args):
@@ -164,10 +205,18 @@ def prepare_output_dir(args, extra=()):
 
 
 def save_atomically(save, final_dir):
-    """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir."""
+    """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir (see
+    recover_interrupted_save). A save that fails (a full disk, say) leaves final_dir as it was and stops
+    the run with one line."""
     tmp, old = final_dir + ".tmp", final_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
+    try:
+        save(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {os.path.basename(final_dir)} is intact" if os.path.isdir(final_dir) else "nothing was lost"
+        raise SystemExit(f"error: could not write {final_dir}: {e.strerror or e}; {kept}. Free some space, then "
+                         f"continue with --resume {os.path.dirname(final_dir) or '.'}") from None
     if os.path.isdir(final_dir):
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
@@ -204,7 +253,15 @@ def read_checkpoint(output_dir):
     path = os.path.join(output_dir, "checkpoint", "state.pt")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --resume {output_dir}: no checkpoint/state.pt there to resume from")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step", "best_score", "rng") if k not in state]
+    except Exception as e:  # a truncated or overwritten file fails in many ways (zip, pickle, EOF)
+        raise SystemExit(f"error: {path} is truncated or corrupt ({type(e).__name__}: {e}); it cannot be resumed "
+                         f"from. Restore the file, or start again with --overwrite_output_dir") from None
+    if missing:
+        raise SystemExit(f"error: {path} is not a checkpoint of this toolkit (no {', '.join(missing)})")
+    return state
 
 
 def load_checkpoint(state, model, optimizer, scheduler, scaler):
@@ -252,10 +309,11 @@ def setup_distributed(args):
 
 
 class Source:
-    """One training set of a stage: its name (what training_step is told), dataset, BatchPlan and collator."""
+    """One training set of a stage: its name (what training_step is told), dataset, BatchPlan, collator,
+    and the data files it was read from (for the model card)."""
 
-    def __init__(self, name, dataset, plan, collate):
-        self.name, self.dataset, self.plan, self.collate = name, dataset, plan, collate
+    def __init__(self, name, dataset, plan, collate, files=()):
+        self.name, self.dataset, self.plan, self.collate, self.files = name, dataset, plan, collate, list(files)
 
     def loader(self, epoch, start_batch, num_workers=0, pin_memory=False):
         """The batches of ``epoch`` from ``start_batch`` on, in BatchPlan's order."""
@@ -357,14 +415,33 @@ class LossWindow:
         return means
 
 
-class DevEvaluator:
-    """The 8 metrics of the live model on one STS set (--dev_file), tokenised once."""
+def model_max_len(tokenizer, model):
+    """The longest input ``model`` takes (its position table, its tokenizer's limit, else 512): evaluation
+    and saved models use it, so that no benchmark sentence is cut because training used a short --max_len."""
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    limits = [tokenizer.model_max_length] if 0 < tokenizer.model_max_length < 100_000 else []
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:  # RoBERTa-style position ids start after the padding index
+        offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        limits.append(positions - offset)
+    return min(limits) if limits else 512
 
-    def __init__(self, dev_file, data_dir, tokenizer, max_len, batch_size, device, amp_dtype):
-        self.pairs = read_sts(resolve_path(dev_file, data_dir))
+
+class DevEvaluator:
+    """The 8 metrics of the live model on one STS set (--dev_file), tokenised once and never truncated
+    below the model's own limit; ``protocol`` "bmk" averages them over shuffled batches of ``bmk_batch``
+    pairs (BM-K's selection score), "standard" computes them over the whole set."""
+
+    def __init__(self, dev_file, data_dir, tokenizer, max_len, batch_size, device, amp_dtype, protocol="standard",
+                 bmk_batch=256, seed=42, log=print):
+        path = resolve_path(dev_file, data_dir)
+        self.pairs = read_sts(path)
         self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], max_len)
+        log(f"{path}: {len(self.pairs):,} dev pairs, {self.tokenized.num_truncated} of {len(self.tokenized):,} "
+            f"sentences truncated at {max_len} tokens")
         self.gold = np.array([p[2] for p in self.pairs])
         self.pad_id, self.batch_size, self.device, self.amp_dtype = tokenizer.pad_token_id, batch_size, device, amp_dtype
+        self.protocol, self.bmk_batch, self.seed = protocol, bmk_batch, seed
 
     def __call__(self, model):
         model.eval()
@@ -372,6 +449,8 @@ class DevEvaluator:
                                amp_dtype=self.amp_dtype)
         model.train()
         n = len(self.pairs)
+        if self.protocol == "bmk":
+            return bmk_metrics(emb[:n], emb[n:], self.gold, self.bmk_batch, self.seed)
         return sts_metrics(emb[:n], emb[n:], self.gold)
 
 
@@ -383,6 +462,43 @@ def load_or_exit(load, path):
         raise SystemExit(f"error: cannot load model '{path}': {e}\n"
                          f"Pass --model with a Hugging Face model folder (config.json, weights and "
                          f"tokenizer files) or a hub id reachable from this machine.") from None
+
+
+def training_command(args):
+    """The command line that reproduces a run (every flag of args.json, defaults included)."""
+    skip = ("resume", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers")
+    parts = [f"python {METHOD}/train.py"]
+    for key, value in vars(args).items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = f"--{key}"
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{flag} " + " ".join(str(v) for v in value))
+        else:
+            parts.append(f"{flag} {value}")
+    return " \\\n    ".join(parts)
+
+
+def write_training_info(folder, args, stage, step, dev_metrics, files):
+    """best_model/training.json: what the model card says about training (method, base model, data files,
+    command, the dev score it was selected by)."""
+    info = {"method": METHOD, "mode": getattr(args, "mode", None), "stage": stage, "step": step,
+            "base_model": args.model, "train_files": files, "dev_file": args.dev_file,
+            "dev_protocol": args.dev_protocol, "dev_metrics": dev_metrics, "command": training_command(args)}
+    with open(os.path.join(folder, "training.json"), "w") as f:
+        json.dump(info, f, indent=2, ensure_ascii=False)
+
+
+def save_model(encoder, folder, tokenizer, args, stage, step, dev_metrics, files=()):
+    """The encoder as a Hugging Face + sentence-transformers folder (max_seq_length: the model's own limit),
+    with training.json and a model card (evaluation.write_model_card) that carries the dev row it was
+    selected by; ``files``: the training data files, for the card."""
+    encoder.save(folder, tokenizer, args.eval_max_len)
+    write_training_info(folder, args, stage, step, dev_metrics, list(files))
+    dev_row = {"dataset": args.dev_file, "protocol": args.dev_protocol, "metrics": dev_metrics} if dev_metrics else None
+    write_model_card(folder, [dev_row] if dev_row else [])
 
 
 def nonfinite_loss_exit(step, output_dir):

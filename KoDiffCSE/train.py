@@ -35,11 +35,11 @@ from dataloader import (BatchPlan, ColumnCollator, DataError, build_diffcse_data
 from evaluation import load_tokenizer
 from model import (PROJECTIONS, DiffCSE, contrastive_loss, diffcse_loss, gather_columns, replaced_token_accuracy,
                    replaced_token_loss)
-from run_utils import (METHOD, DevEvaluator, LossWindow, PresetParser, RunLog, Source, Stage, add_run_args, barrier,
-                       best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args, interleave,
-                       load_checkpoint, load_or_exit, nonfinite_loss_exit, prepare_output_dir, read_checkpoint,
-                       restore_rng, save_atomically, save_checkpoint, set_seed, setup_distributed, stage_batches,
-                       truncate_log)
+from run_utils import (DevEvaluator, LossWindow, METHOD, PresetParser, RunLock, RunLog, Source, Stage, add_run_args,
+                       barrier, best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args,
+                       interleave, load_checkpoint, load_or_exit, model_max_len, nonfinite_loss_exit,
+                       prepare_output_dir, read_checkpoint, restore_rng, save_atomically, save_checkpoint, save_model,
+                       set_seed, setup_distributed, stage_batches, truncate_log)
 
 MASKINGS = ("static_sep", "dynamic")
 
@@ -80,7 +80,7 @@ def build_source(name, args, tokenizer, rank, world, log):
     dataset = build_diffcse_dataset([resolve_path(p, args.data_dir) for p in args.train_file], tokenizer, args.max_len,
                                     args.max_train_samples, args.seed, static_sep_ratio, log=log)
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
-                  ColumnCollator(tokenizer.pad_token_id))
+                  ColumnCollator(tokenizer.pad_token_id), args.train_file)
 
 
 def load_model(args, path, stage):
@@ -139,7 +139,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(trainable, args.lr, args.weight_decay)
+    optimizer = build_optimizer(trainable, stage.lr or args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     best_dir, checkpoint_dir = os.path.join(args.output_dir, stage.best_dir), os.path.join(args.output_dir, "checkpoint")
     best_score, step = -math.inf, 0
@@ -158,6 +158,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
         + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
         + f", {total_steps:,} steps ({len(schedule):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
 
+    files = [f for s in sources for f in s.files]  # for the model card
     window, start = LossWindow(), time.time()
     trainable.train()
     batches = stage_batches(sources, schedule, step, total_steps, args.num_workers, device_type == "cuda")
@@ -192,7 +193,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
             if evaluate_now:
                 if main_process:
                     best_score = evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch,
-                                                   best_score, best_dir)
+                                                   best_score, best_dir, files)
                 barrier(world)
             if save_now:
                 if main_process:
@@ -200,7 +201,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
                                     stage=stage.name)
                 barrier(world)
     if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, None, files), best_dir)
         log(f"warning: no dev score was a number; saved the final model to {best_dir}")
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
         f"model in {best_dir}")
@@ -208,7 +209,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
 
 
 # Copied from KoSimCSE/train.py:evaluate_and_save
-def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir):
+def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir, files):
     """Dev metrics of ``encoder``, logged; the model is saved when its max Spearman beats ``best_score``."""
     metrics = evaluate(encoder)
     log.record({"stage": stage.name, "step": step, "epoch": epoch, "dev": metrics})
@@ -216,16 +217,28 @@ def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoc
         f"max spearman {metrics['max_spearman']:.2f}")
     if metrics["max_spearman"] > best_score:
         best_score = metrics["max_spearman"]
-        save_atomically(lambda d: encoder.save(d, tokenizer, args.max_len), best_dir)
+        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, metrics, files), best_dir)
         log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
     return best_score
 
 
 # Copied from KoSimCSE/train.py:train
 def train(args):
-    """Run every stage of ``stages(args)``. Everything that can fail on bad input (model, tokenizer, data)
-    is loaded before the output folder is touched, so a failed start costs an earlier run nothing."""
+    """Run every stage of ``stages(args)`` (see run_stages) holding the output folder's lock."""
     rank, world = setup_distributed(args)
+    lock = RunLock(args.output_dir) if rank == 0 else None  # one live run per output folder
+    try:
+        return run_stages(args, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# Copied from KoSimCSE/train.py:run_stages
+def run_stages(args, rank, world):
+    """Load, then train stage after stage; a resumed run restarts in the stage and at the step of its
+    checkpoint. Everything that can fail on bad input (model, tokenizer, data) is loaded before the output
+    folder is touched, so a failed start costs an earlier run nothing."""
     plan = stages(args)
     state = read_checkpoint(args.output_dir) if args.resume else None
     if state is None:
@@ -241,8 +254,10 @@ def train(args):
     sources = {name: build_source(name, args, tokenizer, rank, world, log)
                for name in dict.fromkeys(n for s in plan for n in s.sources)}
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.max_len, args.eval_batch_size,
-                            args.device, amp_dtype) if rank == 0 else None
+    args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
+    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
+                            args.device, amp_dtype, args.dev_protocol, args.batch_size, args.seed, log) \
+        if rank == 0 else None
     if rank == 0 and state is not None:
         truncate_log(log_path, [s.name for s in plan], state["stage"], state["step"])
     elif rank == 0:

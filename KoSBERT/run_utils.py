@@ -67,7 +67,8 @@ def add_run_args(p, **defaults):
     """The flags every method's train.py takes; ``defaults`` sets the method's own defaults."""
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder")
     p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection")
-    p.add_argument("--output_dir", default=None, help="where the run is written (default: output/<method>-<mode>)")
+    p.add_argument("--output_dir", default=None, help="where the run is written (default: a folder under output/ named after the method and "
+                                                   "mode)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
     p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
                    help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
