@@ -67,8 +67,8 @@ def add_run_args(p, **defaults):
     """The flags every method's train.py takes; ``defaults`` sets the method's own defaults."""
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder")
     p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection")
-    p.add_argument("--output_dir", default=None, help="where the run is written (default: a folder under output/ named after the method and "
-                                                   "mode)")
+    p.add_argument("--output_dir", default=None,
+                   help="where the run is written (default: a folder under output/ named after the method and mode)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
     p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
                    help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
@@ -152,10 +152,11 @@ def recover_interrupted_save(output_dir):
 class RunLock:
     """An exclusive lock on an output folder (output_dir/.lock, flock): a second run on a folder that a
     live run holds is refused. The kernel drops the lock when its process exits, so a crashed or killed
-    run leaves no stale lock behind; the file keeps the last holder's pid for the message."""
+    run leaves no stale lock behind (its file, with the dead holder's pid, is simply taken over); a run
+    that ends removes the file, and the folder too if the run created it and left nothing in it."""
 
     def __init__(self, output_dir):
-        self.path, self.file = os.path.join(output_dir, ".lock"), None
+        self.path, self.file, self.created = os.path.join(output_dir, ".lock"), None, not os.path.isdir(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         file = open(self.path, "a+")
         try:
@@ -177,8 +178,12 @@ class RunLock:
 
     def release(self):
         if self.file is not None:
+            os.remove(self.path)  # still holding the lock, so no other run is between check and removal
             self.file.close()  # closing the descriptor releases the flock
             self.file = None
+            folder = os.path.dirname(self.path)
+            if self.created and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def check_output_dir(args):
