@@ -70,3 +70,13 @@ def test_checker_whole_file_copies_and_unresolvable_markers(tmp_path):
     assert "the marker must sit right above the definition of X" in problems[3]
     check_copies.check(str(tmp_path), fix=True, full_copies=full)
     assert (tmp_path / "KoOther" / "run_utils.py").read_text() == '"""Doc."""\nX = 1\n'
+
+
+def test_unguarded_lists_cross_folder_repeats_the_checker_does_not_guard(tmp_path, monkeypatch):
+    body = "".join(f"    x{i} = {i}\n" for i in range(8))
+    write(tmp_path / "KoSimCSE" / "a.py", f"def f():\n{body}\n\ndef g():\n{body}")
+    write(tmp_path / "KoSBERT" / "a.py", f"# Copied from KoSimCSE/a.py:f\ndef f():\n{body}\n\ndef h():\n{body}")
+    monkeypatch.setattr(check_copies, "FULL_COPIES", {})
+    report = ("2 pairs\nD1 KoSBERT/a.py:2-10 ~ KoSimCSE/a.py:1-9\n"  # the marked copy of f: guarded
+              "D2 KoSBERT/a.py:13-21 ~ KoSimCSE/a.py:12-20\n")     # h repeats g unmarked
+    assert check_copies.unguarded_pairs(report, str(tmp_path)) == ["D2 KoSBERT/a.py:13-21 ~ KoSimCSE/a.py:12-20"]

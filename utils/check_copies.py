@@ -15,9 +15,11 @@ Each method folder is standalone, so shared code is copied on purpose, in two wa
   through a constant.
 
 This script exits 1 listing every copy that drifted and every marker it cannot resolve; ``--fix``
-rewrites the copies from their origins.
+rewrites the copies from their origins. ``--unguarded`` reads a repeated-block scan (the ``duplicates``
+tool's report) and lists the pairs across method folders that nothing here guards.
 
     python utils/check_copies.py [--fix]
+    duplicates --most 200 | python utils/check_copies.py --unguarded -
 """
 import argparse
 import ast
@@ -149,10 +151,69 @@ def check(root=ROOT, fix=False, full_copies=None):
     return problems + marked
 
 
+def guarded_lines(root=ROOT, full_copies=None):
+    """{relative path: set of 1-based line numbers} that the checker guards: every line of a whole-file copy
+    and of its origin, and the span of every marked copy and of the definition it copies."""
+    full_copies = FULL_COPIES if full_copies is None else full_copies
+    guarded = {}
+    for copy, origin in full_copies.items():
+        for rel in (copy, origin):
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                guarded[rel] = set(range(1, len(f.readlines()) + 1))
+    for path, mark_line, origin, name in find_copies(root):
+        for file in (path, origin):
+            defs = _top_level(_read(file), file) if os.path.isfile(file) else {}
+            if name not in defs:
+                continue
+            first = mark_line if file == path else defs[name][0]
+            lines = guarded.setdefault(os.path.relpath(file, root), set())
+            lines.update(range(first, defs[name][1] + 1))
+            for const in _names_read(defs[name][2]):  # the constants it reads are checked too
+                if const in defs and isinstance(defs[const][2], (ast.Assign, ast.AnnAssign)):
+                    lines.update(range(defs[const][0], defs[const][1] + 1))
+    return guarded
+
+
+def unguarded_pairs(duplicates_output, root=ROOT):
+    """The rows of a ``duplicates`` report that pair two method folders without the checker guarding either
+    side. A side is guarded when no 6 consecutive code lines of it (the scan's own threshold for a repeated
+    block) lie outside guarded_lines: a run may spill a line or two past a copied definition."""
+    guarded, rows = guarded_lines(root), []
+    pair = re.compile(r"^(D\d+) (\S+):(\d+)-(\d+) ~ (\S+):(\d+)-(\d+)")
+    for line in duplicates_output.splitlines():
+        m = pair.match(line)
+        if not m:
+            continue
+        sides = [(m[2], int(m[3]), int(m[4])), (m[5], int(m[6]), int(m[7]))]
+        folders = {s[0].split("/")[0] for s in sides}
+        if len(folders) < 2 or not folders <= set(METHOD_FOLDERS):
+            continue  # not a pair across method folders
+        def covered(rel, first, last):
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                lines = f.readlines()
+            code = [n for n in range(first, last + 1) if lines[n - 1].strip() and not lines[n - 1].lstrip().startswith("#")]
+            run = longest = 0
+            for n in code:
+                run = 0 if n in guarded.get(rel, ()) else run + 1
+                longest = max(longest, run)
+            return longest < 6
+        if not any(covered(*side) for side in sides):
+            rows.append(line)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fix", action="store_true", help="overwrite drifted copies with their origin")
+    parser.add_argument("--unguarded", metavar="REPORT",
+                        help="a `duplicates` report (file, or - for stdin): list its cross-folder pairs that no copy "
+                             "check guards, and exit 1 if there are any")
     args = parser.parse_args()
+    if args.unguarded:
+        report = sys.stdin.read() if args.unguarded == "-" else _read(args.unguarded)
+        rows = unguarded_pairs(report)
+        print("\n".join(rows + [f"{len(rows)} cross-folder pair(s) not guarded by the copy check"]))
+        sys.exit(1 if rows else 0)
     if args.fix:
         check(fix=True)
     problems = check()
