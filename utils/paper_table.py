@@ -65,6 +65,7 @@ NEW_MODES = ("multitask", "sup_sts")
 # quick-* smoke presets.
 NON_ROWS = ("sup", "unsup", "multitask", "sup_sts", "nli", "sts", "nli_sts")
 PROXY_BATCH, PROXY_SAMPLES = 16, 2000
+PROXY_DEV, PROXY_DATASETS = "klue-sts-dev", ("korsts-test",)  # --proxy: a small dev set, test on KorSTS only
 BMK_TEST_BATCH = 256  # BM-K's KoSimCSE README test command; used where the source's own test batch is unknown
 PROXY_NLI = ("KorNLI/xnli.dev.ko.tsv", "KorNLI/xnli.test.ko.tsv", "KLUE-NLI/klue-nli-v1.1_dev.json")
 
@@ -267,7 +268,8 @@ class Plan:
     def proxy_flags(self, row):
         args, kind = self.args, row.kind
         flags = ["--model", self.proxy_model(kind), "--max_steps", str(args.max_steps),
-                 "--eval_steps", str(args.max_steps), "--max_train_samples", str(PROXY_SAMPLES)]
+                 "--eval_steps", str(args.max_steps), "--max_train_samples", str(PROXY_SAMPLES),
+                 "--dev_file", PROXY_DEV]  # the smallest dev set: one evaluation a stage, not the paper's choice
         batch = flag_values(row.tokens, "--batch_size")
         flags += ["--batch_size", str(min(PROXY_BATCH, int(batch[0]) if batch else PROXY_BATCH))]
         if kind == "diffcse":
@@ -288,7 +290,8 @@ class Plan:
         run_dir = self.run_dir(row, seed)
         command = [sys.executable, rel(os.path.join(ROOT, row.folder, "evaluation.py")),
                    "--model_dir", os.path.join(run_dir, "best_model"), "--data_dir", self.args.data_dir,
-                   "--dataset", *DATASETS, "--protocol", *PROTOCOLS, "--batch_size", str(row.bmk_batch),
+                   "--dataset", *(PROXY_DATASETS if self.args.proxy else DATASETS), "--protocol", *PROTOCOLS,
+                   "--batch_size", str(row.bmk_batch),
                    "--output_json", os.path.join(run_dir, "results.json")]
         return command + (["--device", self.args.device] if self.args.device else [])
 
