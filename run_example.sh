@@ -93,8 +93,9 @@ if [ "$PRESET" = quick ]; then
     fi
   fi
 elif [ "$PRESET" = paper ]; then
-  # Every BM-K row with its preset, one seed; utils/paper_table.py runs more seeds and prints mean +- std.
-  "$PY" utils/paper_table.py --rows bmk --seeds 42 --data_dir "$DATA_DIR" --out "$OUT"
+  # Every published row with its preset, one seed; utils/paper_table.py --seeds 1 2 3 prints mean +- std.
+  "$PY" utils/paper_table.py --rows all --seeds 42 --data_dir "$DATA_DIR" --out "$OUT"
+  for run in "$OUT"/*/seed-42; do [ -f "$run/results.json" ] && cp "$run/results.json" "$OUT/results/$(basename "$(dirname "$run")").json"; done
 else
   echo "error: PRESET must be quick or paper" >&2; exit 1
 fi

@@ -1,7 +1,7 @@
 """Train KoSBERT: Sentence-BERT on Korean NLI (softmax classification) and/or KorSTS (cosine regression).
 
-    python KoSBERT/train.py @KoSBERT/presets/bmk-nli-sts.args --model klue/bert-base   # BM-K's KoSBERT
-    torchrun --nproc_per_node 4 KoSBERT/train.py @KoSBERT/presets/bmk-nli-sts.args     # 4 GPUs, same global batch
+    python KoSBERT/train.py @KoSBERT/presets/bmk-kosbert-bert.args                     # BM-K's KoSBERT row
+    torchrun --nproc_per_node 4 KoSBERT/train.py @KoSBERT/presets/bmk-kosbert-bert.args  # 4 GPUs, same global batch
     python KoSBERT/train.py --resume output/kosbert-nli_sts                            # continue a killed run
     python KoSBERT/train.py --mode sts --model klue/roberta-base --sts_epochs 8        # flags override defaults
 

@@ -86,7 +86,7 @@ def test_sup_training_improves_held_out_sts_and_logs(kosimcse, tiny_bert, synthe
         rows_json = os.path.join(out, f"{name}.json")
         args = ["--model_dir", folder, "--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json",
                 rows_json, "--protocol", "standard", "bmk", "--batch_size", "50"]
-        ev.main(args + (["--pooler", pooler] if pooler else []))
+        ev.main(args + (["--pooling", pooler] if pooler else []))
         rows = json.load(open(rows_json))
         assert [r["protocol"] for r in rows] == ["standard", "bmk"]
         scores[name] = rows[0]["metrics"]["cosine_spearman"]
