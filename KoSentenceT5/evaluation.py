@@ -879,7 +879,7 @@ def write_model_card(folder, rows=()):
                  "mask = batch['attention_mask'].unsqueeze(-1).float()\n"
                  "    embeddings = (out.last_hidden_state * mask).sum(1) / mask.sum(1)")
     body += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
-             "model = SentenceTransformer('path/to/this/folder')  # backend='onnx' also works (optimum[onnxruntime])",
+             "model = SentenceTransformer('path/to/this/folder')  # backend='onnx': pip install sentence-transformers[onnx]",
              "embeddings = model.encode(['한 남자가 음식을 먹는다.', '한 남자가 빵 한 조각을 먹는다.'])",
              "print(model.similarity(embeddings, embeddings))", "```", "", "```python", "import torch",
              "from transformers import AutoModel, AutoTokenizer", "",
