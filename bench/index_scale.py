@@ -74,7 +74,7 @@ def check(result, what):
 
 def build_model(tokenizer_dir, out, layers, hidden):
     """A random-init BERT (seed 0) with the tokenizer's vocabulary and mean pooling, saved with
-    modules.json so that --pooler is not needed."""
+    modules.json so that --pooling is not needed."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
