@@ -288,10 +288,12 @@ def test_proxy_dry_run_uses_tiny_models_and_the_public_nli_sets(tmp_path, monkey
     assert train[0] == "KoSentenceT5/train.py"
     tail = train[train.index("--overwrite_output_dir") + 1:]
     assert tail == ["--model", f"{out}/_proxy_models/bart", "--max_steps", "7", "--eval_steps", "7",
-                    "--max_train_samples", "2000", "--batch_size", "16", "--train_file", *pt.PROXY_NLI,
-                    "--device", "cpu"]
+                    "--max_train_samples", "2000", "--dev_file", pt.PROXY_DEV, "--batch_size", "16",
+                    "--train_file", *pt.PROXY_NLI, "--device", "cpu"]
+    assert evaluate[evaluate.index("--dataset") + 1] == "korsts-test" and "klue-sts-dev" not in evaluate
     flags, _ = pt.supported("KoSentenceT5")
-    assert ("--dev_protocol" in train) == ("--dev_protocol" in flags)  # dropped only where this tree lacks it
+    if "--dev_protocol" in flags:  # nothing to drop: the preset file is passed as it is
+        assert train[1] == "@KoSentenceT5/presets/bmk-kosentencebart.args"
     assert evaluate[-2:] == ["--device", "cpu"]
     _, modes = pt.supported("KoSimCSE")
     multitask = [line for line in lines if "bmk-kosimcse-bert-multitask seed 1" in line]
