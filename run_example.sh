@@ -2,7 +2,7 @@
 # Train -> evaluate -> search with every method, then print the 8-number KorSTS table.
 #
 #   bash run_example.sh                  quick preset: short real runs of every method row on small pretrained
-#                                        backbones, CPU-sized (about 8 minutes on 2 cores, offline-capable)
+#                                        backbones, CPU-sized, offline-capable (22 min measured on 2 shared cores)
 #   PRESET=paper bash run_example.sh     the published rows with their presets (GPU, full KorNLI train files:
 #                                        bash data/download.sh); see utils/paper_table.py for seeds
 #
