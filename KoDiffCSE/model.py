@@ -24,7 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from evaluation import load_tokenizer
 
 PROJECTIONS = ("pooler", "bn_mlp", "mlp")
 
@@ -281,6 +283,34 @@ class DiffCSE(nn.Module):
             return self.discriminator(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
             hook.remove()
+
+
+def check_generator(path, generator_name, masking):
+    """The generator's token ids go to the discriminator as they are, so the generator ``generator_name``
+    must use the tokenizer of the encoder ``path`` and may not predict ids outside its embedding table;
+    ``masking`` (--masking) needs a [MASK] or [SEP] token. Checked from the tokenizers and configs alone,
+    before any weights are loaded; returns the encoder's tokenizer. Each failure is one clear line."""
+    def load(what, name, loader):
+        try:
+            return loader(name)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot load the {what} '{name}': {e}\nPass a Hugging Face model folder "
+                             f"(config.json, weights and tokenizer files) or a hub id reachable from this "
+                             f"machine.") from None
+    tokenizer = load("encoder (--model)", path, load_tokenizer)
+    generator_tokenizer = load("generator (--generator_name)", generator_name, load_tokenizer)
+    encoder_size = load("encoder (--model)", path, AutoConfig.from_pretrained).vocab_size
+    generator_size = load("generator (--generator_name)", generator_name, AutoConfig.from_pretrained).vocab_size
+    if generator_tokenizer.get_vocab() != tokenizer.get_vocab() or generator_size > encoder_size:
+        raise SystemExit(
+            f"error: the generator {generator_name} (tokenizer {len(generator_tokenizer):,} tokens, vocab_size "
+            f"{generator_size:,}) does not share the vocabulary of the encoder {path} (tokenizer "
+            f"{len(tokenizer):,} tokens, vocab_size {encoder_size:,}); pick a masked-LM generator trained with the "
+            f"same tokenizer (e.g. klue/roberta-small for klue/roberta-base)")
+    needed = {"dynamic": ("mask_token", "[MASK]"), "static_sep": ("sep_token", "[SEP]")}[masking]
+    if getattr(tokenizer, needed[0] + "_id") is None:
+        raise SystemExit(f"error: --masking {masking} needs a {needed[1]} token; the tokenizer of {path} has none")
+    return tokenizer
 
 
 # Copied from KoSimCSE/model.py:write_sentence_transformers_config

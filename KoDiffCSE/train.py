@@ -22,24 +22,20 @@ Outputs in --output_dir: best_model/ (the encoder alone, best dev score, raw [CL
 sentence-transformers folder), checkpoint/ (the whole model, for --resume), train_log.jsonl (loss,
 contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics), args.json.
 """
-import math
 import os
 import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, get_linear_schedule_with_warmup
 
 from dataloader import (BatchPlan, ColumnCollator, DataError, build_diffcse_dataset, mask_tokens, masking_vocabulary,
                         resolve_path)
-from evaluation import load_tokenizer
-from model import (PROJECTIONS, DiffCSE, contrastive_loss, diffcse_loss, gather_columns, replaced_token_accuracy,
-                   replaced_token_loss)
-from run_utils import (DevEvaluator, LossWindow, METHOD, PresetParser, RunLock, RunLog, Source, Stage, add_run_args,
-                       barrier, best_score_text, build_optimizer, check_output_dir, exit_on_data_error, finish_args,
-                       interleave, load_checkpoint, load_or_exit, model_max_len, nonfinite_loss_exit,
-                       prepare_output_dir, read_checkpoint, restore_rng, save_atomically, save_checkpoint, save_model,
-                       set_seed, setup_distributed, stage_batches, truncate_log)
+from model import (PROJECTIONS, DiffCSE, check_generator, contrastive_loss, diffcse_loss, gather_columns,
+                   replaced_token_accuracy, replaced_token_loss)
+from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
+                       barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
+                       load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed, stage_batches,
+                       start_stage, wrap_ddp)
 
 MASKINGS = ("static_sep", "dynamic")
 
@@ -86,7 +82,7 @@ def build_source(name, args, tokenizer, rank, world, log):
 def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): the whole DiffCSE module trains; its encoder
     alone (raw [CLS]) is evaluated and saved."""
-    tokenizer = check_generator(args, path)
+    tokenizer = check_generator(path, args.generator_name, args.masking)
     try:
         model = DiffCSE.from_pretrained(path, args.generator_name, masking_vocabulary(tokenizer),
                                         projection=args.projection, generator_eval=args.generator_eval,
@@ -97,33 +93,6 @@ def load_model(args, path, stage):
     return model.encoder, model
 
 
-def check_generator(args, path):
-    """The generator's token ids go to the discriminator as they are, so the generator must use the
-    encoder's tokenizer and may not predict ids outside the encoder's embedding table. Checked from the
-    tokenizers and configs alone, before any weights are loaded; returns the encoder's tokenizer."""
-    def load(what, name, loader):
-        try:
-            return loader(name)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot load the {what} '{name}': {e}\nPass a Hugging Face model folder "
-                             f"(config.json, weights and tokenizer files) or a hub id reachable from this "
-                             f"machine.") from None
-    tokenizer = load("encoder (--model)", path, load_tokenizer)
-    generator_tokenizer = load("generator (--generator_name)", args.generator_name, load_tokenizer)
-    encoder_size = load("encoder (--model)", path, AutoConfig.from_pretrained).vocab_size
-    generator_size = load("generator (--generator_name)", args.generator_name, AutoConfig.from_pretrained).vocab_size
-    if generator_tokenizer.get_vocab() != tokenizer.get_vocab() or generator_size > encoder_size:
-        raise SystemExit(
-            f"error: the generator {args.generator_name} (tokenizer {len(generator_tokenizer):,} tokens, vocab_size "
-            f"{generator_size:,}) does not share the vocabulary of the encoder {path} (tokenizer "
-            f"{len(tokenizer):,} tokens, vocab_size {encoder_size:,}); pick a masked-LM generator trained with the "
-            f"same tokenizer (e.g. klue/roberta-small for klue/roberta-base)")
-    needed = {"dynamic": ("mask_token", "[MASK]"), "static_sep": ("sep_token", "[SEP]")}[args.masking]
-    if getattr(tokenizer, needed[0] + "_id") is None:
-        raise SystemExit(f"error: --masking {args.masking} needs a {needed[1]} token; the tokenizer of {path} has none")
-    return tokenizer
-
-
 # --- the loop (the same code in every method folder) ---------------------------------------------------
 
 # Copied from KoSimCSE/train.py:fit
@@ -131,43 +100,24 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
     """Train ``trainable`` on ``sources`` (interleaved, see interleave) for ``stage.epochs`` or --max_steps.
     Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
     the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
-    output_dir/checkpoint every --save_steps and whenever it evaluates. ``state``: a checkpoint of this stage to resume from. Under
-    torch.distributed every process takes its slice of each global batch; rank 0 evaluates and saves."""
-    main_process = rank == 0
+    output_dir/checkpoint every --save_steps and whenever it evaluates. ``state``: a checkpoint of this
+    stage to resume from. Under torch.distributed every process takes its slice of each global batch;
+    rank 0 evaluates and saves."""
     schedule = interleave([len(s.plan) for s in sources])
     total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
-    amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    device_type = torch.device(args.device).type
-    scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(trainable, stage.lr or args.lr, args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    best_dir, checkpoint_dir = os.path.join(args.output_dir, stage.best_dir), os.path.join(args.output_dir, "checkpoint")
-    best_score, step = -math.inf, 0
-    if state is not None:
-        step, best_score = load_checkpoint(state, trainable, optimizer, scheduler, scaler)
-        if main_process:
-            restore_rng(state["rng"])
-        else:  # only rank 0's RNG state is saved; the others get fresh (seeded) dropout masks
-            torch.manual_seed(args.seed + rank + step)
-        log(f"[{stage.name}] resuming {args.output_dir} at step {step:,} (best dev {best_score_text(best_score)})")
-    # With several sources, parameters idle on one source's batches (KoSBERT's classifier) must not be waited for.
-    ddp = torch.nn.parallel.DistributedDataParallel(trainable, find_unused_parameters=len(sources) > 1) \
-        if world > 1 else trainable
-    sizes = ", ".join(f"{s.name} {len(s.dataset):,} examples / {len(s.plan):,} batches" for s in sources)
-    log(f"[{stage.name}] {sizes}; batch {args.batch_size}"
-        + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
-        + f", {total_steps:,} steps ({len(schedule):,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
-
-    files = [f for s in sources for f in s.files]  # for the model card
+    optimizer, scheduler, scaler, step, best_score = start_stage(args, stage, trainable, total_steps, state, rank, log)
+    model = wrap_ddp(trainable, world, several_sources=len(sources) > 1)
+    best = BestModel(args, stage, encoder, tokenizer, evaluate, log, best_score, sources, rank)
+    log(describe_stage(args, stage, sources, world, total_steps, len(schedule)))
+    device_type, amp_dtype = torch.device(args.device).type, autocast_dtype(args)
     window, start = LossWindow(), time.time()
     trainable.train()
     batches = stage_batches(sources, schedule, step, total_steps, args.num_workers, device_type == "cuda")
-    with tqdm(total=total_steps, initial=step, desc=f"{METHOD} {stage.name}", unit="step",
-              disable=not main_process) as bar:
+    with tqdm(total=total_steps, initial=step, desc=f"{METHOD} {stage.name}", unit="step", disable=rank != 0) as bar:
         for epoch, source, batch in batches:
             batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, logged = training_step(ddp, source.name, batch, args, world)
+                loss, logged = training_step(model, source.name, batch, args, world)
             scaler.scale(loss).backward()
             if args.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
@@ -189,97 +139,44 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
                 means = window.pop()
                 log.record({"stage": stage.name, "step": step, "epoch": epoch, **means,
                             "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 3)})
-                bar.set_postfix(loss=f"{means['loss']:.4f}", best=best_score_text(best_score))
+                bar.set_postfix(loss=f"{means['loss']:.4f}", best=best_score_text(best.score))
             if evaluate_now:
-                if main_process:
-                    best_score = evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch,
-                                                   best_score, best_dir, files)
+                best.evaluate(step, epoch)  # rank 0: dev metrics, best_model saved when they improve
                 barrier(world)
             if save_now:
-                if main_process:
-                    save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, scaler, step, best_score,
-                                    stage=stage.name)
+                if rank == 0:
+                    save_checkpoint(os.path.join(args.output_dir, "checkpoint"), trainable, optimizer, scheduler,
+                                    scaler, step, best.score, stage=stage.name)
                 barrier(world)
-    if main_process and not os.path.isdir(best_dir):  # every dev score was NaN (e.g. constant embeddings)
-        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, None, files), best_dir)
-        log(f"warning: no dev score was a number; saved the final model to {best_dir}")
-    log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best_score)}, "
-        f"model in {best_dir}")
-    return best_score
-
-
-# Copied from KoSimCSE/train.py:evaluate_and_save
-def evaluate_and_save(args, stage, encoder, tokenizer, evaluate, log, step, epoch, best_score, best_dir, files):
-    """Dev metrics of ``encoder``, logged; the model is saved when its max Spearman beats ``best_score``."""
-    metrics = evaluate(encoder)
-    log.record({"stage": stage.name, "step": step, "epoch": epoch, "dev": metrics})
-    log(f"[{stage.name}] step {step}: dev avg {metrics['avg']:.2f}, cosine spearman {metrics['cosine_spearman']:.2f}, "
-        f"max spearman {metrics['max_spearman']:.2f}")
-    if metrics["max_spearman"] > best_score:
-        best_score = metrics["max_spearman"]
-        save_atomically(lambda d: save_model(encoder, d, tokenizer, args, stage.name, step, metrics, files), best_dir)
-        log(f"\t## SAVE {best_dir} | valid_score: {best_score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
-    return best_score
+    best.finish(step)
+    log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best.score)}, "
+        f"model in {best.dir}")
+    return best.score
 
 
 # Copied from KoSimCSE/train.py:train
 def train(args):
-    """Run every stage of ``stages(args)`` (see run_stages) holding the output folder's lock."""
-    rank, world = setup_distributed(args)
-    lock = RunLock(args.output_dir) if rank == 0 else None  # one live run per output folder
-    try:
-        return run_stages(args, rank, world)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-# Copied from KoSimCSE/train.py:run_stages
-def run_stages(args, rank, world):
-    """Load, then train stage after stage; a resumed run restarts in the stage and at the step of its
-    checkpoint. Everything that can fail on bad input (model, tokenizer, data) is loaded before the output
-    folder is touched, so a failed start costs an earlier run nothing."""
+    """Load everything, then train stage after stage (``stages(args)``); a resumed run restarts in the stage
+    and at the step of its checkpoint. The output folder is touched only once the model, tokenizer and data
+    have loaded (see run_utils.Run)."""
     plan = stages(args)
-    state = read_checkpoint(args.output_dir) if args.resume else None
-    if state is None:
-        check_output_dir(args)
-    set_seed(args.seed + rank)  # per-rank dropout masks
-    tokenizer = load_or_exit(load_tokenizer, args.model)
-    if tokenizer.pad_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {args.model} has no padding token")
-    encoder, trainable = load_model(args, args.model, plan[0].name)
-    trainable.to(args.device)
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
-    log = RunLog(log_path, rank)  # the file is opened at the first record, after the folder is prepared
-    sources = {name: build_source(name, args, tokenizer, rank, world, log)
-               for name in dict.fromkeys(n for s in plan for n in s.sources)}
-    amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
-    evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
-                            args.device, amp_dtype, args.dev_protocol, args.batch_size, args.seed, log) \
-        if rank == 0 else None
-    if rank == 0 and state is not None:
-        truncate_log(log_path, [s.name for s in plan], state["stage"], state["step"])
-    elif rank == 0:
-        prepare_output_dir(args, extra=[s.best_dir for s in plan])  # only now: the inputs above all loaded
-    barrier(world)  # nobody starts before rank 0 has set up (or truncated) the output folder
-    resume_at = [s.name for s in plan].index(state["stage"]) if state is not None else 0
-    try:
-        for i, stage in enumerate(plan[resume_at:], resume_at):
+    with Run(args, plan) as run:
+        tokenizer = load_training_tokenizer(args.model)
+        encoder, trainable = load_model(args, args.model, plan[0].name)
+        sources = {name: build_source(name, args, tokenizer, run.rank, run.world, run.log)
+                   for name in dict.fromkeys(n for s in plan for n in s.sources)}
+        evaluate = run.start(tokenizer, encoder)
+        for stage, state in run.remaining_stages():
             if stage.start_from is not None:  # continue from the best model of an earlier stage
                 del encoder, trainable
-                set_seed(args.seed + rank)
+                set_seed(args.seed + run.rank)
                 encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
-                trainable.to(args.device)
-                log(f"[{stage.name}] continuing from {stage.start_from}")
-            best = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
-                       log, rank, world, state if i == resume_at else None)
-            barrier(world)  # rank 0 has written this stage's best model
-    finally:
-        log.close()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return best
+                run.log(f"[{stage.name}] continuing from {stage.start_from}")
+            trainable.to(args.device)
+            score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
+                        run.log, run.rank, run.world, state)
+            barrier(run.world)  # rank 0 has written this stage's best model
+    return score
 
 
 # --- flags ----------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import get_linear_schedule_with_warmup
 
 from dataloader import TokenizedTexts, read_sts, resolve_path
-from evaluation import DEFAULT_DATA_DIR, bmk_metrics, encode_tokenized, sts_metrics, write_model_card
+from evaluation import DEFAULT_DATA_DIR, bmk_metrics, encode_tokenized, load_tokenizer, sts_metrics, write_model_card
 
 RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
 METHOD = os.path.basename(os.path.dirname(os.path.abspath(__file__)))  # the method folder's name
@@ -278,6 +279,24 @@ def load_checkpoint(state, model, optimizer, scheduler, scaler):
     return state["step"], state["best_score"]
 
 
+def start_stage(args, stage, trainable, total_steps, state, rank, log):
+    """The optimizer (build_optimizer), the linear warmup-then-decay schedule and the fp16 loss scaler of one
+    stage, put back to ``state`` (a checkpoint of this stage, or None) with rank 0's RNG state.
+    Returns (optimizer, scheduler, scaler, step, best dev score)."""
+    scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
+    optimizer = build_optimizer(trainable, stage.lr or args.lr, args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    if state is None:
+        return optimizer, scheduler, scaler, 0, -math.inf
+    step, best_score = load_checkpoint(state, trainable, optimizer, scheduler, scaler)
+    if rank == 0:
+        restore_rng(state["rng"])
+    else:  # only rank 0's RNG state is saved; the others get fresh (seeded) dropout masks
+        torch.manual_seed(args.seed + rank + step)
+    log(f"[{stage.name}] resuming {args.output_dir} at step {step:,} (best dev {best_score_text(best_score)})")
+    return optimizer, scheduler, scaler, step, best_score
+
+
 def restore_rng(rng):
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -358,6 +377,26 @@ def stage_batches(sources, schedule, step, total_steps, num_workers=0, pin_memor
 def barrier(world):
     if world > 1:
         dist.barrier()
+
+
+def wrap_ddp(trainable, world, several_sources):
+    """``trainable`` in DistributedDataParallel under torchrun (itself in one process). With several sources,
+    parameters idle on one source's batches (KoSBERT's classifier) must not be waited for."""
+    if world == 1:
+        return trainable
+    return torch.nn.parallel.DistributedDataParallel(trainable, find_unused_parameters=several_sources)
+
+
+def autocast_dtype(args):
+    """The mixed-precision dtype of --fp16 / --bf16, or None (full precision)."""
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+
+
+def describe_stage(args, stage, sources, world, total_steps, steps_per_epoch):
+    sizes = ", ".join(f"{s.name} {len(s.dataset):,} examples / {len(s.plan):,} batches" for s in sources)
+    return (f"[{stage.name}] {sizes}; batch {args.batch_size}"
+            + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
+            + f", {total_steps:,} steps ({steps_per_epoch:,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
 
 
 def build_optimizer(model, lr, weight_decay):
@@ -522,3 +561,108 @@ def exit_on_data_error(run, error_type):
         return run()
     except error_type as e:
         sys.exit(f"error: {e}")
+
+
+# --- one run: its process state, the best model of a stage ---------------------------------------------
+
+class Run:
+    """A training run's process-wide state, as a context manager (``with Run(args, plan) as run``): joins
+    torch.distributed (``rank``, ``world``), takes the output folder's lock (rank 0), reads the checkpoint
+    of --resume (``state``) or checks that --output_dir may be used -- before anything is loaded, so a bad
+    folder fails at once --, seeds the RNGs per rank and opens the log (``log``). ``start`` prepares the
+    output folder once every input has loaded, so a failed start costs an earlier run nothing; leaving
+    the block closes the log and releases the lock."""
+
+    def __init__(self, args, plan):
+        self.args, self.plan = args, plan
+
+    def __enter__(self):
+        args = self.args
+        self.rank, self.world = setup_distributed(args)
+        self.lock = RunLock(args.output_dir) if self.rank == 0 else None  # one live run per output folder
+        try:
+            self.state = read_checkpoint(args.output_dir) if args.resume else None
+            if self.state is None:
+                check_output_dir(args)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        set_seed(args.seed + self.rank)  # per-rank dropout masks
+        self.log = RunLog(os.path.join(args.output_dir, "train_log.jsonl"), self.rank)  # opened at its first record
+        return self
+
+    def start(self, tokenizer, encoder):
+        """Every input has loaded: build the dev evaluator (rank 0; None elsewhere), then prepare the output
+        folder (a new run) or cut its log back to the checkpoint (a resumed one)."""
+        args = self.args
+        args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
+        evaluate = None
+        if self.rank == 0:
+            evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
+                                    args.device, autocast_dtype(args), args.dev_protocol, args.batch_size, args.seed,
+                                    self.log)
+            if self.state is not None:
+                truncate_log(self.log.path, [s.name for s in self.plan], self.state["stage"], self.state["step"])
+            else:
+                prepare_output_dir(args, extra=[s.best_dir for s in self.plan])
+        barrier(self.world)  # nobody starts before rank 0 has set up (or truncated) the output folder
+        return evaluate
+
+    def remaining_stages(self):
+        """(stage, the checkpoint state to resume it from or None) for every stage left to run: a resumed
+        run restarts in the stage and at the step of its checkpoint."""
+        first = [s.name for s in self.plan].index(self.state["stage"]) if self.state is not None else 0
+        for i, stage in enumerate(self.plan[first:]):
+            yield stage, self.state if i == 0 else None
+
+    def __exit__(self, error_type, error, traceback):
+        self.log.close()
+        if self.world > 1 and error_type is None:
+            dist.destroy_process_group()
+        if self.lock is not None:
+            self.lock.release()
+        return False
+
+
+def load_training_tokenizer(model):
+    """The tokenizer of --model (evaluation.load_tokenizer), which must have a padding token."""
+    tokenizer = load_or_exit(load_tokenizer, model)
+    if tokenizer.pad_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {model} has no padding token")
+    return tokenizer
+
+
+class BestModel:
+    """The best dev model of one stage, kept by rank 0 in output_dir/<stage.best_dir> (a no-op elsewhere).
+    ``evaluate`` logs the dev metrics of ``encoder`` and saves it when its max Spearman beats ``score``,
+    the best so far; ``finish`` saves the final model when no dev score was a number (constant embeddings),
+    so a stage always leaves a model."""
+
+    def __init__(self, args, stage, encoder, tokenizer, evaluate, log, score, sources, rank):
+        self.args, self.stage, self.encoder, self.tokenizer = args, stage, encoder, tokenizer
+        self.dev, self.log = evaluate, log
+        self.score, self.main = score, rank == 0
+        self.dir = os.path.join(args.output_dir, stage.best_dir)
+        self.files = [f for s in sources for f in s.files]  # for the model card
+
+    def evaluate(self, step, epoch):
+        if not self.main:
+            return
+        metrics = self.dev(self.encoder)
+        self.log.record({"stage": self.stage.name, "step": step, "epoch": epoch, "dev": metrics})
+        self.log(f"[{self.stage.name}] step {step}: dev avg {metrics['avg']:.2f}, cosine spearman "
+                 f"{metrics['cosine_spearman']:.2f}, max spearman {metrics['max_spearman']:.2f}")
+        if metrics["max_spearman"] > self.score:
+            self.score = metrics["max_spearman"]
+            self.save(step, metrics)
+            self.log(f"\t## SAVE {self.dir} | valid_score: {self.score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
+
+    def save(self, step, metrics):
+        save_atomically(lambda d: save_model(self.encoder, d, self.tokenizer, self.args, self.stage.name, step, metrics,
+                                             self.files), self.dir)
+
+    def finish(self, step):
+        if self.main and not os.path.isdir(self.dir):  # every dev score was NaN
+            self.save(step, None)
+            self.log(f"warning: no dev score was a number; saved the final model to {self.dir}")

@@ -15,10 +15,10 @@ def test_method_folders_copies_are_in_sync():
 
 
 def test_every_method_folder_shares_the_loop():
-    """fit / evaluate_and_save / train are checked copies of KoSimCSE's in every other method folder."""
+    """fit / train / main are checked copies of KoSimCSE's in every other method folder."""
     marked = {(os.path.relpath(path, ROOT), name) for path, _, _, name in check_copies.find_copies(ROOT)}
     for folder in ("KoSBERT", "KoSentenceT5", "KoDiffCSE"):
-        for name in ("fit", "evaluate_and_save", "train", "main"):
+        for name in ("fit", "train", "main"):
             assert (f"{folder}/train.py", name) in marked, (folder, name)
 
 

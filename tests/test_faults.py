@@ -48,7 +48,7 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
             return real(obj, path, *a, **k)
         monkeypatch.setattr(kosimcse.run_utils.torch, "save", save)
     else:
-        real = kosimcse.train.save_model
+        real = kosimcse.run_utils.save_model
 
         def save(encoder, folder, *a):  # writes half the folder, then the disk is full
             calls.append(folder)
@@ -57,7 +57,7 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
                 open(os.path.join(folder, "model.safetensors"), "wb").write(b"\0" * 100)
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(encoder, folder, *a)
-        monkeypatch.setattr(kosimcse.train, "save_model", save)
+        monkeypatch.setattr(kosimcse.run_utils, "save_model", save)
     real_dev, scores = kosimcse.run_utils.DevEvaluator.__call__, iter(range(100))
 
     def improving(self, model):  # every evaluation a new best, so that best_model is saved each time
