@@ -15,6 +15,8 @@
 #   DIFFCSE_GENERATOR=...  its masked-LM generator, same vocabulary (default klue/roberta-small)
 #   DATA_DIR=...           data folder (default data/, fetched with data/download.sh when absent)
 #   OUT=...                models, logs and result JSONs (default output/<preset>)
+#   AMP=auto|bf16|fp32     training precision of the quick rows (default auto: bf16 where the GPU or CPU runs
+#                          it natively, else fp32)
 #   METHODS=...            a subset of: kosimcse-sup kosimcse-unsup kosimcse-multitask kosbert kosentencet5
 #                          kosentencebart kodiffcse (default: all)
 # A row whose backbone cannot be had is not dropped: the final table says "skipped: needs ..., set VAR".
@@ -31,6 +33,7 @@ DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$ROOT/$DATA_DIR")
 mkdir -p "$OUT/results"
 OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/results/*.skipped
+AMP_FLAG=
 wants() { [[ " $METHODS " == *" $1 "* ]]; }
 START=$SECONDS
 
@@ -51,17 +54,21 @@ skip() {  # skip NAME WHAT VAR
 }
 evaluate() {  # evaluate METHOD_DIR RUN_NAME [DATASETS...]: test rows into results/, the card, a search demo
   local dir=$1 name=$2; shift 2
-  "$PY" "$dir/evaluation.py" --model_dir "$OUT/$name/best_model" --data_dir "$DATA_DIR" \
-      --dataset "${@:-korsts-test}" --protocol standard bmk --output_json "$OUT/results/$name.json"
-  "$PY" "$dir/evaluation.py" --model_dir "$OUT/$name/best_model" --task search --top_k 3
+  "$PY" "$dir/evaluation.py" --model_dir "$OUT/$name/best_model" --task sts search --top_k 3 \
+      --data_dir "$DATA_DIR" --dataset "${@:-korsts-test}" --protocol standard bmk --output_json "$OUT/results/$name.json"
 }
 train() {  # train METHOD_DIR RUN_NAME PRESET_FILE FLAGS...
   local dir=$1 name=$2 preset=$3; shift 3
   "$PY" "$dir/train.py" "@$dir/presets/$preset" --data_dir "$DATA_DIR" --output_dir "$OUT/$name" \
-      --overwrite_output_dir "$@"
+      --overwrite_output_dir $AMP_FLAG "$@"
 }
 
 if [ "$PRESET" = quick ]; then
+  # Training in bf16 autocast where the hardware has it natively (utils/native_bf16.py), fp32 elsewhere;
+  # evaluation is always fp32.
+  [ "${AMP:-auto}" = auto ] && AMP=$("$PY" utils/native_bf16.py)
+  case "$AMP" in bf16) AMP_FLAG=--bf16 ;; fp32) AMP_FLAG= ;; *) echo "error: AMP must be auto, bf16 or fp32" >&2; exit 1 ;; esac
+  echo "quick preset: training in $AMP (set AMP=bf16|fp32 to choose)"
   MODEL=$(resolve "${MODEL:-intfloat/multilingual-e5-small}")
   [ -n "$MODEL" ] || { echo "error: no backbone for MODEL; pass a local Hugging Face model folder: MODEL=/path bash run_example.sh" >&2; exit 1; }
   # The backbone before any training, as the reference row (mean pooling, as e5 was trained).
@@ -103,7 +110,5 @@ fi
 echo
 echo "KorSTS test (x100; standard = whole set, bmk = BM-K's per-batch average):"
 "$PY" utils/results_table.py "$OUT/results" --dataset korsts-test
-for run in "$OUT"/*/; do
-  [ -f "$run/train_log.jsonl" ] && "$PY" utils/plot_training.py "$run" >/dev/null && echo "training curve: ${run}training_curve.png"
-done
+"$PY" utils/plot_training.py "$OUT"/*/
 echo "done in $(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s"

@@ -20,7 +20,8 @@
 
 The model folder is read the way sentence-transformers reads it (modules.json: Transformer ->
 Pooling -> [Dense] -> [Normalize]), so the embeddings here are the ones
-``SentenceTransformer(folder).encode`` gives; a plain Hugging Face folder needs --pooler.
+``SentenceTransformer(folder).encode`` gives; a plain Hugging Face folder needs --pooling. Several tasks
+may be given (``--task sts search``): they run in that order on one loaded model.
 """
 import argparse
 import hashlib
@@ -46,6 +47,7 @@ DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 METRICS = ("cosine_pearson", "cosine_spearman", "euclidean_pearson", "euclidean_spearman",
            "manhattan_pearson", "manhattan_spearman", "dot_pearson", "dot_spearman")
 COLUMNS = ("cosP", "cosS", "eucP", "eucS", "manP", "manS", "dotP", "dotS")
+TASKS = ("sts", "search", "index", "cluster")
 
 # The example of the KoSBERT/KoSimCSE READMEs: 9 corpus sentences and 3 queries.
 EXAMPLE_CORPUS = ["한 남자가 음식을 먹는다.", "한 남자가 빵 한 조각을 먹는다.", "그 여자가 아이를 돌본다.",
@@ -899,10 +901,11 @@ def write_model_card(folder, rows=()):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="saved model folder (ours or any sentence-transformers "
-                   "folder), or a Hugging Face model folder/id together with --pooler")
-    p.add_argument("--task", choices=("sts", "search", "index", "cluster"), default="sts",
+                   "folder), or a Hugging Face model folder/id together with --pooling")
+    p.add_argument("--task", nargs="+", choices=TASKS, default=["sts"],
                    help="index: encode --corpus_file once into --index_dir; search: with --index_dir, "
-                        "answer from that index, else stream --corpus_file (default: %(default)s)")
+                        "answer from that index, else stream --corpus_file; several run in order on one loaded "
+                        "model (default: sts)")
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="folder with KorSTS/, KLUE-STS/ (default: %(default)s)")
     p.add_argument("--dataset", nargs="+", default=["korsts-test"],
                    help="korsts-test, korsts-dev, klue-sts-dev, or a path to a KorSTS-style TSV / KLUE-STS "
@@ -948,79 +951,97 @@ def parse_args(argv=None):
     p.add_argument("--num_clusters", type=int, default=5)
     p.add_argument("--plot", default=None, help="cluster: PNG path (default: clusters.png beside --output_json, else ./clusters.png)")
     args = p.parse_args(argv)
-    if args.task == "index" and not (args.corpus_file and args.index_dir):
+    if "index" in args.task and not (args.corpus_file and args.index_dir):
         p.error("--task index needs --corpus_file and --index_dir")
-    if args.task == "search" and args.index_dir and args.corpus_file:
+    if "index" in args.task and "search" in args.task:
+        p.error("--task index and search: build the index first, then search it with --task search --index_dir")
+    if "search" in args.task and args.index_dir and args.corpus_file:
         p.error("--task search: give --index_dir (the index knows its corpus) or --corpus_file, not both")
     return args
+
+
+def run_sts(args, encoder, max_len):
+    """The 8 metrics of every --dataset under every --protocol: printed, written to --output_json, and
+    merged into the model card of one of our training runs."""
+    rows = []
+    for name in args.dataset:
+        pairs = [(args.prefix + a, args.prefix + b, s) for a, b, s in read_sts(resolve_path(name, args.data_dir))]
+        stats = {}
+        results = evaluate_sts(encoder, encoder.tokenizer, pairs, max_len, args.batch_size, args.device, args.protocol,
+                               args.seed, stats)
+        print(f"{name}: {len(pairs):,} pairs; {stats['truncated']} of {stats['sentences']:,} distinct sentences "
+              f"truncated at --max_len {max_len}")
+        for protocol, metrics in results.items():
+            rows.append({"model": args.model_dir.rstrip("/"), "dataset": name, "protocol": protocol,
+                         "n_pairs": len(pairs), "batch_size": args.batch_size if protocol == "bmk" else None,
+                         "seed": args.seed if protocol == "bmk" else None, "max_len": max_len,
+                         "n_truncated": stats["truncated"], "prefix": args.prefix, "metrics": metrics})
+    print(format_table(rows))
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            json.dump(rows, f, ensure_ascii=False, indent=2)
+    if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not args.prefix:
+        write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
+
+
+def run_index(args, encoder, max_len):
+    params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search,
+              "nlist": args.nlist, "nprobe": args.nprobe}
+    meta = build_index(encoder, encoder.tokenizer, args.model_dir, args.corpus_file, args.index_dir, args.index_type,
+                       args.index_dtype, args.chunk_size, max_len, args.prefix, args.batch_size, args.device, params)
+    size = sum(os.path.getsize(os.path.join(args.index_dir, f)) for f in INDEX_FILES.values())
+    print(f"index: {meta['count']:,} sentences x {meta['dim']} ({meta['dtype']}) -> {args.index_dir} "
+          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s)")
+
+
+def run_search(args, encoder, max_len, index=None):
+    queries = args.queries or ([l.strip() for _, l in iter_lines(args.queries_file)] if args.queries_file
+                               else EXAMPLE_QUERIES)
+    prefixed = [args.prefix + q for q in queries]
+    if index is not None:
+        check_index_recipe(index, args.model_dir, encoder, max_len, args.prefix)
+        results = index_search(encoder, encoder.tokenizer, prefixed, index, args.top_k, max_len, args.batch_size,
+                               args.device)
+    else:
+        corpus = args.corpus_file or EXAMPLE_CORPUS
+        results = semantic_search(encoder, encoder.tokenizer, prefixed, corpus, args.top_k, args.chunk_size, max_len,
+                                  args.batch_size, args.device)
+    print_search_results(queries, results)
+
+
+def run_cluster(args, encoder, max_len):
+    sentences = ([l.strip() for _, l in iter_lines(args.sentences_file)] if args.sentences_file
+                 else EXAMPLE_CORPUS + EXAMPLE_QUERIES)
+    emb = encode(encoder, encoder.tokenizer, [args.prefix + s for s in sentences], max_len, args.batch_size,
+                 args.device)
+    labels = cluster(emb, args.num_clusters, args.seed)
+    for c in range(args.num_clusters):
+        print("Cluster ", c + 1)
+        print([s for s, label in zip(sentences, labels) if label == c])
+        print("")
+    plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.output_json or "x")), "clusters.png")
+    plot_clusters(emb, labels, plot)
+    print(f"plot: {plot}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     index = None
-    if args.task == "index":  # bad input fails before the model is loaded
+    if "index" in args.task:  # bad input fails before the model is loaded
         _require_file(args.corpus_file)
-    elif args.task == "search" and args.index_dir:
+    elif "search" in args.task and args.index_dir:
         index = load_index(args.index_dir, nprobe=args.nprobe, ef_search=args.ef_search)
     try:
         encoder = FolderEncoder(args.model_dir, pooling=args.pooling).to(args.device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {e}")
-    tok, max_len = encoder.tokenizer, args.max_len or encoder.max_len or 512
-    prefixed = (lambda xs: [args.prefix + x for x in xs]) if args.prefix else (lambda xs: xs)
-    if args.task == "sts":
-        rows = []
-        for name in args.dataset:
-            pairs = [(args.prefix + a, args.prefix + b, s) for a, b, s in read_sts(resolve_path(name, args.data_dir))]
-            stats = {}
-            results = evaluate_sts(encoder, tok, pairs, max_len, args.batch_size, args.device, args.protocol, args.seed,
-                                   stats)
-            print(f"{name}: {len(pairs):,} pairs; {stats['truncated']} of {stats['sentences']:,} distinct sentences "
-                  f"truncated at --max_len {max_len}")
-            for protocol, metrics in results.items():
-                rows.append({"model": args.model_dir.rstrip("/"), "dataset": name, "protocol": protocol,
-                             "n_pairs": len(pairs), "batch_size": args.batch_size if protocol == "bmk" else None,
-                             "seed": args.seed if protocol == "bmk" else None, "max_len": max_len,
-                             "n_truncated": stats["truncated"], "prefix": args.prefix, "metrics": metrics})
-        print(format_table(rows))
-        if args.output_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            with open(args.output_json, "w") as f:
-                json.dump(rows, f, ensure_ascii=False, indent=2)
-        if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not args.prefix:
-            write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
-    elif args.task == "index":
-        params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search,
-                  "nlist": args.nlist, "nprobe": args.nprobe}
-        meta = build_index(encoder, tok, args.model_dir, args.corpus_file, args.index_dir, args.index_type,
-                           args.index_dtype, args.chunk_size, max_len, args.prefix, args.batch_size, args.device, params)
-        size = sum(os.path.getsize(os.path.join(args.index_dir, f)) for f in INDEX_FILES.values())
-        print(f"index: {meta['count']:,} sentences x {meta['dim']} ({meta['dtype']}) -> {args.index_dir} "
-              f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s)")
-    elif args.task == "search":
-        queries = args.queries or ([l.strip() for _, l in iter_lines(args.queries_file)] if args.queries_file
-                                   else EXAMPLE_QUERIES)
-        if index is not None:
-            check_index_recipe(index, args.model_dir, encoder, max_len, args.prefix)
-            results = index_search(encoder, tok, prefixed(queries), index, args.top_k, max_len, args.batch_size,
-                                   args.device)
+    max_len = args.max_len or encoder.max_len or 512
+    for task in args.task:
+        if task == "search":
+            run_search(args, encoder, max_len, index)
         else:
-            corpus = args.corpus_file or EXAMPLE_CORPUS
-            results = semantic_search(encoder, tok, prefixed(queries), corpus, args.top_k, args.chunk_size,
-                                      max_len, args.batch_size, args.device)
-        print_search_results(queries, results)
-    else:
-        sentences = ([l.strip() for _, l in iter_lines(args.sentences_file)] if args.sentences_file
-                     else EXAMPLE_CORPUS + EXAMPLE_QUERIES)
-        emb = encode(encoder, tok, prefixed(sentences), max_len, args.batch_size, args.device)
-        labels = cluster(emb, args.num_clusters, args.seed)
-        for c in range(args.num_clusters):
-            print("Cluster ", c + 1)
-            print([s for s, label in zip(sentences, labels) if label == c])
-            print("")
-        plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.output_json or "x")), "clusters.png")
-        plot_clusters(emb, labels, plot)
-        print(f"plot: {plot}")
+            {"sts": run_sts, "index": run_index, "cluster": run_cluster}[task](args, encoder, max_len)
 
 
 if __name__ == "__main__":

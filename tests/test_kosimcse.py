@@ -206,6 +206,30 @@ def test_search_and_cluster_cli_output(kosimcse, sup_run, tmp_path, capsys):
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_several_tasks_run_in_order_on_one_loaded_model(kosimcse, sup_run, synthetic_data, tmp_path, capsys,
+                                                        monkeypatch):
+    """--task sts search (run_example.sh's call): the STS rows, then the search demo, one model load; the
+    output equals the two tasks run one by one."""
+    _, best = sup_run
+    ev = kosimcse.evaluation
+    common = ["--model_dir", best, "--data_dir", synthetic_data, "--dataset", "korsts-test", "--top_k", "2"]
+    ev.main(common + ["--task", "sts", "--output_json", str(tmp_path / "one.json")])
+    ev.main(common + ["--task", "search"])
+    alone = capsys.readouterr().out
+    loads, real = [], ev.FolderEncoder.__init__
+
+    def counted(self, *a, **k):
+        loads.append(1)
+        real(self, *a, **k)
+    monkeypatch.setattr(ev.FolderEncoder, "__init__", counted)
+    ev.main(common + ["--task", "sts", "search", "--output_json", str(tmp_path / "both.json")])
+    both = capsys.readouterr().out
+    assert loads == [1] and both == alone and both.index("| cosS |") < both.index("Query:")
+    assert json.load(open(tmp_path / "one.json")) == json.load(open(tmp_path / "both.json"))
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model_dir", best, "--task", "index", "search", "--corpus_file", "c", "--index_dir", "d"])
+
+
 def test_length_buckets_are_the_fewest_padded_tokens_under_the_minimum(kosimcse):
     import itertools
     lengths = torch.tensor([5, 30, 6, 29, 12, 31, 7, 11, 30, 5, 6, 6])

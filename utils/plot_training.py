@@ -1,6 +1,7 @@
 """Training curves of a run: dev Spearman and training loss against step, from its train_log.jsonl.
 
     python utils/plot_training.py output/kosimcse-sup [--out curve.png]
+    python utils/plot_training.py output/quick/*/          # several runs, a PNG in each
 
 Reads the lines every <method>/train.py writes (``{"step", "loss", ...}`` and
 ``{"step", "dev": {metrics}}``) and writes a PNG (default: training_curve.png in the run folder).
@@ -52,10 +53,14 @@ def plot(run_dir, out=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p.add_argument("run_dir", nargs="+", help="run folders; those without a train_log.jsonl are passed over")
+    p.add_argument("--out", default=None, help="the PNG path (one run_dir only)")
     args = p.parse_args()
-    print(plot(args.run_dir, args.out))
+    if args.out and len(args.run_dir) > 1:
+        p.error("--out takes one run_dir")
+    for run_dir in args.run_dir:
+        if os.path.isfile(os.path.join(run_dir, "train_log.jsonl")):
+            print(f"training curve: {plot(run_dir, args.out)}")
 
 
 if __name__ == "__main__":
