@@ -260,3 +260,23 @@ def test_resolve_e5_uses_the_built_folder_and_local_folders_pass(built, silent_h
     assert "dequantized 4-bit" in proc.stderr
     proc = subprocess.run([sys.executable, RESOLVER, out], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout == out + "\n"
+
+
+def test_resolve_unreachable_id_in_the_local_cache_loads(tiny_bert, silent_hub, tmp_path):
+    """Offline, a hub id the Hugging Face cache holds resolves to itself (checked with transformers); one it
+    does not hold fails without importing transformers."""
+    import shutil
+    env = resolver_env(silent_hub, tmp_path)
+    repo = tmp_path / "hf-home" / "hub" / "models--someone--cached-model"
+    shutil.copytree(tiny_bert, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    cmd = [sys.executable, RESOLVER, "someone/cached-model", "--timeout", "2", "--out", str(tmp_path / "never-built")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "someone/cached-model\n"
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import resolve_backbone as r; "
+             "print(r.loads('someone/not-cached', local_only=True), 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe, os.path.dirname(RESOLVER)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr

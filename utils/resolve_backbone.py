@@ -44,7 +44,13 @@ def hub_reachable(name, timeout=5.0):
 
 
 def loads(name, local_only, timeout=5.0):
-    """True if transformers loads ``name``'s config and tokenizer (``local_only``: from the cache only)."""
+    """True if transformers loads ``name``'s config and tokenizer (``local_only``: from the cache only).
+    Offline, an id with no config.json in the local cache is answered without importing transformers
+    (which alone takes seconds)."""
+    if local_only:
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return False
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
     from transformers import AutoConfig, AutoTokenizer
