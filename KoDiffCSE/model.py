@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from evaluation import load_tokenizer
+from run_utils import load_or_exit
 
 PROJECTIONS = ("pooler", "bn_mlp", "mlp")
 
@@ -290,17 +291,11 @@ def check_generator(path, generator_name, masking):
     must use the tokenizer of the encoder ``path`` and may not predict ids outside its embedding table;
     ``masking`` (--masking) needs a [MASK] or [SEP] token. Checked from the tokenizers and configs alone,
     before any weights are loaded; returns the encoder's tokenizer. Each failure is one clear line."""
-    def load(what, name, loader):
-        try:
-            return loader(name)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot load the {what} '{name}': {e}\nPass a Hugging Face model folder "
-                             f"(config.json, weights and tokenizer files) or a hub id reachable from this "
-                             f"machine.") from None
-    tokenizer = load("encoder (--model)", path, load_tokenizer)
-    generator_tokenizer = load("generator (--generator_name)", generator_name, load_tokenizer)
-    encoder_size = load("encoder (--model)", path, AutoConfig.from_pretrained).vocab_size
-    generator_size = load("generator (--generator_name)", generator_name, AutoConfig.from_pretrained).vocab_size
+    tokenizer = load_or_exit(load_tokenizer, path, "the encoder", "--model")
+    generator_tokenizer = load_or_exit(load_tokenizer, generator_name, "the generator", "--generator_name")
+    encoder_size = load_or_exit(AutoConfig.from_pretrained, path, "the encoder", "--model").vocab_size
+    generator_size = load_or_exit(AutoConfig.from_pretrained, generator_name, "the generator",
+                                  "--generator_name").vocab_size
     if generator_tokenizer.get_vocab() != tokenizer.get_vocab() or generator_size > encoder_size:
         raise SystemExit(
             f"error: the generator {generator_name} (tokenizer {len(generator_tokenizer):,} tokens, vocab_size "

@@ -498,13 +498,14 @@ class DevEvaluator:
         return sts_metrics(emb[:n], emb[n:], self.gold)
 
 
-def load_or_exit(load, path):
-    """``load(path)``, with a bad model folder or unreachable hub id turned into one clear line."""
+def load_or_exit(load, path, what="model", flag="--model"):
+    """``load(path)``, with a bad model folder or unreachable hub id turned into one clear line naming
+    ``what`` was being loaded and the ``flag`` that gave it."""
     try:
         return load(path)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load model '{path}': {e}\n"
-                         f"Pass --model with a Hugging Face model folder (config.json, weights and "
+        raise SystemExit(f"error: cannot load {what} '{path}': {e}\n"
+                         f"Pass {flag} with a Hugging Face model folder (config.json, weights and "
                          f"tokenizer files) or a hub id reachable from this machine.") from None
 
 

@@ -272,6 +272,16 @@ def test_generator_vocabulary_mismatch_stops_before_training(dc, tiny_bert, synt
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_missing_generator_names_the_generator_flag(dc, tiny_bert, synthetic_data, tmp_path):
+    missing = str(tmp_path / "no-such-generator")
+    with pytest.raises(SystemExit) as e:
+        dc.train.main(["--model", tiny_bert, "--generator_name", missing, "--data_dir", synthetic_data,
+                       "--output_dir", str(tmp_path / "out")])
+    message = str(e.value)
+    assert message.startswith(f"error: cannot load the generator '{missing}': ") and "Pass --generator_name" in message
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("extra", [[], ["--masking", "dynamic", "--projection", "bn_mlp"]])
 def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data, tmp_path, extra):
     st = pytest.importorskip("sentence_transformers")
