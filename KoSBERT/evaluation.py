@@ -24,6 +24,7 @@ Pooling -> [Dense] -> [Normalize]), so the embeddings here are the ones
 may be given (``--task sts search``): they run in that order on one loaded model.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -1037,11 +1038,10 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {e}")
     max_len = args.max_len or encoder.max_len or 512
+    runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
+            "cluster": run_cluster}
     for task in args.task:
-        if task == "search":
-            run_search(args, encoder, max_len, index)
-        else:
-            {"sts": run_sts, "index": run_index, "cluster": run_cluster}[task](args, encoder, max_len)
+        runs[task](args, encoder, max_len)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,20 @@ def unguarded_pairs(duplicates_output, root=ROOT):
     """The rows of a ``duplicates`` report that pair two method folders without the checker guarding either
     side. A side is guarded when no 6 consecutive code lines of it (the scan's own threshold for a repeated
     block) lie outside guarded_lines: a run may spill a line or two past a copied definition."""
-    guarded, rows = guarded_lines(root), []
+    guarded, files, rows = guarded_lines(root), {}, []
+
+    def covered(rel, first, last):
+        if rel not in files:
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                files[rel] = f.readlines()
+        lines = files[rel]
+        code = [n for n in range(first, last + 1) if lines[n - 1].strip() and not lines[n - 1].lstrip().startswith("#")]
+        run = longest = 0
+        for n in code:
+            run = 0 if n in guarded.get(rel, ()) else run + 1
+            longest = max(longest, run)
+        return longest < 6
+
     pair = re.compile(r"^(D\d+) (\S+):(\d+)-(\d+) ~ (\S+):(\d+)-(\d+)")
     for line in duplicates_output.splitlines():
         m = pair.match(line)
@@ -188,15 +201,6 @@ def unguarded_pairs(duplicates_output, root=ROOT):
         folders = {s[0].split("/")[0] for s in sides}
         if len(folders) < 2 or not folders <= set(METHOD_FOLDERS):
             continue  # not a pair across method folders
-        def covered(rel, first, last):
-            with open(os.path.join(root, rel), encoding="utf-8") as f:
-                lines = f.readlines()
-            code = [n for n in range(first, last + 1) if lines[n - 1].strip() and not lines[n - 1].lstrip().startswith("#")]
-            run = longest = 0
-            for n in code:
-                run = 0 if n in guarded.get(rel, ()) else run + 1
-                longest = max(longest, run)
-            return longest < 6
         if not any(covered(*side) for side in sides):
             rows.append(line)
     return rows
