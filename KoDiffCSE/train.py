@@ -19,8 +19,9 @@ Where things are: the step is ``training_step`` below (masking -> DiffCSE.forwar
 and ``train`` (stages, resume) are the same in every method folder; run_utils.py holds the plumbing.
 
 Outputs in --output_dir: best_model/ (the encoder alone, best dev score, raw [CLS]; a Hugging Face +
-sentence-transformers folder), checkpoint/ (the whole model, for --resume), train_log.jsonl (loss,
-contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics), args.json.
+sentence-transformers folder), checkpoint/ (the whole model, for --resume; removed once the run finishes,
+unless --keep_checkpoint), train_log.jsonl (loss, contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics),
+args.json.
 """
 import os
 import time

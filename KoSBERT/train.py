@@ -24,7 +24,8 @@ Where things are: the step is ``training_step`` below; the losses ``softmax_loss
 folder; run_utils.py holds the plumbing.
 
 Outputs in --output_dir: best_model/ (a Hugging Face + sentence-transformers folder: encoder and pooling, no
-classifier), checkpoint/ (for --resume), train_log.jsonl, args.json, and for nli_sts nli_model/.
+classifier), checkpoint/ (for --resume; removed once the run finishes, unless --keep_checkpoint),
+train_log.jsonl, args.json, and for nli_sts nli_model/.
 """
 import os
 import random

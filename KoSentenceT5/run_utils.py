@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from transformers import get_linear_schedule_with_warmup
 
 from dataloader import TokenizedTexts, read_sts, resolve_path
@@ -94,6 +95,9 @@ def add_run_args(p, **defaults):
     p.add_argument("--save_steps", type=int, default=None,
                    help="write output_dir/checkpoint (for --resume) every N steps and whenever it evaluates "
                         "(default: --eval_steps)")
+    p.add_argument("--keep_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep output_dir/checkpoint (weights + optimizer state, about 3x the model) once the run "
+                        "has finished; by default it is removed then, as only --resume of an unfinished run reads it")
     p.add_argument("--dev_protocol", choices=("standard", "bmk"), default="standard",
                    help="checkpoint selection by the max of the 4 dev Spearman values over the whole set "
                         "(standard), or its mean over shuffled dev batches of --batch_size pairs (bmk, as BM-K)")
@@ -218,10 +222,11 @@ def save_atomically(save, final_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save(tmp)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors (save_pretrained) raises its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous {os.path.basename(final_dir)} is intact" if os.path.isdir(final_dir) else "nothing was lost"
-        raise SystemExit(f"error: could not write {final_dir}: {e.strerror or e}; {kept}. Free some space, then "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise SystemExit(f"error: could not write {final_dir}: {reason}; {kept}. Free some space, then "
                          f"continue with --resume {os.path.dirname(final_dir) or '.'}") from None
     if os.path.isdir(final_dir):
         os.replace(final_dir, old)
@@ -249,7 +254,8 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score,
 
     def write(folder):
         os.makedirs(folder)
-        torch.save(state, os.path.join(folder, "state.pt"))
+        with open(os.path.join(folder, "state.pt"), "wb") as f:  # a file object: a full disk is an OSError
+            torch.save(state, f)                                  # (given a path, torch raises RuntimeError)
     save_atomically(write, path)
 
 
@@ -258,7 +264,9 @@ def read_checkpoint(output_dir):
     recover_interrupted_save(output_dir)
     path = os.path.join(output_dir, "checkpoint", "state.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {output_dir}: no checkpoint/state.pt there to resume from")
+        finished = (" (a run removes its checkpoint once it has finished, unless --keep_checkpoint; its model is "
+                    "in best_model/)" if os.path.isdir(os.path.join(output_dir, "best_model")) else "")
+        raise SystemExit(f"error: --resume {output_dir}: no checkpoint/state.pt there to resume from{finished}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step", "best_score", "rng") if k not in state]
@@ -618,6 +626,10 @@ class Run:
             yield stage, self.state if i == 0 else None
 
     def __exit__(self, error_type, error, traceback):
+        checkpoint = os.path.join(self.args.output_dir, "checkpoint")
+        if error_type is None and self.rank == 0 and not self.args.keep_checkpoint and os.path.isdir(checkpoint):
+            shutil.rmtree(checkpoint)  # the run is finished: its work is in best_model/, --resume has nothing left
+            self.log(f"removed {checkpoint} (the run has finished; --keep_checkpoint keeps it)")
         self.log.close()
         if self.world > 1 and error_type is None:
             dist.destroy_process_group()

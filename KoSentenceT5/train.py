@@ -16,8 +16,9 @@ Where things are: what is T5-specific is ``load_model`` below and model.py (``lo
 (``training_step`` here, ``contrastive_loss`` in model.py); ``fit`` (the loop) and ``train`` (stages,
 resume) are the same in every method folder; run_utils.py holds the plumbing.
 
-Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers
-folder), checkpoint/ (for --resume), train_log.jsonl (losses, lr, dev metrics), args.json.
+Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers folder),
+checkpoint/ (for --resume; removed once the run finishes, unless --keep_checkpoint), train_log.jsonl (losses,
+lr, dev metrics), args.json.
 """
 import os
 import time

@@ -15,8 +15,9 @@ Where things are: the step is ``training_step`` below; the loss ``contrastive_lo
 (``SentenceEncoder.embed``) are in model.py; the data is read in dataloader.py; ``fit`` (the loop) and
 ``train`` (stages, resume) are the same in every method folder; run_utils.py holds the plumbing.
 
-Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers
-folder), checkpoint/ (for --resume), train_log.jsonl (losses, lr, dev metrics), args.json.
+Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers folder),
+checkpoint/ (for --resume; removed once the run finishes, unless --keep_checkpoint), train_log.jsonl (losses,
+lr, dev metrics), args.json.
 """
 import argparse
 import os

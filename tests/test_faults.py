@@ -2,6 +2,7 @@
 folder, and a kill at any point of a save. One test per fault, all through KoSimCSE's train.py (the
 plumbing is run_utils.py, a checked whole-file copy in every method folder)."""
 import errno
+import io
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, crash_after_first_checkpoint
 
 TRAIN = os.path.join(ROOT, "KoSimCSE", "train.py")
 
@@ -33,21 +34,32 @@ def uninterrupted(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
     return dev_scores(out)
 
 
-@pytest.mark.parametrize("what", ["checkpoint", "best_model"])
+@pytest.mark.parametrize("what", ["checkpoint", "best_model", "best_model-safetensors"])
 def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, synthetic_data, tmp_path,
                                                         monkeypatch, uninterrupted, what):
+    """checkpoint: the second state.pt goes to a file that fails as a full disk does (every write ENOSPC;
+    on a real full tmpfs torch.save raises a RuntimeError when given a path, the OSError through a file
+    object). best_model: a save that leaves half a folder; -safetensors: the error type safetensors raises
+    on a full disk (its message as seen on a full tmpfs)."""
     out = str(tmp_path / "run")
     calls = []
     if what == "checkpoint":
-        real = torch.save
+        class FullDisk(io.RawIOBase):
+            def writable(self):
+                return True
 
-        def save(obj, path, *a, **k):  # the second checkpoint finds the disk full
-            calls.append(path)
-            if len(calls) == 2:
+            def write(self, data):
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real(obj, path, *a, **k)
-        monkeypatch.setattr(kosimcse.run_utils.torch, "save", save)
-    else:
+
+        def full_disk_open(path, mode="r", *a, **k):  # run_utils' own open: the second state.pt finds the disk full
+            if str(path).endswith("state.pt"):
+                calls.append(path)
+                if len(calls) == 2:
+                    open(path, mode).close()  # the file exists, empty, as on a full disk
+                    return FullDisk()
+            return open(path, mode, *a, **k)
+        monkeypatch.setattr(kosimcse.run_utils, "open", full_disk_open, raising=False)
+    elif what == "best_model":
         real = kosimcse.run_utils.save_model
 
         def save(encoder, folder, *a):  # writes half the folder, then the disk is full
@@ -58,6 +70,18 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(encoder, folder, *a)
         monkeypatch.setattr(kosimcse.run_utils, "save_model", save)
+    else:
+        import transformers.modeling_utils
+        from safetensors import SafetensorError
+        real = transformers.modeling_utils.safe_save_file
+
+        def save_file(tensors, filename, *a, **k):
+            calls.append(filename)
+            if len(calls) == 2:
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real(tensors, filename, *a, **k)
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+        what = "best_model"
     real_dev, scores = kosimcse.run_utils.DevEvaluator.__call__, iter(range(100))
 
     def improving(self, model):  # every evaluation a new best, so that best_model is saved each time
@@ -66,8 +90,8 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
     with pytest.raises(SystemExit) as e:
         kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--temperature", "0.05"))
     message = str(e.value)
-    assert message.startswith(f"error: could not write {os.path.join(out, what)}: No space left on device; "
-                              f"the previous {what} is intact") and "\n" not in message
+    assert message.startswith(f"error: could not write {os.path.join(out, what)}: ") and "\n" not in message
+    assert "No space left on device" in message and f"; the previous {what} is intact" in message
     assert not os.path.exists(os.path.join(out, what + ".tmp"))
     state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
     assert state["step"] == 2  # the checkpoint before the failure, whole
@@ -80,12 +104,31 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_corrupt_checkpoint_is_a_clear_error_on_resume(kosimcse, tiny_bert, synthetic_data, tmp_path, damage):
     out = str(tmp_path / "run")
-    kosimcse.train.main(cli(tiny_bert, synthetic_data, out))
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--keep_checkpoint"))
     path = os.path.join(out, "checkpoint", "state.pt")
     data = open(path, "rb").read()
     open(path, "wb").write(data[:len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 10)
     with pytest.raises(SystemExit, match=rf"^error: {path} is truncated or corrupt \(.*\); it cannot be resumed"):
         kosimcse.train.main(["--resume", out])
+
+
+def test_a_finished_run_removes_its_checkpoint_unless_asked_to_keep_it(kosimcse, tiny_bert, synthetic_data,
+                                                                        tmp_path, capsys):
+    """The checkpoint (weights + Adam moments, 3x the model) only serves --resume of an unfinished run: once
+    the run has finished it is removed, so a row of run_example.sh leaves one model, not four."""
+    removed, kept = str(tmp_path / "removed"), str(tmp_path / "kept")
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, removed))
+    assert sorted(os.listdir(removed)) == ["args.json", "best_model", "train_log.jsonl"]
+    assert f"removed {os.path.join(removed, 'checkpoint')} (the run has finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no checkpoint/state.pt there to resume from \(a run removes its checkpoint "
+                                         r"once it has finished, unless --keep_checkpoint; its model is in best_model/\)"):
+        kosimcse.train.main(["--resume", removed])
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, kept, "--keep_checkpoint"))
+    state = torch.load(os.path.join(kept, "checkpoint", "state.pt"), weights_only=False)
+    assert state["step"] == 6 and set(state["optimizer"]["state"])  # the last step's, with the Adam moments
+    crashed = str(tmp_path / "crashed")  # an interrupted run keeps it, for --resume
+    crash_after_first_checkpoint(kosimcse.train, cli(tiny_bert, synthetic_data, crashed))
+    assert torch.load(os.path.join(crashed, "checkpoint", "state.pt"), weights_only=False)["step"] == 2
 
 
 def test_a_second_run_on_a_live_output_folder_is_refused(kosimcse, tiny_bert, synthetic_data, tmp_path):
@@ -127,11 +170,11 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(kosimcse, tiny_ber
         if point == "after_second_rename" and dst == final and os.path.isdir(final + ".old"):
             raise KeyboardInterrupt
 
-    def save(obj, path, *a, **k):
+    def save(obj, f, *a, **k):
         if point == "while_writing" and os.path.isdir(final):
-            open(path, "wb").write(b"PK\x03\x04 half a file")
+            f.write(b"PK\x03\x04 half a file")
             raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(KeyboardInterrupt):
@@ -140,4 +183,4 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(kosimcse, tiny_ber
     assert not os.path.isdir(final) or not os.path.isdir(final + ".tmp") or point == "while_writing"
     kosimcse.train.main(["--resume", out])
     assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
-    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint"]
+    assert [f for f in os.listdir(out) if f.startswith("checkpoint")] == []  # no .tmp/.old left; the finished run's removed
