@@ -214,6 +214,17 @@ def prepare_output_dir(args, extra=()):
         json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
 
 
+def write_error(error):
+    """The OSError (or safetensors' SafetensorError) behind ``error``, or None. On a full disk torch.save
+    raises the OSError of its file object's write, then replaces it with a RuntimeError of its zip writer
+    while closing; the OSError is that RuntimeError's __context__."""
+    while error is not None:
+        if isinstance(error, (OSError, SafetensorError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save_atomically(save, final_dir):
     """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir (see
     recover_interrupted_save). A save that fails (a full disk, say) leaves final_dir as it was and stops
@@ -222,12 +233,17 @@ def save_atomically(save, final_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save(tmp)
-    except (OSError, SafetensorError) as e:  # safetensors (save_pretrained) raises its own error type
+    except Exception as e:
+        failed = write_error(e)
+        if failed is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous {os.path.basename(final_dir)} is intact" if os.path.isdir(final_dir) else "nothing was lost"
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise SystemExit(f"error: could not write {final_dir}: {reason}; {kept}. Free some space, then "
-                         f"continue with --resume {os.path.dirname(final_dir) or '.'}") from None
+        reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
+        out = os.path.dirname(final_dir) or "."
+        then = (f"continue with --resume {out}" if os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
+                else "run it again")
+        raise SystemExit(f"error: could not write {final_dir}: {reason}; {kept}. Free some space, then {then}") from None
     if os.path.isdir(final_dir):
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
@@ -254,8 +270,8 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score,
 
     def write(folder):
         os.makedirs(folder)
-        with open(os.path.join(folder, "state.pt"), "wb") as f:  # a file object: a full disk is an OSError
-            torch.save(state, f)                                  # (given a path, torch raises RuntimeError)
+        with open(os.path.join(folder, "state.pt"), "wb") as f:  # a file object: a full disk raises an OSError
+            torch.save(state, f)                                  # (given a path, only torch's RuntimeError)
     save_atomically(write, path)
 
 

@@ -96,13 +96,15 @@ def load_model(args, path, stage):
 
 # --- the loop (the same code in every method folder) ---------------------------------------------------
 
-def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank, world, state=None):
+def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, state=None):
     """Train ``trainable`` on ``sources`` (interleaved, see interleave) for ``stage.epochs`` or --max_steps.
     Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
     the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
-    output_dir/checkpoint every --save_steps and whenever it evaluates. ``state``: a checkpoint of this
-    stage to resume from. Under torch.distributed every process takes its slice of each global batch;
-    rank 0 evaluates and saves."""
+    output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's very end (it
+    would be removed at once, see --keep_checkpoint). ``run``: the run_utils.Run (log, rank, world, plan);
+    ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process takes its
+    slice of each global batch; rank 0 evaluates and saves."""
+    log, rank, world = run.log, run.rank, run.world
     schedule = interleave([len(s.plan) for s in sources])
     total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
     optimizer, scheduler, scaler, step, best_score = start_stage(args, stage, trainable, total_steps, state, rank, log)
@@ -132,7 +134,8 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, log, rank
 
             boundary = step == total_steps or (args.eval_each_epoch and step % len(schedule) == 0)
             evaluate_now = step % args.eval_steps == 0 or boundary
-            save_now = step % args.save_steps == 0 or boundary
+            run_ends = step == total_steps and stage == run.plan[-1] and not args.keep_checkpoint
+            save_now = (step % args.save_steps == 0 or boundary) and not run_ends
             if (step % args.logging_steps == 0 or evaluate_now or save_now) and not window.finite():
                 raise nonfinite_loss_exit(step, args.output_dir)  # the only GPU sync outside logging steps
             if step % args.logging_steps == 0:
@@ -173,7 +176,7 @@ def train(args):
                 run.log(f"[{stage.name}] continuing from {stage.start_from}")
             trainable.to(args.device)
             score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
-                        run.log, run.rank, run.world, state)
+                        run, state)
             barrier(run.world)  # rank 0 has written this stage's best model
     return score
 

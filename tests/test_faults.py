@@ -44,12 +44,17 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
     out = str(tmp_path / "run")
     calls = []
     if what == "checkpoint":
-        class FullDisk(io.RawIOBase):
+        class FullDisk(io.RawIOBase):  # takes 1 kB, then every write fails
+            written = 0
+
             def writable(self):
                 return True
 
             def write(self, data):
-                raise OSError(errno.ENOSPC, "No space left on device")
+                if self.written + len(data) > 1024:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                self.written += len(data)
+                return len(data)
 
         def full_disk_open(path, mode="r", *a, **k):  # run_utils' own open: the second state.pt finds the disk full
             if str(path).endswith("state.pt"):
@@ -92,6 +97,7 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
     message = str(e.value)
     assert message.startswith(f"error: could not write {os.path.join(out, what)}: ") and "\n" not in message
     assert "No space left on device" in message and f"; the previous {what} is intact" in message
+    assert message.endswith(f"Free some space, then continue with --resume {out}")  # step 2's checkpoint is there
     assert not os.path.exists(os.path.join(out, what + ".tmp"))
     state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
     assert state["step"] == 2  # the checkpoint before the failure, whole
@@ -184,3 +190,27 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(kosimcse, tiny_ber
     kosimcse.train.main(["--resume", out])
     assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
     assert [f for f in os.listdir(out) if f.startswith("checkpoint")] == []  # no .tmp/.old left; the finished run's removed
+
+
+def test_a_write_error_is_found_behind_torchs_runtime_error_and_nothing_else_is_masked(kosimcse, tmp_path):
+    """torch.save on a full disk raises its zip writer's RuntimeError while closing, with the file's OSError
+    as its __context__: that is a write error (with no checkpoint yet, the advice is to run again). Any
+    other error of a save is raised as it is."""
+    final = str(tmp_path / "run" / "best_model")
+
+    def full_disk(folder):
+        os.makedirs(folder)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    with pytest.raises(SystemExit) as e:
+        kosimcse.run_utils.save_atomically(full_disk, final)
+    assert str(e.value) == (f"error: could not write {final}: No space left on device; nothing was lost. Free some "
+                            f"space, then run it again")
+    assert os.listdir(tmp_path / "run") == []  # the half-written .tmp is gone
+
+    def bug(folder):
+        raise RuntimeError("shared tensors")
+    with pytest.raises(RuntimeError, match="^shared tensors$"):
+        kosimcse.run_utils.save_atomically(bug, final)
