@@ -19,9 +19,8 @@ Where things are: the step is ``training_step`` below (masking -> DiffCSE.forwar
 and ``train`` (stages, resume) are the same in every method folder; run_utils.py holds the plumbing.
 
 Outputs in --output_dir: best_model/ (the encoder alone, best dev score, raw [CLS]; a Hugging Face +
-sentence-transformers folder), checkpoint/ (the whole model, for --resume; removed once the run finishes,
-unless --keep_checkpoint), train_log.jsonl (loss, contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics),
-args.json.
+sentence-transformers folder), checkpoint/ (the whole model, for --resume, until the run ends),
+train_log.jsonl (loss, contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics), args.json.
 """
 import os
 import time
@@ -101,10 +100,9 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     """Train ``trainable`` on ``sources`` (interleaved, see interleave) for ``stage.epochs`` or --max_steps.
     Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
     the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
-    output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's very end (it
-    would be removed at once, see --keep_checkpoint). ``run``: the run_utils.Run (log, rank, world, plan);
-    ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process takes its
-    slice of each global batch; rank 0 evaluates and saves."""
+    output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's end. ``run``: the
+    run_utils.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
+    takes its slice of each global batch; rank 0 evaluates and saves."""
     log, rank, world = run.log, run.rank, run.world
     schedule = interleave([len(s.plan) for s in sources])
     total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
@@ -135,7 +133,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
             boundary = step == total_steps or (args.eval_each_epoch and step % len(schedule) == 0)
             evaluate_now = step % args.eval_steps == 0 or boundary
-            run_ends = step == total_steps and stage == run.plan[-1] and not args.keep_checkpoint
+            run_ends = step == total_steps and stage == run.plan[-1] and not args.keep_checkpoint  # Run.__exit__
             save_now = (step % args.save_steps == 0 or boundary) and not run_ends
             if (step % args.logging_steps == 0 or evaluate_now or save_now) and not window.finite():
                 raise nonfinite_loss_exit(step, args.output_dir)  # the only GPU sync outside logging steps
@@ -188,8 +186,7 @@ def train(args):
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="klue/roberta-base",
-                   help="encoder checkpoint (the discriminator starts from it too): Hugging Face model id or local "
-                        "folder")
+                   help="encoder, where the discriminator starts too: a Hugging Face model id or local folder")
     p.add_argument("--generator_name", default="klue/roberta-small",
                    help="frozen masked-LM generator with the encoder's vocabulary")
     p.add_argument("--train_file", nargs="+", default=["wiki/wiki_corpus.txt"],

@@ -17,8 +17,7 @@ Where things are: what is T5-specific is ``load_model`` below and model.py (``lo
 resume) are the same in every method folder; run_utils.py holds the plumbing.
 
 Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers folder),
-checkpoint/ (for --resume; removed once the run finishes, unless --keep_checkpoint), train_log.jsonl (losses,
-lr, dev metrics), args.json.
+checkpoint/ (for --resume, until the run ends), train_log.jsonl (losses, lr, dev metrics), args.json.
 """
 import os
 import time
@@ -105,10 +104,9 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     """Train ``trainable`` on ``sources`` (interleaved, see interleave) for ``stage.epochs`` or --max_steps.
     Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
     the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
-    output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's very end (it
-    would be removed at once, see --keep_checkpoint). ``run``: the run_utils.Run (log, rank, world, plan);
-    ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process takes its
-    slice of each global batch; rank 0 evaluates and saves."""
+    output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's end. ``run``: the
+    run_utils.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
+    takes its slice of each global batch; rank 0 evaluates and saves."""
     log, rank, world = run.log, run.rank, run.world
     schedule = interleave([len(s.plan) for s in sources])
     total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
@@ -139,7 +137,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
             boundary = step == total_steps or (args.eval_each_epoch and step % len(schedule) == 0)
             evaluate_now = step % args.eval_steps == 0 or boundary
-            run_ends = step == total_steps and stage == run.plan[-1] and not args.keep_checkpoint
+            run_ends = step == total_steps and stage == run.plan[-1] and not args.keep_checkpoint  # Run.__exit__
             save_now = (step % args.save_steps == 0 or boundary) and not run_ends
             if (step % args.logging_steps == 0 or evaluate_now or save_now) and not window.finite():
                 raise nonfinite_loss_exit(step, args.output_dir)  # the only GPU sync outside logging steps
