@@ -119,17 +119,25 @@ def test_a_corrupt_checkpoint_is_a_clear_error_on_resume(kosimcse, tiny_bert, sy
 
 
 def test_a_finished_run_removes_its_checkpoint_unless_asked_to_keep_it(kosimcse, tiny_bert, synthetic_data,
-                                                                        tmp_path, capsys):
+                                                                        tmp_path, capsys, monkeypatch):
     """The checkpoint (weights + Adam moments, 3x the model) only serves --resume of an unfinished run: once
     the run has finished it is removed, so a row of run_example.sh leaves one model, not four."""
     removed, kept = str(tmp_path / "removed"), str(tmp_path / "kept")
+    real, saved_at = kosimcse.train.save_checkpoint, []
+
+    def save_checkpoint(*a, **k):
+        saved_at.append(a[5])  # the step
+        return real(*a, **k)
+    monkeypatch.setattr(kosimcse.train, "save_checkpoint", save_checkpoint)
     kosimcse.train.main(cli(tiny_bert, synthetic_data, removed))
+    assert saved_at == [2, 4]  # none at the last step: it would be removed at once
     assert sorted(os.listdir(removed)) == ["args.json", "best_model", "train_log.jsonl"]
     assert f"removed {os.path.join(removed, 'checkpoint')} (the run has finished" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"no checkpoint/state.pt there to resume from \(a run removes its checkpoint "
                                          r"once it has finished, unless --keep_checkpoint; its model is in best_model/\)"):
         kosimcse.train.main(["--resume", removed])
     kosimcse.train.main(cli(tiny_bert, synthetic_data, kept, "--keep_checkpoint"))
+    assert saved_at == [2, 4, 2, 4, 6]
     state = torch.load(os.path.join(kept, "checkpoint", "state.pt"), weights_only=False)
     assert state["step"] == 6 and set(state["optimizer"]["state"])  # the last step's, with the Adam moments
     crashed = str(tmp_path / "crashed")  # an interrupted run keeps it, for --resume
