@@ -35,7 +35,7 @@ mkdir -p "$OUT/results"
 OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/results/*.skipped
 FREE_GB=$(df -Pk "$OUT" | awk 'NR == 2 {print int($4 / 1048576)}')
-if [ "$PRESET" = quick ] && [ "${FREE_GB:-99}" -lt 3 ]; then  # measured peak 2.4 GB: the rebuilt backbone and four e5-small rows
+if [ "$PRESET" = quick ] && [ "${FREE_GB:-99}" -lt 3 ]; then  # measured peak: 2.4 GB
   echo "warning: $FREE_GB GB free under $OUT; the quick preset needs about 2.5 GB at its peak (set OUT elsewhere)" >&2
 fi
 AMP_FLAG=

@@ -1040,7 +1040,7 @@ def main(argv=None):
     max_len = args.max_len or encoder.max_len or 512
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
             "cluster": run_cluster}
-    for task in args.task:
+    for task in dict.fromkeys(args.task):  # in the order given, each once
         runs[task](args, encoder, max_len)
 
 

@@ -37,9 +37,8 @@ def uninterrupted(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
 @pytest.mark.parametrize("what", ["checkpoint", "best_model", "best_model-safetensors"])
 def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, synthetic_data, tmp_path,
                                                         monkeypatch, uninterrupted, what):
-    """checkpoint: the second state.pt goes to a file that fails as a full disk does (every write ENOSPC;
-    on a real full tmpfs torch.save raises a RuntimeError when given a path, the OSError through a file
-    object). best_model: a save that leaves half a folder; -safetensors: the error type safetensors raises
+    """checkpoint: the second state.pt goes to a file that fills up after 1 kB, as a full disk does (then
+    torch.save raises its RuntimeError with the file's OSError as __context__, as seen on a real full tmpfs). best_model: a save that leaves half a folder; -safetensors: the error type safetensors raises
     on a full disk (its message as seen on a full tmpfs)."""
     out = str(tmp_path / "run")
     calls = []
