@@ -13,80 +13,17 @@ The losses are the free functions below: ``contrastive_loss`` (SimCSE's InfoNCE 
 ``replaced_token_loss`` (the head's cross-entropy) and ``diffcse_loss`` (contrastive + lambda * rtd).
 Evaluation and the saved model use the encoder alone, raw [CLS] (``SentenceEncoder``, ``DiffCSE.encoder``).
 """
-import json
-import math
-import os
 import warnings
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoModel, AutoModelForMaskedLM
 
-from evaluation import load_tokenizer
-from run_utils import load_or_exit
+from common.encoding import encode_in_length_buckets, write_sentence_transformers_config
 
 PROJECTIONS = ("pooler", "bn_mlp", "mlp")
-
-
-# Copied from KoSimCSE/model.py:length_buckets
-def length_buckets(lengths, min_tokens):
-    """Row groups of a batch for encoding each group padded only to its own longest row.
-
-    ``lengths``: real tokens per row (a CPU tensor). Rows are sorted longest first and cut into
-    contiguous groups so that the padded tokens of all groups (rows x longest row, summed) are as few
-    as possible, under one constraint: every group but the first (the longest rows) holds at least
-    ``min_tokens`` padded tokens, so that no forward pass gets too small to run efficiently. Exact, by
-    dynamic programming over the distinct lengths (at most max_len of them). Returns
-    [(row indices, padded length)]; one group when min_tokens <= 0."""
-    if min_tokens <= 0 or len(lengths) == 0:
-        return [(torch.arange(len(lengths)), int(lengths.max()) if len(lengths) else 0)]
-    order = torch.argsort(lengths, descending=True, stable=True)
-    ordered = lengths[order].tolist()
-    runs = []  # [length, first position, end position] of each run of equal lengths in ``ordered``
-    for pos, length in enumerate(ordered):
-        if runs and runs[-1][0] == length:
-            runs[-1][2] = pos + 1
-        else:
-            runs.append([length, pos, pos + 1])
-    best, cut = [0] + [math.inf] * len(runs), [0] * (len(runs) + 1)  # best[j]: fewest tokens for runs[:j]
-    for j in range(1, len(runs) + 1):
-        end = runs[j - 1][2]
-        for i in range(1, j + 1):  # the last group is runs[i-1:j], padded to runs[i-1]'s length
-            tokens = runs[i - 1][0] * (end - runs[i - 1][1])
-            if (i == 1 or tokens >= min_tokens) and best[i - 1] + tokens < best[j]:
-                best[j], cut[j] = best[i - 1] + tokens, i - 1
-    groups, j = [], len(runs)
-    while j > 0:
-        i = cut[j]
-        groups.append((order[runs[i][1]:runs[j - 1][2]], runs[i][0]))
-        j = i
-    return groups[::-1]
-
-
-# Copied from KoSimCSE/model.py:encode_in_length_buckets
-def encode_in_length_buckets(embed, input_ids, attention_mask, min_tokens):
-    """``embed(input_ids, attention_mask) -> (rows, d)`` over a right-padded batch, run per length
-    bucket (see length_buckets) with the padding columns each bucket does not need cut off, then put
-    back in row order. The result equals one pass over the whole batch (padding is masked out), but
-    the encoder runs on far fewer padding tokens: a batch of sentences of mixed lengths, padded to its
-    longest, is mostly padding (62% for SimCSE's (3B, L) KorNLI batches). All in one call, so DDP sees one
-    forward."""
-    groups = length_buckets(attention_mask.sum(1).cpu(), min_tokens)
-    if len(groups) == 1:
-        return embed(input_ids, attention_mask)
-    parts, rows = [], []
-    for idx, length in groups:
-        idx = idx.to(input_ids.device)
-        parts.append(embed(input_ids[idx, :length], attention_mask[idx, :length]))
-        rows.append(idx)
-    rows = torch.cat(rows)
-    inverse = torch.empty_like(rows)
-    inverse[rows] = torch.arange(len(rows), device=rows.device)
-    return torch.cat(parts)[inverse]  # back in input order
 
 
 # --- the losses ------------------------------------------------------------------------------------------
@@ -148,22 +85,6 @@ def diffcse_loss(contrastive, rtd, lambda_weight, world_size=1):
       loss         = contrastive + lambda_weight * rtd, the value to log. The same number with one process."""
     weighted_rtd = lambda_weight * rtd
     return world_size * contrastive + weighted_rtd, contrastive + weighted_rtd
-
-
-# Copied from KoSimCSE/model.py:gather_columns
-def gather_columns(embeddings, num_columns):
-    """Under torch.distributed, the (num_columns*b, d) local embeddings -> (num_columns*W*b, d) of
-    the global batch, column by column (all anchors, then all positives, ...), so that every rank
-    scores its anchors against the negatives of all ranks. Only the local slice keeps its gradient
-    (as in SimCSE); the caller multiplies the loss by W so that DDP's gradient averaging gives the
-    single-process gradient of the global batch."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embeddings
-    columns = embeddings.reshape(num_columns, -1, embeddings.shape[-1])
-    gathered = [torch.empty_like(columns) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, columns.detach().contiguous())
-    gathered[dist.get_rank()] = columns
-    return torch.cat(gathered, dim=1).reshape(-1, embeddings.shape[-1])
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -284,62 +205,3 @@ class DiffCSE(nn.Module):
             return self.discriminator(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
             hook.remove()
-
-
-def check_generator(path, generator_name, masking):
-    """The generator's token ids go to the discriminator as they are, so the generator ``generator_name``
-    must use the tokenizer of the encoder ``path`` and may not predict ids outside its embedding table;
-    ``masking`` (--masking) needs a [MASK] or [SEP] token. Checked from the tokenizers and configs alone,
-    before any weights are loaded; returns the encoder's tokenizer. Each failure is one clear line."""
-    tokenizer = load_or_exit(load_tokenizer, path, "the encoder", "--model")
-    generator_tokenizer = load_or_exit(load_tokenizer, generator_name, "the generator", "--generator_name")
-    encoder_size = load_or_exit(AutoConfig.from_pretrained, path, "the encoder", "--model").vocab_size
-    generator_size = load_or_exit(AutoConfig.from_pretrained, generator_name, "the generator",
-                                  "--generator_name").vocab_size
-    if generator_tokenizer.get_vocab() != tokenizer.get_vocab() or generator_size > encoder_size:
-        raise SystemExit(
-            f"error: the generator {generator_name} (tokenizer {len(generator_tokenizer):,} tokens, vocab_size "
-            f"{generator_size:,}) does not share the vocabulary of the encoder {path} (tokenizer "
-            f"{len(tokenizer):,} tokens, vocab_size {encoder_size:,}); pick a masked-LM generator trained with the "
-            f"same tokenizer (e.g. klue/roberta-small for klue/roberta-base)")
-    needed = {"dynamic": ("mask_token", "[MASK]"), "static_sep": ("sep_token", "[SEP]")}[masking]
-    if getattr(tokenizer, needed[0] + "_id") is None:
-        raise SystemExit(f"error: --masking {masking} needs a {needed[1]} token; the tokenizer of {path} has none")
-    return tokenizer
-
-
-# Copied from KoSimCSE/model.py:write_sentence_transformers_config
-def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dense=None,
-                                       dense_activation="tanh", normalize=False):
-    """modules.json + module configs in the classic layout that sentence-transformers 2.x to 6.x load:
-    0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize]."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
-        json.dump({"max_seq_length": max_len, "do_lower_case": False}, f, indent=2)
-    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
-    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
-        json.dump({"word_embedding_dimension": dim,
-                   "pooling_mode_cls_token": pooling_mode == "cls",
-                   "pooling_mode_mean_tokens": pooling_mode == "mean",
-                   "pooling_mode_max_tokens": False,
-                   "pooling_mode_mean_sqrt_len_tokens": False}, f, indent=2)
-    if dense is not None:
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-        os.makedirs(os.path.join(out_dir, "2_Dense"), exist_ok=True)
-        with open(os.path.join(out_dir, "2_Dense", "config.json"), "w") as f:
-            json.dump({"in_features": dense.in_features, "out_features": dense.out_features,
-                       "bias": dense.bias is not None,
-                       "activation_function": {"tanh": "torch.nn.modules.activation.Tanh",
-                                              "identity": "torch.nn.modules.linear.Identity"}[dense_activation]}, f, indent=2)
-        weights = {"linear.weight": dense.weight.detach().float().cpu().contiguous()}
-        if dense.bias is not None:
-            weights["linear.bias"] = dense.bias.detach().float().cpu().contiguous()
-        save_file(weights, os.path.join(out_dir, "2_Dense", "model.safetensors"))
-    if normalize:
-        idx = len(modules)
-        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        os.makedirs(os.path.join(out_dir, f"{idx}_Normalize"), exist_ok=True)
-    with open(os.path.join(out_dir, "modules.json"), "w") as f:
-        json.dump(modules, f, indent=2)

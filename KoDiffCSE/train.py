@@ -7,20 +7,14 @@ discriminator conditioned on the sentence vector, fed by a frozen masked-LM gene
     python KoDiffCSE/train.py --resume output/kodiffcse                        # continue a killed run
     python KoDiffCSE/train.py @KoDiffCSE/presets/quick.args --model M --generator_name G --lr 3e-5  # flags override
 
-The defaults are BM-K's KoDiffCSE: its run_diff.sh values and its code's projection (the checkpoint's
-pooler), masking (static, [SEP]) and generator mode (train, dropout on); presets/bmk-roberta.args spells
-them out with their sources, presets/diffcse-bert.args is DiffCSE's own recipe. Presets are plain files
-of flags; flags after one win. The generator must share the encoder's vocabulary (checked before any
-weights are loaded).
+The defaults are BM-K's KoDiffCSE (run_diff.sh; pooler projection, static [SEP] masking, generator in train
+mode): presets/bmk-roberta.args spells them out with sources, presets/diffcse-bert.args is DiffCSE's recipe.
+The generator must share the encoder's vocabulary (checked before any weights are loaded).
 
-Where things are: the step is ``training_step`` below (masking -> DiffCSE.forward -> losses); the losses
-(``contrastive_loss``, ``replaced_token_loss``, ``diffcse_loss``), the projections and the conditioning
-(``DiffCSE.discriminate``) are in model.py; the masking and the data in dataloader.py; ``fit`` (the loop)
-and ``train`` (stages, resume) are the same in every method folder; run_utils.py holds the plumbing.
-
-Outputs in --output_dir: best_model/ (the encoder alone, best dev score, raw [CLS]; a Hugging Face +
-sentence-transformers folder), checkpoint/ (the whole model, for --resume, until the run ends),
-train_log.jsonl (loss, contrastive_loss, rtd_loss, rtd_accuracy, lr, dev metrics), args.json.
+The step is ``training_step`` below (masking -> DiffCSE.forward -> losses); losses, projections and the
+conditioning are in model.py; masking, data and the generator check in dataloader.py; ``fit`` and ``train``
+are the same in every method folder; common/ is the plumbing.
+Outputs: best_model/ (the encoder alone, raw [CLS]; HF + sentence-transformers), checkpoint/, train_log.jsonl.
 """
 import os
 import time
@@ -28,14 +22,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from dataloader import (BatchPlan, ColumnCollator, DataError, build_diffcse_dataset, mask_tokens, masking_vocabulary,
-                        resolve_path)
-from model import (PROJECTIONS, DiffCSE, check_generator, contrastive_loss, diffcse_loss, gather_columns,
-                   replaced_token_accuracy, replaced_token_loss)
-from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
-                       barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
-                       load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed, stage_batches,
-                       start_stage, wrap_ddp)
+from common.data import BatchPlan, ColumnCollator, DataError, resolve_path
+from common.encoding import gather_columns
+from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
+                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
+                              interleave, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed,
+                              stage_batches, start_stage, wrap_ddp)
+from dataloader import build_diffcse_dataset, check_generator, mask_tokens, masking_vocabulary
+from model import DiffCSE, PROJECTIONS, contrastive_loss, diffcse_loss, replaced_token_accuracy, replaced_token_loss
 
 MASKINGS = ("static_sep", "dynamic")
 
@@ -66,7 +60,7 @@ def training_step(model, source, batch, args, world):
 
 def stages(args):
     """The stages of a run (see run_utils.Stage): one here."""
-    return [Stage("unsup", ("wiki",), args.epochs, "best_model", None)]
+    return [Stage(name="unsup", sources=("wiki",), epochs=args.epochs)]
 
 
 def build_source(name, args, tokenizer, rank, world, log):

@@ -12,19 +12,13 @@ Modes:
   nli_sts    BM-K's KoSBERT: the nli stage (--nli_epochs), then the sts stage (--sts_epochs) continuing from
              the best NLI checkpoint (kept in <output_dir>/nli_model), with a fresh optimizer and warmup, as
              BM-K's training_nli.py + con_training_sts.py.
-  multitask  NLI and STS batches interleaved in one run with one optimizer, proportional round-robin (see
-             run_utils.interleave): an epoch visits every batch of both once, the STS batches spread evenly
-             through the NLI ones. --epochs such passes.
-The defaults are BM-K's / sentence-transformers' fit(): batch 32, lr 2e-5, weight decay 0.01, 10% warmup,
-clipping at 1.0, mean pooling, evaluation every 1000 steps and at every epoch end.
+  multitask  NLI and STS batches interleaved under one optimizer (common/run_utils.py:interleave); --epochs.
+Defaults: BM-K's / sentence-transformers' fit(): batch 32, lr 2e-5, weight decay 0.01, 10% warmup, clipping 1.0,
+mean pooling, evaluation every 1000 steps and at every epoch end.
 
-Where things are: the step is ``training_step`` below; the losses ``softmax_loss`` and
-``cosine_regression_loss`` and their dispatch ``PairObjective`` are in model.py, pooling in
-``SentenceEncoder.embed``; ``fit`` (the loop) and ``train`` (stages, resume) are the same in every method
-folder; run_utils.py holds the plumbing.
-
-Outputs in --output_dir: best_model/ (a Hugging Face + sentence-transformers folder: encoder and pooling, no
-classifier), checkpoint/ (for --resume, until the run ends), train_log.jsonl, args.json, nli_model/ (nli_sts).
+The step is ``training_step`` below; the losses (``softmax_loss``, ``cosine_regression_loss``, ``PairObjective``)
+and pooling are in model.py; ``fit`` and ``train`` are the same in every method folder; common/ is the plumbing.
+Outputs: best_model/ (HF + sentence-transformers, no classifier), checkpoint/, train_log.jsonl, args.json.
 """
 import os
 import random
@@ -33,12 +27,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from dataloader import BatchPlan, DataError, PairCollator, PairDataset, load_nli_pairs, load_sts_pairs, resolve_path
+from common.data import BatchPlan, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
+                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
+                              interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint,
+                              set_seed, stage_batches, start_stage, wrap_ddp)
+from dataloader import load_nli_pairs
 from model import POOLERS, PairObjective, SentenceEncoder, SoftmaxClassifier
-from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
-                       barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
-                       load_or_exit, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed,
-                       stage_batches, start_stage, wrap_ddp)
 
 MODES = ("nli", "sts", "nli_sts", "multitask")
 SNLI = "KorNLI/snli_1.0_train.ko.tsv"
@@ -59,12 +54,12 @@ def training_step(model, source, batch, args, world):
 def stages(args):
     """The stages of a run (see run_utils.Stage); nli_sts has two, the second starting from nli_model."""
     if args.mode == "nli_sts":
-        return [Stage("nli", ("nli",), args.nli_epochs, "nli_model", None),
-                Stage("sts", ("sts",), args.sts_epochs, "best_model", "nli_model")]
+        return [Stage(name="nli", sources=("nli",), epochs=args.nli_epochs, best_dir="nli_model"),
+                Stage(name="sts", sources=("sts",), epochs=args.sts_epochs, start_from="nli_model")]
     if args.mode == "multitask":
-        return [Stage("multitask", ("nli", "sts"), args.epochs, "best_model", None)]
-    return [Stage(args.mode, (args.mode,), args.nli_epochs if args.mode == "nli" else args.sts_epochs,
-                  "best_model", None)]
+        return [Stage(name="multitask", sources=("nli", "sts"), epochs=args.epochs)]
+    return [Stage(name=args.mode, sources=(args.mode,),
+                  epochs=args.nli_epochs if args.mode == "nli" else args.sts_epochs)]
 
 
 def build_source(name, args, tokenizer, rank, world, log):

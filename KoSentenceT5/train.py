@@ -11,13 +11,9 @@ unsupervised on wiki sentences.
 unsupervised recipe); flags after it win. The backbone default is KETI-AIR/ke-t5-base (BM-K's ETRI-T5 is
 not public).
 
-Where things are: what is T5-specific is ``load_model`` below and model.py (``load_encoder``,
-``SentenceT5.embed``: mean pooling, optional Sentence-T5 head); the step and the loss are SimCSE's
-(``training_step`` here, ``contrastive_loss`` in model.py); ``fit`` (the loop) and ``train`` (stages,
-resume) are the same in every method folder; run_utils.py holds the plumbing.
-
-Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers folder),
-checkpoint/ (for --resume, until the run ends), train_log.jsonl (losses, lr, dev metrics), args.json.
+T5-specific: ``load_model`` below and model.py (mean pooling, optional Sentence-T5 head); the step and loss are
+SimCSE's; ``fit`` and ``train`` are the same in every method folder; common/ is the plumbing.
+Outputs: best_model/ (a Hugging Face + sentence-transformers folder), checkpoint/, train_log.jsonl, args.json.
 """
 import os
 import time
@@ -25,13 +21,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from dataloader import (BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, build_contrastive_dataset,
-                        load_sts_pairs, resolve_path)
-from model import ARCHS, SentenceT5, contrastive_loss, cosine_regression_loss, gather_columns
-from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
-                       barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
-                       load_or_exit, load_training_tokenizer, nonfinite_loss_exit, parse_with_mode_preset,
-                       save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
+from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.encoding import gather_columns
+from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
+                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
+                              interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit,
+                              parse_with_mode_preset, save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
+from dataloader import build_contrastive_dataset
+from model import ARCHS, SentenceT5, contrastive_loss, cosine_regression_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
@@ -66,11 +63,11 @@ def stages(args):
     epoch uses every batch of both once and the STS batches are spread evenly through the NLI ones, under
     one optimizer and schedule. sup_sts: supervised SimCSE, then STS regression from its best checkpoint."""
     if args.mode == "multitask":
-        return [Stage("multitask", ("sup", "sts"), args.epochs, "best_model", None)]
+        return [Stage(name="multitask", sources=("sup", "sts"), epochs=args.epochs)]
     if args.mode == "sup_sts":
-        return [Stage("sup", ("sup",), args.epochs, "sup_model", None),
-                Stage("sts", ("sts",), args.sts_epochs, "best_model", "sup_model", lr=args.sts_lr)]
-    return [Stage(args.mode, (args.mode,), args.epochs, "best_model", None)]
+        return [Stage(name="sup", sources=("sup",), epochs=args.epochs, best_dir="sup_model"),
+                Stage(name="sts", sources=("sts",), epochs=args.sts_epochs, start_from="sup_model", lr=args.sts_lr)]
+    return [Stage(name=args.mode, sources=(args.mode,), epochs=args.epochs)]
 
 
 # Copied from KoSimCSE/train.py:build_source

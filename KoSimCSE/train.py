@@ -13,7 +13,7 @@ published setting each: see presets/.
 
 Where things are: the step is ``training_step`` below; the loss ``contrastive_loss`` and the poolers
 (``SentenceEncoder.embed``) are in model.py; the data is read in dataloader.py; ``fit`` (the loop) and
-``train`` (stages, resume) are the same in every method folder; run_utils.py holds the plumbing.
+``train`` (stages, resume) are the same in every method folder; common/ holds the plumbing.
 
 Outputs in --output_dir: best_model/ (the best dev checkpoint, a Hugging Face + sentence-transformers folder),
 checkpoint/ (for --resume, until the run ends), train_log.jsonl (losses, lr, dev metrics), args.json.
@@ -25,13 +25,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from dataloader import (BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, build_contrastive_dataset,
-                        load_sts_pairs, resolve_path)
-from model import POOLERS, SentenceEncoder, contrastive_loss, cosine_regression_loss, gather_columns
-from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
-                       barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
-                       load_or_exit, load_training_tokenizer, nonfinite_loss_exit, parse_with_mode_preset,
-                       save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
+from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.encoding import gather_columns
+from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
+                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
+                              interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit,
+                              parse_with_mode_preset, save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
+from dataloader import build_contrastive_dataset
+from model import POOLERS, SentenceEncoder, contrastive_loss, cosine_regression_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
@@ -63,11 +64,11 @@ def stages(args):
     epoch uses every batch of both once and the STS batches are spread evenly through the NLI ones, under
     one optimizer and schedule. sup_sts: supervised SimCSE, then STS regression from its best checkpoint."""
     if args.mode == "multitask":
-        return [Stage("multitask", ("sup", "sts"), args.epochs, "best_model", None)]
+        return [Stage(name="multitask", sources=("sup", "sts"), epochs=args.epochs)]
     if args.mode == "sup_sts":
-        return [Stage("sup", ("sup",), args.epochs, "sup_model", None),
-                Stage("sts", ("sts",), args.sts_epochs, "best_model", "sup_model", lr=args.sts_lr)]
-    return [Stage(args.mode, (args.mode,), args.epochs, "best_model", None)]
+        return [Stage(name="sup", sources=("sup",), epochs=args.epochs, best_dir="sup_model"),
+                Stage(name="sts", sources=("sts",), epochs=args.sts_epochs, start_from="sup_model", lr=args.sts_lr)]
+    return [Stage(name=args.mode, sources=(args.mode,), epochs=args.epochs)]
 
 
 def build_source(name, args, tokenizer, rank, world, log):

@@ -112,7 +112,7 @@ def worker_build(a):
     use_package("KoSimCSE")
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from model import write_sentence_transformers_config
+    from common.encoding import write_sentence_transformers_config
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     heads = max(1, a.hidden // 64)
@@ -145,7 +145,8 @@ def load_examples(a):
     import random as rnd
     if a.objective in ("sup", "unsup"):
         use_package("KoSimCSE")
-        from dataloader import load_triplets, read_sentences, resolve_path
+        from common.data import read_sentences, resolve_path
+        from dataloader import load_triplets
         if a.objective == "sup":
             rows = load_triplets([resolve_path(f, a.data_dir) for f in NLI_FILES], log=lambda m: None)
             if a.max_train_samples is not None and a.max_train_samples < len(rows):
@@ -154,7 +155,8 @@ def load_examples(a):
         return read_sentences(resolve_path("wiki/wiki_corpus.txt", a.data_dir), a.max_train_samples, a.seed,
                               log=lambda m: None)
     use_package("KoSBERT")
-    from dataloader import load_nli_pairs, load_sts_pairs, resolve_path
+    from common.data import load_sts_pairs, resolve_path
+    from dataloader import load_nli_pairs
     if a.objective == "sts":
         return load_sts_pairs(resolve_path("korsts-train", a.data_dir), log=lambda m: None)
     return load_nli_pairs([resolve_path(f, a.data_dir) for f in NLI_FILES], log=lambda m: None)
@@ -163,7 +165,7 @@ def load_examples(a):
 def batch_order(a, n):
     """Lists of example indices, step by step, as our trainers visit them: BatchPlan with the run's seed
     (KoSimCSE drops a last partial batch; KoSBERT keeps it, as sentence-transformers' fit)."""
-    from dataloader import BatchPlan
+    from common.data import BatchPlan
     plan = BatchPlan(n, a.batch_size, a.seed, drop_last=a.objective in ("sup", "unsup"))
     for epoch in itertools.count():
         yield from plan.batches(epoch)
@@ -179,7 +181,7 @@ def worker_st_train(a):
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
     examples = load_examples(a)
-    from model import length_buckets  # the folder load_examples imported (KoSimCSE or KoSBERT)
+    from common.encoding import length_buckets  # the folder load_examples imported (KoSimCSE or KoSBERT)
     transformer = Transformer(a.model, max_seq_length=a.max_len)
     dim = transformer.get_embedding_dimension()
     model = SentenceTransformer(modules=[transformer, Pooling(dim, pooling_mode="mean")], device="cpu")
@@ -254,7 +256,8 @@ def worker_encode(a):
     warm = sentences[:2 * a.batch_size]
     if a.impl == "ours":
         use_package("KoSimCSE")
-        from evaluation import FolderEncoder, encode
+        from common.encoding import encode
+        from common.folder import FolderEncoder
         encoder = FolderEncoder(a.model).eval()
         run = lambda xs: encode(encoder, encoder.tokenizer, xs, a.max_len, a.batch_size, "cpu")
     else:
@@ -274,7 +277,7 @@ def worker_encode(a):
 def encode_corpus(a):
     if a.corpus == "korsts-test":
         use_package("KoSimCSE")
-        from dataloader import read_sts, resolve_path
+        from common.data import read_sts, resolve_path
         pairs = read_sts(resolve_path("korsts-test", a.data_dir))
         return [p[0] for p in pairs] + [p[1] for p in pairs]
     with open(os.path.join(a.data_dir, "wiki", "wiki_corpus.txt"), encoding="utf-8") as f:

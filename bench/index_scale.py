@@ -41,9 +41,15 @@ ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false"
 
 
 def _evaluation():
+    """KoSimCSE's evaluation CLI and the common modules it drives, as one namespace."""
     sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
+    import types
     import evaluation
-    return evaluation
+    from common import data, encoding, folder, index, search
+    names = {}
+    for module in (data, encoding, folder, search, index, evaluation):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    return types.SimpleNamespace(**names)
 
 
 def run(cmd, log_file, kill=None):

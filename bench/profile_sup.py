@@ -66,9 +66,10 @@ def padding_over_epoch(model_dir, data_dir, batch_size, max_len, bucket_tokens):
     padded to the longest of all), ours (length buckets of at least ``bucket_tokens``), per column
     (each of the 3 columns padded to its own longest), and ST 6.x (anchor column alone,
     positive+negative merged and padded together); with the L^2 attention sum."""
-    from dataloader import BatchPlan, build_contrastive_dataset
-    from evaluation import load_tokenizer
-    from model import length_buckets
+    from common.data import BatchPlan
+    from common.encoding import length_buckets
+    from common.tokenizer import load_tokenizer
+    from dataloader import build_contrastive_dataset
     dataset = build_contrastive_dataset("sup", [os.path.join(data_dir, f) for f in NLI_FILES],
                                         load_tokenizer(model_dir), max_len, log=lambda m: None)
     plan = BatchPlan(len(dataset), batch_size, 42)
@@ -112,10 +113,12 @@ def main():
         padding_over_epoch(args.model, args.data_dir, args.batch_size, args.max_len, args.bucket_tokens[0])
         if args.only:
             return
-    from dataloader import BatchPlan, ColumnCollator, build_contrastive_dataset, load_triplets, resolve_path
-    from evaluation import load_tokenizer
-    from model import SentenceEncoder, contrastive_loss, length_buckets
-    from run_utils import build_optimizer
+    from common.data import BatchPlan, ColumnCollator, resolve_path
+    from common.encoding import length_buckets
+    from common.run_utils import build_optimizer
+    from common.tokenizer import load_tokenizer
+    from dataloader import build_contrastive_dataset, load_triplets
+    from model import SentenceEncoder, contrastive_loss
 
     torch.manual_seed(42)
     plan = BatchPlan(3500, args.batch_size, 42)  # re-made below with the real size

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("KOSENT_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
-METHOD_MODULES = ("dataloader", "model", "evaluation", "run_utils", "train")
+METHOD_MODULES = ("dataloader", "model", "evaluation", "train")
 
 # Synthetic "topics": sentences of one topic share content words, so a model can learn that they
 # are similar. Used for NLI triplets, STS pairs and wiki sentences in the real file formats.
@@ -32,21 +32,33 @@ FILLERS = ["그리고", "오늘", "정말", "아주", "다시", "함께"]
 
 
 def load_method(folder):
-    """Import <folder>/{dataloader,model,evaluation,run_utils,train}.py as a namespace, isolated from other folders."""
+    """Import <folder>/{dataloader,model,evaluation,train}.py and its common/ package as a namespace,
+    isolated from other folders: ``ns.train``, ``ns.model``, ..., and each common module by its name
+    (``ns.run_utils``, ``ns.data``, ``ns.sts``, ``ns.index``, ...)."""
     path = os.path.join(ROOT, folder)
-    saved = {name: sys.modules.pop(name) for name in METHOD_MODULES if name in sys.modules}
+    ours = lambda name: name in METHOD_MODULES or name == "common" or name.startswith("common.")
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
     sys.path.insert(0, path)
     try:
         ns = types.SimpleNamespace(path=path)
         for name in METHOD_MODULES:
             if os.path.exists(os.path.join(path, name + ".py")):
                 setattr(ns, name, importlib.import_module(name))
+        for file in sorted(os.listdir(os.path.join(path, "common"))):
+            if file.endswith(".py") and file != "__init__.py":
+                setattr(ns, file[:-3], importlib.import_module("common." + file[:-3]))
         return ns
     finally:
         sys.path.remove(path)
-        for name in METHOD_MODULES:
+        for name in [n for n in sys.modules if ours(n)]:
             sys.modules.pop(name, None)
         sys.modules.update(saved)
+
+
+def readers(ns):
+    """A method folder's readers: its dataloader.py and common/data.py as one namespace."""
+    return types.SimpleNamespace(**{k: v for module in (ns.data, ns.dataloader) for k, v in vars(module).items()
+                                    if not k.startswith("__")})
 
 
 def topic_sentence(rng, topic, n_words=4):
@@ -270,3 +282,19 @@ def kosimcse():
 @pytest.fixture(scope="session")
 def kosentencet5():
     return load_method("KoSentenceT5")
+
+
+def run_train(kosimcse, tiny_bert, data, out, *extra):
+    args = ["--model", tiny_bert, "--data_dir", data, "--output_dir", out, "--batch_size", "16",
+            "--eval_batch_size", "32", "--max_len", "24", "--seed", "0", "--logging_steps", "5", *extra]
+    kosimcse.train.main(args)
+    return os.path.join(out, "best_model")
+
+
+@pytest.fixture(scope="session")
+def sup_run(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sup"))
+    best = run_train(kosimcse, tiny_bert, synthetic_data, out, "--mode", "sup", "--train_file",
+                     "KorNLI/nli.train.ko.tsv", "--max_steps", "150", "--eval_steps", "50", "--lr", "1e-3",
+                     "--warmup_ratio", "0.1", "--pooler", "mean")
+    return out, best

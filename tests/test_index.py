@@ -4,6 +4,7 @@ import json
 import os
 import random
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -26,7 +27,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ev(kosimcse):
-    return kosimcse.evaluation
+    """The evaluation CLI and the common modules it drives (data, encoding, folder, search, index), as one
+    namespace."""
+    names = {}
+    for module in (kosimcse.data, kosimcse.encoding, kosimcse.folder, kosimcse.search, kosimcse.index,
+                   kosimcse.evaluation):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    return types.SimpleNamespace(**names)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,8 @@ def test_exact_index_search_equals_streaming_search(ev, encoder, corpus, flat_in
     assert capsys.readouterr().out == via_stream
 
 
-def test_killed_build_resumes_byte_identical(ev, tiny_bert, corpus, flat_index, encoder, tmp_path, monkeypatch, capsys):
+def test_killed_build_resumes_byte_identical(ev, kosimcse, tiny_bert, corpus, flat_index, encoder, tmp_path, monkeypatch,
+                                             capsys):
     original, calls = ev.encode, []
 
     def encode_then_die(*args, **kwargs):  # the process "dies" while encoding chunk 3
@@ -98,10 +106,10 @@ def test_killed_build_resumes_byte_identical(ev, tiny_bert, corpus, flat_index, 
         if len(calls) == 3:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
-    monkeypatch.setattr(ev, "encode", encode_then_die)
+    monkeypatch.setattr(kosimcse.index, "encode", encode_then_die)  # the index module's encode
     with pytest.raises(KeyboardInterrupt):
         build(ev, tiny_bert, corpus[0], tmp_path / "idx")
-    monkeypatch.setattr(ev, "encode", original)
+    monkeypatch.setattr(kosimcse.index, "encode", original)
     with open(tmp_path / "idx" / "chunks" / "progress.json") as f:
         assert json.load(f)["chunks_done"] == 2
     assert sorted(os.listdir(tmp_path / "idx" / "chunks")) == ["000000.npy", "000001.npy", "progress.json"]
@@ -137,8 +145,10 @@ def test_search_refuses_another_model_pooling_max_len_or_prefix(ev, tiny_bert, f
              (["--model_dir", tiny_bert, "--pooling", "cls", "--max_len", "32"],
               "pooling 'mean' \\(now 'cls'\\)"),
              (["--model_dir", tiny_bert, "--pooling", "mean", "--max_len", "24"], "max_len 32 \\(now 24\\)"),
-             (["--model_dir", tiny_bert, "--pooling", "mean", "--max_len", "32", "--prefix", "query: "],
-              "prefix '' \\(now 'query: '\\)")]
+             (["--model_dir", tiny_bert, "--pooling", "mean", "--max_len", "32", "--query_prefix", "query: "],
+              "query_prefix '' \\(now 'query: '\\)"),
+             (["--model_dir", tiny_bert, "--pooling", "mean", "--max_len", "32", "--passage_prefix", "passage: "],
+              "passage_prefix '' \\(now 'passage: '\\)")]
     for flags, what in cases:
         with pytest.raises(ev.DataError, match="index_meta.json: index built with " + what) as e:
             ev.main(flags + base)

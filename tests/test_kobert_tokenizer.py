@@ -1,4 +1,4 @@
-"""SKT KoBERT's sentencepiece tokenizer layouts through evaluation.load_tokenizer (KoSimCSE/evaluation.py,
+"""SKT KoBERT's sentencepiece tokenizer layouts through common/tokenizer.py:load_tokenizer (KoSimCSE/common/tokenizer.py,
 copied whole into KoSBERT/ and KoSentenceT5/): a tiny sentencepiece model trained here stands in for
 skt/kobert-base-v1's spiece.model (same special pieces at ids 0-4: [UNK] [PAD] [CLS] [SEP] [MASK])."""
 import json
@@ -52,7 +52,7 @@ def skt_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ev():
-    return load_method("KoSimCSE").evaluation
+    return load_method("KoSimCSE").tokenizer
 
 
 def sp_ids(folder, text):
@@ -158,4 +158,4 @@ def test_skt_folder_trains_and_evaluates(skt_folder, tmp_path):
     best = os.path.join(out, "best_model")
     assert os.path.isfile(os.path.join(best, "tokenizer.json"))
     encoder = ns.evaluation.FolderEncoder(best)
-    assert encoder.tokenizer(SENTENCE)["input_ids"] == ns.evaluation.load_tokenizer(skt_folder)(SENTENCE)["input_ids"]
+    assert encoder.tokenizer(SENTENCE)["input_ids"] == ns.tokenizer.load_tokenizer(skt_folder)(SENTENCE)["input_ids"]

@@ -55,7 +55,7 @@ def test_dynamic_masking_ratio_and_80_10_10(dc, tok):
 
 
 def test_static_sep_masking_is_exact_k(dc, tok):
-    tt = dc.dataloader.TokenizedTexts(tok, corpus_texts()[:50], 32)
+    tt = dc.data.TokenizedTexts(tok, corpus_texts()[:50], 32)
     masked = dc.dataloader.static_sep_masks(tt, tok.sep_token_id, 0.15, seed=0)
     for i in range(len(tt)):
         a, b = tt.offsets[i], tt.offsets[i + 1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_method
+from conftest import load_method, readers
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_objectives_equal_sentence_transformers_losses(kosbert, tiny_bert):
                                                                  pooling_mode="mean")], device="cpu").eval()
     firsts, seconds = ["사과 바나나 포도.", "기차 역.", "비 우산 구름 날씨 바람."], ["사과 과일.", "책 작가 소설 독서.", "비 천둥."]
     features = [model.tokenize(firsts), model.tokenize(seconds)]
-    m, dl = kosbert.model, kosbert.dataloader
+    m, dl = kosbert.model, readers(kosbert)
     encoder, tok = m.SentenceEncoder.from_pretrained(tiny_bert).eval(), AutoTokenizer.from_pretrained(tiny_bert)
     scores, classes = [0.9, 0.1, 0.5], [1, 0, 2]
     items = lambda targets: [dl.PairDataset(tok, list(zip(firsts, seconds, targets)), 24)[i] for i in range(3)]
@@ -85,7 +85,7 @@ def test_objectives_equal_sentence_transformers_losses(kosbert, tiny_bert):
 
 
 def test_sts_targets_are_score_over_five(kosbert, synthetic_data):
-    dl = kosbert.dataloader
+    dl = readers(kosbert)
     path = os.path.join(synthetic_data, "KorSTS", "sts-train.tsv")
     raw, pairs = dl.read_sts(path), dl.load_sts_pairs(path, log=lambda _: None)
     assert [p[2] for p in pairs] == pytest.approx([r[2] / 5 for r in raw])
@@ -223,7 +223,7 @@ def test_search_cli_on_trained_model(kosbert, sts_run, capsys):
 # --- real data ---------------------------------------------------------------------------------------
 
 def test_real_data_parsing(kosbert, shared_data):
-    dl = kosbert.dataloader
+    dl = readers(kosbert)
     log = lambda _: None
     train = dl.load_sts_pairs(dl.resolve_path("korsts-train", shared_data), log=log)
     assert len(train) == 5749 and all(0 <= p[2] <= 1 for p in train)

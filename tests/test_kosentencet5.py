@@ -76,7 +76,7 @@ def test_encoding_in_length_buckets_equals_one_pass(t5, tiny_t5, tiny_bart, arch
         emb = model(batch["input_ids"], batch["attention_mask"])
         emb.sum().backward()
         outputs.append((emb.detach(), model.head.weight.grad))
-    assert len(t5.model.length_buckets(batch["attention_mask"].sum(1), 16)) > 2
+    assert len(t5.encoding.length_buckets(batch["attention_mask"].sum(1), 16)) > 2
     torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-5, rtol=1e-4)
 

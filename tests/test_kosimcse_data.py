@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import readers
+
 
 def write(tmp_path, name, content, mode="w"):
     path = tmp_path / name
@@ -22,7 +24,7 @@ def test_korsts_quoted_fields_are_read_verbatim_and_no_final_newline(kosimcse, t
     path = write(tmp_path, "sts.tsv", STS_HEADER
                  + 'main-forums\tf\t2016\t1\t3.8\t"슈퍼맨" 셔츠를 입은 개\t"more posh 라는 말\n'
                  + "main-forums\tf\t2016\t2\t5\t개가 뛴다.\t개가 달린다.")  # no newline at the end
-    rows = kosimcse.dataloader.read_sts(path)
+    rows = kosimcse.data.read_sts(path)
     assert rows == [('"슈퍼맨" 셔츠를 입은 개', '"more posh 라는 말', 3.8), ("개가 뛴다.", "개가 달린다.", 5.0)]
 
 
@@ -34,13 +36,13 @@ def test_korsts_quoted_fields_are_read_verbatim_and_no_final_newline(kosimcse, t
 ])
 def test_sts_errors_name_file_line_and_problem(kosimcse, tmp_path, body, message):
     path = write(tmp_path, "bad.tsv", STS_HEADER + body)
-    with pytest.raises(kosimcse.dataloader.DataError) as err:
-        kosimcse.dataloader.read_sts(path)
+    with pytest.raises(kosimcse.data.DataError) as err:
+        kosimcse.data.read_sts(path)
     assert str(err.value).startswith(path) and message in str(err.value)
 
 
 def test_missing_empty_and_non_utf8_files(kosimcse, tmp_path):
-    dl = kosimcse.dataloader
+    dl = readers(kosimcse)
     with pytest.raises(dl.DataError, match="file not found"):
         dl.read_sts(str(tmp_path / "nope.tsv"))
     with pytest.raises(dl.DataError, match="file is empty"):
@@ -51,7 +53,7 @@ def test_missing_empty_and_non_utf8_files(kosimcse, tmp_path):
 
 
 def test_nli_labels_and_triplet_rule(kosimcse, tmp_path):
-    dl = kosimcse.dataloader
+    dl = readers(kosimcse)
     path = write(tmp_path, "nli.tsv", "sentence1\tsentence2\tgold_label\n"
                  "P1\tE1\tentailment\nP1\tN1\tneutral\nP1\tC1\tcontradiction\n"
                  "P2\tE2\tentailment\nP2\tN2\tneutral\n"                          # no contradiction
@@ -66,7 +68,7 @@ def test_nli_labels_and_triplet_rule(kosimcse, tmp_path):
 
 
 def test_klue_json_and_csv(kosimcse, tmp_path):
-    dl = kosimcse.dataloader
+    dl = readers(kosimcse)
     items = [{"guid": "a", "sentence1": "하나", "sentence2": "둘", "labels": {"label": 3.7, "real-label": 3.714}}]
     path = write(tmp_path, "klue.json", json.dumps(items, ensure_ascii=False))
     assert dl.read_sts(path) == [("하나", "둘", 3.714)]
@@ -78,7 +80,7 @@ def test_klue_json_and_csv(kosimcse, tmp_path):
 
 def test_tokenized_texts_truncation_and_padding(kosimcse, tiny_bert):
     from transformers import AutoTokenizer
-    dl = kosimcse.dataloader
+    dl = readers(kosimcse)
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     texts = ["사과 바나나.", " ".join(["사과"] * 40), "바다"]
     tt = dl.TokenizedTexts(tok, texts, max_len=8)
@@ -92,7 +94,7 @@ def test_tokenized_texts_truncation_and_padding(kosimcse, tiny_bert):
 
 
 def test_collator_stacks_columns(kosimcse):
-    dl = kosimcse.dataloader
+    dl = readers(kosimcse)
     a = [np.array([1, 2]), np.array([3]), np.array([4, 5, 6])]
     b = [np.array([7]), np.array([8, 9]), np.array([10])]
     batch = dl.ColumnCollator(pad_id=0)([tuple(a), tuple(b)])
@@ -100,7 +102,7 @@ def test_collator_stacks_columns(kosimcse):
 
 
 def test_real_data_counts(kosimcse, shared_data):
-    dl = kosimcse.dataloader
+    dl = readers(kosimcse)
     counts = {name: len(dl.read_sts(dl.resolve_path(name, shared_data)))
               for name in ("korsts-train", "korsts-dev", "korsts-test", "klue-sts-dev", "klue-sts-train")}
     assert counts == {"korsts-train": 5749, "korsts-dev": 1500, "korsts-test": 1379,

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import load_method
+from conftest import load_method, readers
 
 FOLDERS = ("KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE")
 
@@ -205,7 +205,7 @@ def test_long_sentences_are_truncated_counted_and_reported(methods, models, synt
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_quoted_fields_are_read_verbatim(methods, tmp_path, folder):
     """KorNLU TSVs hold raw quotes (quoting off): every folder's readers keep them as they are."""
-    dl = methods[folder].dataloader
+    dl = readers(methods[folder])
     sts = write(tmp_path / "sts.tsv", STS_HEADER + 'main\tf\t2016\t1\t3.8\t"슈퍼맨" 셔츠를 입은 개\t"more posh 라는 말\n')
     assert dl.read_sts(sts) == [('"슈퍼맨" 셔츠를 입은 개', '"more posh 라는 말', 3.8)]
     if hasattr(dl, "read_nli"):

@@ -1,22 +1,30 @@
-"""Keep the code that method folders copy from each other in sync.
+"""Keep the code that method folders copy from each other in sync, and make sure a copy runs where it lands.
 
 Each method folder is standalone, so shared code is copied on purpose, in two ways:
 
-* Whole files, listed in FULL_COPIES below (the plumbing ``run_utils.py``, ``evaluation.py``, ...): the
-  copy must equal its origin byte for byte, docstring, constants and ``__main__`` included.
+* Whole files, marked by their first line (``KoSBERT/common/run_utils.py``, ``KoSBERT/evaluation.py``, ...)::
+
+      # Copied from KoSimCSE/common/run_utils.py (whole file; delete this line to own it)
+
+  The rest of the file must equal its origin byte for byte.
 * Single definitions, marked by a comment on the line right above a top-level ``def``/``class`` or a
   module-level constant::
 
-      # Copied from KoSimCSE/dataloader.py:read_sts
-      def read_sts(path):
+      # Copied from KoSimCSE/model.py:contrastive_loss
+      def contrastive_loss(embeddings, num_columns, temperature):
 
   The definition must equal the origin's. The module-level constants that a copied function reads
-  (``STS_SPLITS`` in ``resolve_path``, say) must be equal in both files too, so a copy cannot drift
-  through a constant.
+  must be equal in both files too, so a copy cannot drift through a constant.
 
-This script exits 1 listing every copy that drifted and every marker it cannot resolve; ``--fix``
-rewrites the copies from their origins. ``--unguarded`` reads a repeated-block scan (the ``duplicates``
-tool's report) and lists the pairs across method folders that nothing here guards.
+Every file holding a copy must also run where it lands: a name it uses must be defined or imported there
+(pyflakes' undefined names), and a name it imports from a module of its own folder must exist in that
+module. So a copied call whose import or helper did not come along fails the check.
+
+To change a copy for one method only, delete its marker line: the file (or definition) is then that
+folder's own and no longer checked. This script exits 1 listing every problem; ``--fix`` rewrites drifted
+copies from their origins (the right repair when the origin was edited, and the wrong one when the copy
+was: it would undo that edit). ``--unguarded`` reads a repeated-block scan (the ``duplicates`` tool's
+report) and lists the pairs across method folders that nothing here guards.
 
     python utils/check_copies.py [--fix]
     duplicates --most 200 | python utils/check_copies.py --unguarded -
@@ -29,14 +37,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"^# Copied from (?P<file>\S+?):(?P<name>\S+)\s*$")
+WHOLE = re.compile(r"^# Copied from (?P<file>\S+\.py) \(whole file; delete this line to own it\)\s*$")
 METHOD_FOLDERS = ("KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE")
-
-# copy -> origin, relative to the repository root.
-FULL_COPIES = {
-    **{f"{folder}/run_utils.py": "KoSimCSE/run_utils.py" for folder in METHOD_FOLDERS[1:]},
-    **{f"{folder}/evaluation.py": "KoSimCSE/evaluation.py" for folder in METHOD_FOLDERS[1:]},
-    "KoSentenceT5/dataloader.py": "KoSimCSE/dataloader.py",
-}
+EDITED = ("if you edited the origin, run `python utils/check_copies.py --fix`; if you edited the copy, delete "
+          "its marker line to own it")
 
 
 def _top_level(source, path):
@@ -59,21 +63,42 @@ def _names_read(node):
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
-def find_copies(root):
-    """[(copy path, mark line number (1-based), origin path, name)] for every marked copy under root."""
-    copies = []
+def _python_files(root):
+    """Every .py file under the method folders (tests, utils and hidden folders excluded)."""
     for folder in sorted(os.listdir(root)):
         folder_path = os.path.join(root, folder)
         if not os.path.isdir(folder_path) or folder.startswith((".", "_")) or folder in ("tests", "utils"):
             continue
-        for file in sorted(os.listdir(folder_path)):
-            if file.endswith(".py"):
-                path = os.path.join(folder_path, file)
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        m = MARK.match(line)
-                        if m:
-                            copies.append((path, lineno, os.path.join(root, m["file"]), m["name"]))
+        for here, dirs, files in os.walk(folder_path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+            for file in sorted(files):
+                if file.endswith(".py"):
+                    yield os.path.join(here, file)
+
+
+def find_whole_copies(root):
+    """{copy path: origin path} of every file whose first line is a whole-file copy marker."""
+    copies = {}
+    for path in _python_files(root):
+        with open(path, encoding="utf-8") as f:
+            m = WHOLE.match(f.readline())
+        if m:
+            copies[path] = os.path.join(root, m["file"])
+    return copies
+
+
+def find_copies(root):
+    """[(copy path, mark line number (1-based), origin path, name)] for every marked definition under root
+    (whole-file copies excluded: they are checked as a whole)."""
+    copies, whole = [], find_whole_copies(root)
+    for path in _python_files(root):
+        if path in whole:
+            continue
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                m = MARK.match(line)
+                if m:
+                    copies.append((path, lineno, os.path.join(root, m["file"]), m["name"]))
     return copies
 
 
@@ -82,19 +107,83 @@ def _read(path):
         return f.read()
 
 
-def _check_full_copies(root, fix, full_copies):
+def _check_whole_copies(root, fix):
     problems = []
-    for copy, origin in full_copies.items():
-        copy_path, origin_path = os.path.join(root, copy), os.path.join(root, origin)
-        if not os.path.isfile(origin_path):
-            problems.append(f"{copy}: origin file {origin} (FULL_COPIES) does not exist")
+    for copy, origin in find_whole_copies(root).items():
+        rel, rel_origin = os.path.relpath(copy, root), os.path.relpath(origin, root)
+        if not os.path.isfile(origin):
+            problems.append(f"{rel}:1: origin file {rel_origin} does not exist")
             continue
-        if not os.path.isfile(copy_path) or _read(copy_path) != _read(origin_path):
-            problems.append(f"{copy}: differs from {origin} (a whole-file copy)")
+        marker, _, body = _read(copy).partition("\n")
+        if body != _read(origin):
+            problems.append(f"{rel}: differs from {rel_origin} (a whole-file copy): {EDITED}")
             if fix:
-                with open(copy_path, "w", encoding="utf-8") as f:
-                    f.write(_read(origin_path))
+                with open(copy, "w", encoding="utf-8") as f:
+                    f.write(marker + "\n" + _read(origin))
     return problems
+
+
+def _local_modules(path):
+    """{module name: file} importable from the method folder of ``path`` (its top-level .py files and
+    common/*.py as ``common.NAME``)."""
+    folder = os.path.dirname(path)
+    if os.path.basename(folder) == "common":
+        folder = os.path.dirname(folder)
+    modules = {}
+    for sub, prefix in ((folder, ""), (os.path.join(folder, "common"), "common.")):
+        if os.path.isdir(sub):
+            for file in os.listdir(sub):
+                if file.endswith(".py") and file != "__init__.py":
+                    modules[prefix + file[:-3]] = os.path.join(sub, file)
+    return modules
+
+
+def unresolved_names(path, root=ROOT):
+    """Problems that would stop ``path`` where it is: names used but neither defined nor imported
+    (pyflakes), and names imported from a module of its own method folder that does not define them."""
+    from pyflakes import api, messages, reporter as pyflakes_reporter
+
+    class Collect(pyflakes_reporter.Reporter):
+        def __init__(self):
+            self.found = []
+
+        def flake(self, message):
+            if isinstance(message, (messages.UndefinedName, messages.UndefinedExport)):
+                self.found.append(f"{os.path.relpath(path, root)}:{message.lineno}: "
+                                  f"{message.message % message.message_args}")
+
+        def syntaxError(self, filename, msg, lineno, offset, text):
+            self.found.append(f"{os.path.relpath(path, root)}:{lineno}: syntax error: {msg}")
+
+        def unexpectedError(self, filename, msg):
+            self.found.append(f"{os.path.relpath(path, root)}: {msg}")
+
+    collect = Collect()
+    source = _read(path)
+    api.check(source, path, collect)
+    if collect.found:
+        return collect.found
+    modules, in_common = _local_modules(path), os.path.basename(os.path.dirname(path)) == "common"
+    for node in ast.walk(ast.parse(source, path)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        module = ("common." + (node.module or "")) if (in_common and node.level == 1) else node.module
+        if node.level > 1 or module not in modules:
+            continue
+        defined = set(_top_level(_read(modules[module]), modules[module])) | _imported(modules[module])
+        for alias in node.names:
+            if alias.name != "*" and alias.name not in defined:
+                collect.found.append(f"{os.path.relpath(path, root)}:{node.lineno}: imports {alias.name} from "
+                                     f"{module}, which does not define it")
+    return collect.found
+
+
+def _imported(path):
+    names = set()
+    for node in ast.parse(_read(path), path).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
 
 
 def _check_marked(path, mark_line, origin, name, root, fix):
@@ -117,7 +206,7 @@ def _check_marked(path, mark_line, origin, name, root, fix):
     problems, edits = [], []
     first, last, node = origin_defs[name]
     if lines[copy_defs[name][0] - 1:copy_defs[name][1]] != origin_lines[first - 1:last]:
-        problems.append(f"{where}: {name} differs from {rel_origin}")
+        problems.append(f"{where}: {name} differs from {rel_origin}: {EDITED}")
         edits.append((copy_defs[name], origin_lines[first - 1:last]))
     if not isinstance(node, (ast.Assign, ast.AnnAssign)):
         for const in sorted(_names_read(node)):
@@ -139,27 +228,28 @@ def _check_marked(path, mark_line, origin, name, root, fix):
     return problems
 
 
-def check(root=ROOT, fix=False, full_copies=None):
-    """List of problems (empty when every copy matches its origin); with fix=True, rewrite copies."""
-    full_copies = FULL_COPIES if full_copies is None else full_copies
-    problems = _check_full_copies(root, fix, full_copies)
-    whole, marked = {os.path.join(root, c) for c in full_copies}, []
+def check(root=ROOT, fix=False):
+    """List of problems (empty when every copy matches its origin and every file holding a copy runs where
+    it is); with fix=True, rewrite drifted copies from their origins first."""
+    problems = _check_whole_copies(root, fix)
+    marked = []
     # Bottom-up, so that rewriting one copy does not shift the lines of the markers above it.
     for path, mark_line, origin, name in reversed(find_copies(root)):
-        if path not in whole:  # a whole-file copy is checked as a whole (its markers came with its origin)
-            marked = _check_marked(path, mark_line, origin, name, root, fix) + marked
-    return problems + marked
+        marked = _check_marked(path, mark_line, origin, name, root, fix) + marked
+    holders = sorted(set(find_whole_copies(root)) | {path for path, *_ in find_copies(root)})
+    holders += sorted({origin for origin in find_whole_copies(root).values()} - set(holders))
+    unresolved = [p for path in holders if os.path.isfile(path) for p in unresolved_names(path, root)]
+    return problems + marked + unresolved
 
 
-def guarded_lines(root=ROOT, full_copies=None):
+def guarded_lines(root=ROOT):
     """{relative path: set of 1-based line numbers} that the checker guards: every line of a whole-file copy
     and of its origin, and the span of every marked copy and of the definition it copies."""
-    full_copies = FULL_COPIES if full_copies is None else full_copies
     guarded = {}
-    for copy, origin in full_copies.items():
-        for rel in (copy, origin):
-            with open(os.path.join(root, rel), encoding="utf-8") as f:
-                guarded[rel] = set(range(1, len(f.readlines()) + 1))
+    for copy, origin in find_whole_copies(root).items():
+        for path in (copy, origin):
+            with open(path, encoding="utf-8") as f:
+                guarded[os.path.relpath(path, root)] = set(range(1, len(f.readlines()) + 1))
     for path, mark_line, origin, name in find_copies(root):
         for file in (path, origin):
             defs = _top_level(_read(file), file) if os.path.isfile(file) else {}
@@ -223,8 +313,8 @@ def main():
     problems = check()
     for problem in problems:
         print(problem)
-    marked = sum(1 for path, *_ in find_copies(ROOT) if os.path.relpath(path, ROOT) not in FULL_COPIES)
-    print(f"{len(FULL_COPIES)} whole-file copies, {marked} marked copies, {len(problems)} problem(s)")
+    print(f"{len(find_whole_copies(ROOT))} whole-file copies, {len(find_copies(ROOT))} marked copies, "
+          f"{len(problems)} problem(s)")
     sys.exit(1 if problems else 0)
 
 

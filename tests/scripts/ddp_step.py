@@ -18,7 +18,8 @@ method_dir, model_dir, out = sys.argv[1:4]
 mini = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 sys.path.insert(0, method_dir)
 import model as method_model  # noqa: E402
-from model import contrastive_loss, gather_columns  # noqa: E402
+from common.encoding import gather_columns  # noqa: E402
+from model import contrastive_loss  # noqa: E402
 
 world = int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:

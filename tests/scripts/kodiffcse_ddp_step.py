@@ -19,7 +19,7 @@ import torch.distributed as dist
 method_dir, model_dir, generator_dir, out = sys.argv[1:5]
 sys.path.insert(0, method_dir)
 from dataloader import masking_vocabulary  # noqa: E402
-from evaluation import load_tokenizer  # noqa: E402
+from common.tokenizer import load_tokenizer  # noqa: E402
 from model import DiffCSE  # noqa: E402
 from train import training_step  # noqa: E402
 

@@ -1,12 +1,11 @@
+# Copied from KoSimCSE/common/run_utils.py (whole file; delete this line to own it)
 """Run plumbing of a training script: flags and presets, the output folder, atomic saves, checkpoints
 and --resume, RNG state, torch.distributed setup, the optimizer, the training log and the dev evaluator.
 
-Nothing here is specific to one method. KoSimCSE/run_utils.py is the origin; the other method folders
-hold whole-file copies that utils/check_copies.py keeps equal (``python utils/check_copies.py --fix``
-re-syncs them), so each folder stays standalone. Edit this file in KoSimCSE/ only.
+Nothing here is specific to one method.
 """
 import argparse
-import collections
+import dataclasses
 import json
 import math
 import os
@@ -20,16 +19,25 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from transformers import get_linear_schedule_with_warmup
 
-from dataloader import TokenizedTexts, read_sts, resolve_path
-from evaluation import DEFAULT_DATA_DIR, bmk_metrics, encode_tokenized, load_tokenizer, sts_metrics, write_model_card
+from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
+from .encoding import encode_tokenized
+from .model_card import write_model_card
+from .sts import bmk_metrics, sts_metrics
+from .tokenizer import load_tokenizer
 
 RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
-METHOD = os.path.basename(os.path.dirname(os.path.abspath(__file__)))  # the method folder's name
+METHOD = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method folder's name
 
-# One stage of a run: its name, the names of its training sources (see the folder's build_source), its
-# epochs, the folder under --output_dir its best model goes to, the folder of an earlier stage's best
-# model it starts from (None: --model), and its learning rate (None: --lr).
-Stage = collections.namedtuple("Stage", "name sources epochs best_dir start_from lr", defaults=(None,))
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One stage of a run, built with keywords: ``Stage(name="sts", sources=("sts",), epochs=4,
+    start_from="nli_model")``."""
+    name: str  # logged with every record; a resumed run restarts in the stage of its checkpoint
+    sources: tuple  # the names of its training sources (see the folder's build_source)
+    epochs: int
+    best_dir: str = "best_model"  # the folder under --output_dir its best model goes to
+    start_from: str = None  # the best_dir of an earlier stage it starts from (None: --model)
+    lr: float = None  # its learning rate (None: --lr)
 
 
 # --- flags and presets ------------------------------------------------------------------------------
@@ -141,11 +149,12 @@ def finish_args(p, args, default_output_dir):
 
 # --- the output folder ------------------------------------------------------------------------------
 
-def recover_interrupted_save(output_dir):
-    """Undo what a kill in the middle of save_atomically left: NAME.old and no NAME (killed between its two
+def recover_interrupted_save(output_dir, stage_dirs=()):
+    """Undo what a kill in the middle of save_atomically left in best_model/, checkpoint/ and the run's
+    ``stage_dirs`` (its stages' best-model folders): NAME.old and no NAME (killed between its two
     renames) -> NAME again; a leftover NAME.tmp (killed while writing) or NAME.old (killed before the
     clean-up) beside a complete NAME -> removed."""
-    for name in ("best_model", "checkpoint", "nli_model", "sup_model"):
+    for name in dict.fromkeys(("best_model", "checkpoint", *stage_dirs)):
         path = os.path.join(output_dir, name)
         if not os.path.isdir(path) and os.path.isdir(path + ".old"):
             os.replace(path + ".old", path)
@@ -191,9 +200,9 @@ class RunLock:
                 os.rmdir(folder)
 
 
-def check_output_dir(args):
+def check_output_dir(args, stage_dirs=()):
     """Refuse to mix two runs in one folder unless --overwrite_output_dir."""
-    recover_interrupted_save(args.output_dir)
+    recover_interrupted_save(args.output_dir, stage_dirs)
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output_dir, f))]
     if earlier and not args.overwrite_output_dir:
         raise SystemExit(f"error: {args.output_dir} already holds a run ({', '.join(earlier)}); pass "
@@ -275,9 +284,9 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, step, best_score,
     save_atomically(write, path)
 
 
-def read_checkpoint(output_dir):
+def read_checkpoint(output_dir, stage_dirs=()):
     """The state dict of output_dir/checkpoint/state.pt (see save_checkpoint)."""
-    recover_interrupted_save(output_dir)
+    recover_interrupted_save(output_dir, stage_dirs)
     path = os.path.join(output_dir, "checkpoint", "state.pt")
     if not os.path.isfile(path):
         finished = (" (a run removes its checkpoint once it has finished, unless --keep_checkpoint; its model is "
@@ -606,9 +615,10 @@ class Run:
         self.rank, self.world = setup_distributed(args)
         self.lock = RunLock(args.output_dir) if self.rank == 0 else None  # one live run per output folder
         try:
-            self.state = read_checkpoint(args.output_dir) if args.resume else None
+            stage_dirs = [s.best_dir for s in self.plan]
+            self.state = read_checkpoint(args.output_dir, stage_dirs) if args.resume else None
             if self.state is None:
-                check_output_dir(args)
+                check_output_dir(args, stage_dirs)
         except BaseException:
             if self.lock is not None:
                 self.lock.release()

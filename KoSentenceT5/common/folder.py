@@ -1,0 +1,103 @@
+# Copied from KoSimCSE/common/folder.py (whole file; delete this line to own it)
+"""A saved model folder as sentence-transformers reads it (modules.json: Transformer -> Pooling ->
+[Dense] -> [Normalize]), so its embeddings are those of ``SentenceTransformer(folder).encode``."""
+import json
+import os
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from .tokenizer import load_tokenizer
+
+
+def load_backbone(path):
+    """The model whose last_hidden_state sentence-transformers pools for this checkpoint: the
+    encoder alone for the T5 family (T5EncoderModel, no decoder weights), else AutoModel -- which,
+    for BART-like encoder-decoders, returns the decoder states over the right-shifted input. Weights
+    are loaded in float32 whatever dtype they were saved in (transformers 5 would otherwise keep it)."""
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type in ("t5", "mt5", "umt5"):
+        model_class = getattr(transformers, f"{config.model_type.upper()}EncoderModel")
+        return model_class.from_pretrained(path, dtype=torch.float32)
+    return AutoModel.from_pretrained(path, dtype=torch.float32)
+
+
+class FolderEncoder(nn.Module):
+    """Embeddings of a saved model folder, computed as sentence-transformers computes them."""
+
+    def __init__(self, path, pooling=None):
+        super().__init__()
+        transformer_dir, self.pooling, self.normalize = path, pooling, False
+        self.heads = nn.ModuleList()
+        modules_file = os.path.join(path, "modules.json")
+        if os.path.isfile(modules_file):
+            with open(modules_file) as f:
+                modules = json.load(f)
+            for module in modules:
+                kind, sub = module["type"].rsplit(".", 1)[-1], os.path.join(path, module["path"])
+                if kind == "Transformer":
+                    transformer_dir = sub
+                elif kind == "Pooling":
+                    self.pooling = _pooling_mode(os.path.join(sub, "config.json"))
+                elif kind == "Dense":
+                    self.heads.append(_load_dense(sub))
+                elif kind == "Normalize":
+                    self.normalize = True
+                else:
+                    raise ValueError(f"{modules_file}: module type {module['type']} is not supported")
+        elif pooling is None:
+            raise ValueError(f"{path} has no modules.json, so its pooling is unknown: pass --pooling "
+                             f"(cls for [CLS], mean for mean pooling, pooler for pooler_output)")
+        try:
+            self.tokenizer = load_tokenizer(transformer_dir)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a tokenizer from {transformer_dir}: {e}") from None
+        self.backbone = load_backbone(transformer_dir)
+        self.max_len = None
+        config_file = os.path.join(transformer_dir, "sentence_bert_config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                self.max_len = json.load(f).get("max_seq_length")
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        elif self.pooling == "pooler":
+            emb = out.pooler_output
+        else:
+            emb = hidden[:, 0]
+        for head in self.heads:
+            emb = head(emb)
+        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+
+
+def _pooling_mode(config_file):
+    with open(config_file) as f:
+        cfg = json.load(f)
+    mode = cfg.get("pooling_mode") or ("cls" if cfg.get("pooling_mode_cls_token") else
+                                       "mean" if cfg.get("pooling_mode_mean_tokens") else None)
+    if mode not in ("cls", "mean"):
+        raise ValueError(f"{config_file}: pooling {cfg} is not supported (cls or mean)")
+    return mode
+
+
+def _load_dense(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    linear = nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True))
+    weights_file = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(weights_file):
+        from safetensors.torch import load_file
+        state = load_file(weights_file)
+    else:
+        state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity").rsplit(".", 1)[-1]
+    if activation not in ("Tanh", "Identity"):
+        raise ValueError(f"{folder}: Dense activation {activation} is not supported (Tanh or Identity)")
+    return nn.Sequential(linear, nn.Tanh() if activation == "Tanh" else nn.Identity())
