@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from transformers import get_linear_schedule_with_warmup
 
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
+from .decontaminate import MODES as DECONTAMINATE_MODES, guard
 from .encoding import encode_tokenized
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
@@ -77,6 +78,10 @@ def add_run_args(p, **defaults):
     """The flags every method's train.py takes; ``defaults`` sets the method's own defaults."""
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="data folder")
     p.add_argument("--dev_file", default="korsts-dev", help="STS set for checkpoint selection")
+    p.add_argument("--decontaminate", choices=DECONTAMINATE_MODES, default="warn",
+                   help="training sentences found in an evaluation set under --data_dir (see common/decontaminate.py): "
+                        "warn = report and train as given (published recipes), drop = train without those rows, "
+                        "fail = stop")
     p.add_argument("--output_dir", default=None,
                    help="where the run is written (default: a folder under output/ named after the method and mode)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
@@ -220,7 +225,8 @@ def prepare_output_dir(args, extra=()):
             os.remove(path)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=2, ensure_ascii=False)
+        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "decontamination")}, f, indent=2,
+                  ensure_ascii=False)
 
 
 def write_error(error):
@@ -544,7 +550,7 @@ def load_or_exit(load, path, what="model", flag="--model"):
 
 def training_command(args):
     """The command line that reproduces a run (every flag of args.json, defaults included)."""
-    skip = ("resume", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers")
+    skip = ("resume", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers", "decontamination")
     parts = [f"python {METHOD}/train.py"]
     for key, value in vars(args).items():
         if key in skip or value is None or value is False:
@@ -564,7 +570,8 @@ def write_training_info(folder, args, stage, step, dev_metrics, files):
     command, the dev score it was selected by)."""
     info = {"method": METHOD, "mode": getattr(args, "mode", None), "stage": stage, "step": step,
             "base_model": args.model, "train_files": files, "dev_file": args.dev_file,
-            "dev_protocol": args.dev_protocol, "dev_metrics": dev_metrics, "command": training_command(args)}
+            "dev_protocol": args.dev_protocol, "dev_metrics": dev_metrics, "command": training_command(args),
+            "decontamination": getattr(args, "decontamination", None)}
     with open(os.path.join(folder, "training.json"), "w") as f:
         json.dump(info, f, indent=2, ensure_ascii=False)
 
@@ -623,6 +630,13 @@ class Run:
             if self.lock is not None:
                 self.lock.release()
             raise
+        try:  # training data that is evaluation data: reported, then kept, dropped or refused (--decontaminate)
+            guard(args, [n for s in self.plan for n in s.sources], self.rank, print)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        barrier(self.world)  # with drop, rank 0 has written the filtered copies
         set_seed(args.seed + self.rank)  # per-rank dropout masks
         self.log = RunLog(os.path.join(args.output_dir, "train_log.jsonl"), self.rank)  # opened at its first record
         return self
