@@ -57,16 +57,28 @@ def mask_tokens(input_ids, attention_mask, vocabulary, ratio, generator=None):
     return masked, chosen
 
 
-def static_sep_masks(tokenized, sep_id, ratio, seed):
+def static_sep_masks(tokenized, sep_id, ratio, seed, special_ids=None):
     """BM-K's KoDiffCSE masking: once, at load time, exactly k = max(1, int(n * ratio)) distinct positions
     among the n tokens between a sentence's first token ([CLS]) and its last ([SEP]) are replaced by the
     [SEP] id -- not [MASK], no 80/10/10 -- giving a fixed masked copy of the flat id array of
-    ``tokenized``. A sentence with no such token stays as it is (BM-K counts it as a missing value)."""
+    ``tokenized``. A sentence with no such token stays as it is (BM-K counts it as a missing value).
+
+    ``special_ids`` (--unk_to_sep): BM-K's rule for special tokens inside a sentence, [UNK] in practice
+    (data/dataloader.py ``only_mask_tokens``: its special-token mask counts [UNK]). Every one of them
+    becomes [SEP] too, n counts only the m others, and the k = max(1, int(m * ratio)) masked positions are
+    drawn among positions 1..m of the sentence (BM-K's ``randint(1, num_of_false)``), so a draw can land
+    on an [UNK] and the last n - m positions are never drawn. Without it (the default) [UNK] is an
+    ordinary token, masked only when drawn."""
     rng = np.random.default_rng(seed)
     masked = tokenized.ids.copy()
+    special = np.isin(masked, list(special_ids)) if special_ids is not None else None
     for i in range(len(tokenized)):
         start, end = tokenized.offsets[i], tokenized.offsets[i + 1]
         n = end - start - 2
+        if special is not None:
+            inside = special[start + 1:end - 1]
+            masked[start + 1:end - 1][inside] = sep_id
+            n -= int(inside.sum())
         if n > 0:
             masked[start + 1 + rng.choice(n, max(1, int(n * ratio)), replace=False)] = sep_id
     return masked
@@ -90,10 +102,11 @@ class DiffCSEDataset(torch.utils.data.Dataset):
         return ids, ids, self.static_masks[0][a:b], self.static_masks[1][a:b]
 
 
-def build_diffcse_dataset(paths, tokenizer, max_len, max_samples=None, seed=42, static_sep_ratio=None, log=print):
+def build_diffcse_dataset(paths, tokenizer, max_len, max_samples=None, seed=42, static_sep_ratio=None, log=print,
+                          unk_to_sep=False):
     """Sentence-per-line files, tokenised once (``max_samples``: a seeded random subset of each file).
     With ``static_sep_ratio``, also two fixed masked views of every sentence (``static_sep_masks``, seeds
-    seed and seed + 1)."""
+    seed and seed + 1; ``unk_to_sep``: BM-K's handling of the special tokens inside a sentence)."""
     texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
     tokenized = TokenizedTexts(tokenizer, texts, max_len, desc="tokenize sentences")
     if tokenized.num_truncated:
@@ -101,7 +114,9 @@ def build_diffcse_dataset(paths, tokenizer, max_len, max_samples=None, seed=42, 
             f"--max_len {max_len} tokens and were truncated")
     masks = None
     if static_sep_ratio is not None:
-        masks = tuple(static_sep_masks(tokenized, tokenizer.sep_token_id, static_sep_ratio, seed + i) for i in (0, 1))
+        specials = tokenizer.all_special_ids if unk_to_sep else None
+        masks = tuple(static_sep_masks(tokenized, tokenizer.sep_token_id, static_sep_ratio, seed + i, specials)
+                      for i in (0, 1))
     return DiffCSEDataset(tokenized, masks)
 
 

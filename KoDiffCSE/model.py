@@ -43,22 +43,39 @@ def contrastive_loss(embeddings, num_columns, temperature):
     return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
 
 
-def replaced_token_loss(logits, replaced, attention_mask):
-    """DiffCSE's replaced-token detection loss: the cross-entropy of the discriminator's per-token scores
-    against the replaced labels, averaged over the real tokens of the batch.
+RTD_AVERAGES = ("tokens", "bmk", "diffcse")
 
-    Inputs (N rows of L tokens; N = 2B, both views of every sentence):
+
+def replaced_token_loss(logits, replaced, attention_mask, average="tokens"):
+    """DiffCSE's replaced-token detection loss: the cross-entropy of the discriminator's per-token scores
+    against the replaced labels, averaged as ``average`` says (--rtd_average):
+
+      tokens   one mean over the real tokens of the batch (padding counts neither in the sum nor in the
+               mean), so the value does not depend on how far a batch is padded. The default.
+      bmk      BM-K's KoDiffCSE (model/loss.py): one mean per view over all its B x L positions, padding
+               included and labelled original, and the two means summed. BM-K pads every sentence to
+               --max_len, so the caller pads the batch to --max_len first (training_step does).
+      diffcse  DiffCSE (diffcse/models.py): one mean over all N x L positions of the batch as it is padded
+               (to its longest sentence), padding included and labelled original.
+
+    Inputs (N rows of L tokens; N = 2B, both views of every sentence, view 1 of every sentence first):
       logits          (N, L, 2) float, differentiable: the scores of "original" (class 0) and "replaced"
                       (class 1) for every token (``DiffCSEOutput.rtd_logits``).
       replaced        (N, L) bool, the labels: the generator changed the token (``DiffCSEOutput.replaced``).
-      attention_mask  (N, L), 1 on real tokens, 0 on padding; padding counts neither in the sum nor in
-                      the mean.
-    Returns a float32 scalar. The originals average over every position, padding included (labelled
-    original); here padding is left out, so the value does not depend on how far a batch is padded.
-    Under torch.distributed it is each process's mean over its own tokens, so DDP's averaging of the
-    gradients is right as it is: no scaling by the world size (unlike ``contrastive_loss``)."""
+      attention_mask  (N, L), 1 on real tokens, 0 on padding.
+    Returns a float32 scalar. Under torch.distributed it is each process's mean over its own rows, so
+    DDP's averaging of the gradients is right as it is: no scaling by the world size (unlike
+    ``contrastive_loss``)."""
     real = attention_mask.bool()
-    return F.cross_entropy(logits[real].float(), replaced[real].long())
+    labels = (replaced & real).long()  # padding is "original" where it counts
+    if average == "tokens":
+        return F.cross_entropy(logits[real].float(), labels[real])
+    if average == "diffcse":
+        return F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1))
+    if average == "bmk":
+        return sum(F.cross_entropy(view.reshape(-1, 2).float(), target.reshape(-1))
+                   for view, target in zip(logits.chunk(2), labels.chunk(2)))
+    raise ValueError(f"unknown RTD average {average!r}; one of {RTD_AVERAGES}")
 
 
 @torch.no_grad()
@@ -187,9 +204,10 @@ class DiffCSE(nn.Module):
         with torch.no_grad():
             generated = self.generator(input_ids=mlm_input_ids, attention_mask=attention_mask).logits.argmax(-1)
         generated[:, 0] = input_ids[:, 0]  # [CLS] stays, as in the originals
-        generated = torch.where(attention_mask.bool(), generated, input_ids)  # padding stays padding
-        replaced = generated != input_ids
-        hidden = self.discriminate(generated, attention_mask, z)
+        replaced = (generated != input_ids) & attention_mask.bool()
+        # The originals feed id 0 at padding (g_pred * attention_mask). Real tokens never see padding (it is
+        # masked out of attention), but the padded positions' own scores count under --rtd_average bmk/diffcse.
+        hidden = self.discriminate(generated * attention_mask, attention_mask, z)
         return DiffCSEOutput(z, self.rtd_head(hidden), replaced)
 
     def discriminate(self, input_ids, attention_mask, sentence_vectors):

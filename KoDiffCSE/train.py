@@ -1,21 +1,27 @@
 """Train KoDiffCSE: DiffCSE on Korean wiki sentences -- unsupervised SimCSE plus a replaced-token
 discriminator conditioned on the sentence vector, fed by a frozen masked-LM generator.
 
-    python KoDiffCSE/train.py                                                  # BM-K's KoDiffCSE-RoBERTa (the defaults)
+    python KoDiffCSE/train.py @KoDiffCSE/presets/bmk-roberta.args              # BM-K's KoDiffCSE-RoBERTa, as he ran it
     python KoDiffCSE/train.py @KoDiffCSE/presets/diffcse-bert.args             # DiffCSE's own recipe, klue/bert-base
     torchrun --nproc_per_node 4 KoDiffCSE/train.py @KoDiffCSE/presets/bmk-roberta.args  # 4 GPUs, same global batch
     python KoDiffCSE/train.py --resume output/kodiffcse                        # continue a killed run
     python KoDiffCSE/train.py @KoDiffCSE/presets/quick.args --model M --generator_name G --lr 3e-5  # flags override
 
-The defaults are BM-K's KoDiffCSE (run_diff.sh; pooler projection, static [SEP] masking, generator in train
-mode): presets/bmk-roberta.args spells them out with sources, presets/diffcse-bert.args is DiffCSE's recipe.
-The generator must share the encoder's vocabulary (checked before any weights are loaded).
+The defaults are BM-K's KoDiffCSE: its run_diff.sh values and its code's projection (the checkpoint's
+pooler), masking (static, [SEP]) and generator mode (train, dropout on) -- except four switches off by
+default that presets/bmk-roberta.args turns on: his RTD averaging over padded positions (--rtd_average
+bmk; default: over real tokens), [UNK] -> [SEP] (--unk_to_sep), his dev rule (--dev_protocol bmk) with
+early stopping (--early_stop_evals 30), and fp16 (CUDA only). That preset spells everything out with its
+sources; presets/diffcse-bert.args is DiffCSE's own recipe. Presets are plain files
+of flags; flags after one win. The generator must share the encoder's vocabulary (checked before any
+weights are loaded).
 
 The step is ``training_step`` below (masking -> DiffCSE.forward -> losses); losses, projections and the
 conditioning are in model.py; masking, data and the generator check in dataloader.py; ``fit`` and ``train``
 are the same in every method folder; common/ is the plumbing.
 Outputs: best_model/ (the encoder alone, raw [CLS]; HF + sentence-transformers), checkpoint/, train_log.jsonl.
 """
+import argparse
 import os
 import time
 
@@ -29,7 +35,7 @@ from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, 
                               interleave, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed,
                               stage_batches, start_stage, wrap_ddp)
 from dataloader import build_diffcse_dataset, check_generator, mask_tokens, masking_vocabulary
-from model import DiffCSE, PROJECTIONS, contrastive_loss, diffcse_loss, replaced_token_accuracy, replaced_token_loss
+from model import DiffCSE, PROJECTIONS, RTD_AVERAGES, contrastive_loss, diffcse_loss, replaced_token_accuracy, replaced_token_loss
 
 MASKINGS = ("static_sep", "dynamic")
 
@@ -41,7 +47,9 @@ def training_step(model, source, batch, args, world):
 
     The batch holds B sentences twice, (2B, L): view 1 of every sentence, then view 2 (ColumnCollator;
     dropout makes the views differ). With --masking static_sep it also holds their masked views, made
-    at load time: (4B, L), the views first. With --masking dynamic the masked views are drawn here."""
+    at load time: (4B, L), the views first. With --masking dynamic the masked views are drawn here.
+    --rtd_average bmk pads the batch to --max_len first, as BM-K's loader pads every sentence, since his
+    replaced-token loss averages over all max_len positions (model.replaced_token_loss)."""
     diffcse = getattr(model, "module", model)  # under DDP the DiffCSE module is model.module
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     if args.masking == "static_sep":
@@ -49,10 +57,15 @@ def training_step(model, source, batch, args, world):
         attention_mask = attention_mask.chunk(2)[0]  # a masked view keeps its sentence's length
     else:
         mlm_input_ids, _ = mask_tokens(input_ids, attention_mask, diffcse.vocabulary, args.masking_ratio)
+    average = getattr(args, "rtd_average", "tokens")
+    if average == "bmk" and input_ids.shape[1] < args.max_len:
+        extra, pad_id = args.max_len - input_ids.shape[1], diffcse.discriminator.config.pad_token_id
+        input_ids, mlm_input_ids = (torch.nn.functional.pad(t, (0, extra), value=pad_id) for t in (input_ids, mlm_input_ids))
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, extra), value=0)
     out = model(input_ids, attention_mask, mlm_input_ids)
     # Under DDP gather_columns gives the global batch, only this process's rows differentiable.
     contrastive = contrastive_loss(gather_columns(out.embeddings, 2), 2, args.temperature)
-    rtd = replaced_token_loss(out.rtd_logits, out.replaced, attention_mask)
+    rtd = replaced_token_loss(out.rtd_logits, out.replaced, attention_mask, average)
     to_backpropagate, loss = diffcse_loss(contrastive, rtd, args.lambda_weight, world)
     return to_backpropagate, {"loss": loss.detach(), "contrastive_loss": contrastive.detach(), "rtd_loss": rtd.detach(),
                               "rtd_accuracy": replaced_token_accuracy(out.rtd_logits, out.replaced, attention_mask)}
@@ -68,7 +81,8 @@ def build_source(name, args, tokenizer, rank, world, log):
     build_diffcse_dataset). Full batches only: every anchor needs its B - 1 in-batch negatives."""
     static_sep_ratio = args.masking_ratio if args.masking == "static_sep" else None
     dataset = build_diffcse_dataset([resolve_path(p, args.data_dir) for p in args.train_file], tokenizer, args.max_len,
-                                    args.max_train_samples, args.seed, static_sep_ratio, log=log)
+                                    args.max_train_samples, args.seed, static_sep_ratio, log=log,
+                                    unk_to_sep=args.unk_to_sep)
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
                   ColumnCollator(tokenizer.pad_token_id), args.train_file)
 
@@ -98,11 +112,13 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     run_utils.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
     takes its slice of each global batch; rank 0 evaluates and saves."""
     log, rank, world = run.log, run.rank, run.world
-    schedule = interleave([len(s.plan) for s in sources])
+    schedule = interleave([len(s.plan) for s in sources], stage.schedule)
     total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
-    optimizer, scheduler, scaler, step, best_score = start_stage(args, stage, trainable, total_steps, state, rank, log)
+    optimizers, schedulers, scaler, step, best_score = start_stage(args, stage, trainable, schedule, total_steps,
+                                                                   state, rank, log)
     model = wrap_ddp(trainable, world, several_sources=len(sources) > 1)
-    best = BestModel(args, stage, encoder, tokenizer, evaluate, log, best_score, sources, rank)
+    best = BestModel(args, stage, encoder, tokenizer, evaluate, log, best_score, sources, rank,
+                     stale=state.get("stale_evals", 0) if state else 0)
     log(describe_stage(args, stage, sources, world, total_steps, len(schedule)))
     device_type, amp_dtype = torch.device(args.device).type, autocast_dtype(args)
     window, start = LossWindow(), time.time()
@@ -111,6 +127,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     with tqdm(total=total_steps, initial=step, desc=f"{METHOD} {stage.name}", unit="step", disable=rank != 0) as bar:
         for epoch, source, batch in batches:
             batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+            optimizer, scheduler = optimizers.of(sources.index(source)), schedulers.of(sources.index(source))
             with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logged = training_step(model, source.name, batch, args, world)
             scaler.scale(loss).backward()
@@ -141,9 +158,12 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
                 barrier(world)
             if save_now:
                 if rank == 0:
-                    save_checkpoint(os.path.join(args.output_dir, "checkpoint"), trainable, optimizer, scheduler,
-                                    scaler, step, best.score, stage=stage.name)
+                    save_checkpoint(os.path.join(args.output_dir, "checkpoint"), trainable, optimizers, schedulers,
+                                    scaler, step, best.score, stage=stage.name, stale_evals=best.stale)
                 barrier(world)
+            if evaluate_now and best.stop_early():
+                log(f"[{stage.name}] early stop at step {step}: {best.stale} evaluations without a better dev score")
+                break
     best.finish(step)
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best.score)}, "
         f"model in {best.dir}")
@@ -190,10 +210,19 @@ def parse_args(argv=None):
                         "sentence's n tokens between [CLS] and [SEP] replaced by the [SEP] id; dynamic: DiffCSE's, "
                         "drawn per batch, each non-special token chosen with probability ratio, then 80/10/10 "
                         "[MASK]/random/kept. Default static_sep, as the defaults are BM-K's")
+    p.add_argument("--unk_to_sep", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --masking static_sep, BM-K's handling of [UNK] (data/dataloader.py): every special "
+                        "token inside a sentence becomes [SEP] too, and the k masked positions are drawn among "
+                        "positions 1..m, m = the number of other tokens. Off: [UNK] is masked only when drawn. "
+                        "presets/bmk-roberta.args turns it on")
     p.add_argument("--masking_ratio", type=float, default=0.15, help="share of tokens masked (BM-K 0.15, DiffCSE 0.30)")
-    p.add_argument("--lambda_weight", type=float, default=0.005,
-                   help="weight of the replaced-token loss, a cross-entropy over real tokens (the originals also "
-                        "count padded positions, labelled original)")
+    p.add_argument("--lambda_weight", type=float, default=0.005, help="weight of the replaced-token loss")
+    p.add_argument("--rtd_average", choices=RTD_AVERAGES, default="tokens",
+                   help="how the replaced-token cross-entropy is averaged: tokens = one mean over the real tokens "
+                        "(independent of padding); bmk = BM-K's sum of the two views' means over all --max_len "
+                        "positions, padding labelled original (presets/bmk-roberta.args); diffcse = DiffCSE's "
+                        "one mean over all positions of the batch as padded, padding included "
+                        "(presets/diffcse-bert.args)")
     p.add_argument("--projection", choices=PROJECTIONS, default="pooler",
                    help="training-only head over [CLS] that gives the sentence vectors (evaluation and the saved "
                         "model use raw [CLS]): pooler = the checkpoint's pooler, dense + tanh (BM-K's KoDiffCSE); "

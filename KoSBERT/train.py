@@ -101,11 +101,13 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     run_utils.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
     takes its slice of each global batch; rank 0 evaluates and saves."""
     log, rank, world = run.log, run.rank, run.world
-    schedule = interleave([len(s.plan) for s in sources])
+    schedule = interleave([len(s.plan) for s in sources], stage.schedule)
     total_steps = args.max_steps if args.max_steps > 0 else stage.epochs * len(schedule)
-    optimizer, scheduler, scaler, step, best_score = start_stage(args, stage, trainable, total_steps, state, rank, log)
+    optimizers, schedulers, scaler, step, best_score = start_stage(args, stage, trainable, schedule, total_steps,
+                                                                   state, rank, log)
     model = wrap_ddp(trainable, world, several_sources=len(sources) > 1)
-    best = BestModel(args, stage, encoder, tokenizer, evaluate, log, best_score, sources, rank)
+    best = BestModel(args, stage, encoder, tokenizer, evaluate, log, best_score, sources, rank,
+                     stale=state.get("stale_evals", 0) if state else 0)
     log(describe_stage(args, stage, sources, world, total_steps, len(schedule)))
     device_type, amp_dtype = torch.device(args.device).type, autocast_dtype(args)
     window, start = LossWindow(), time.time()
@@ -114,6 +116,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     with tqdm(total=total_steps, initial=step, desc=f"{METHOD} {stage.name}", unit="step", disable=rank != 0) as bar:
         for epoch, source, batch in batches:
             batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+            optimizer, scheduler = optimizers.of(sources.index(source)), schedulers.of(sources.index(source))
             with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logged = training_step(model, source.name, batch, args, world)
             scaler.scale(loss).backward()
@@ -144,9 +147,12 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
                 barrier(world)
             if save_now:
                 if rank == 0:
-                    save_checkpoint(os.path.join(args.output_dir, "checkpoint"), trainable, optimizer, scheduler,
-                                    scaler, step, best.score, stage=stage.name)
+                    save_checkpoint(os.path.join(args.output_dir, "checkpoint"), trainable, optimizers, schedulers,
+                                    scaler, step, best.score, stage=stage.name, stale_evals=best.stale)
                 barrier(world)
+            if evaluate_now and best.stop_early():
+                log(f"[{stage.name}] early stop at step {step}: {best.stale} evaluations without a better dev score")
+                break
     best.finish(step)
     log(f"[{stage.name}] done in {time.time() - start:.0f}s: best dev max-spearman {best_score_text(best.score)}, "
         f"model in {best.dir}")

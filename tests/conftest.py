@@ -61,6 +61,13 @@ def readers(ns):
                                     if not k.startswith("__")})
 
 
+def evaluation_api(ns):
+    """A method folder's evaluation.py and every common module it drives, as one namespace."""
+    modules = [getattr(ns, name) for name in ("data", "encoding", "tokenizer", "folder", "sts", "search", "index",
+                                                "model_card") if hasattr(ns, name)] + [ns.evaluation]
+    return types.SimpleNamespace(**{k: v for m in modules for k, v in vars(m).items() if not k.startswith("__")})
+
+
 def topic_sentence(rng, topic, n_words=4):
     words = rng.sample(TOPICS[topic], n_words) + [rng.choice(FILLERS)]
     rng.shuffle(words)

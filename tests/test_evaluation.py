@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from conftest import topic_sentence
+from conftest import evaluation_api, topic_sentence
 
 
 def test_sts_metrics_match_scipy(kosimcse):
@@ -30,7 +30,7 @@ def test_sts_metrics_match_scipy(kosimcse):
 
 
 def test_bmk_protocol_averages_shuffled_batches(kosimcse):
-    ev = kosimcse.evaluation
+    ev = evaluation_api(kosimcse)
     rng = np.random.default_rng(1)
     e1, e2, gold = rng.normal(size=(70, 4)), rng.normal(size=(70, 4)), rng.uniform(0, 5, 70)
     got = ev.bmk_metrics(e1, e2, gold, batch_size=32, seed=3)
@@ -48,7 +48,7 @@ def test_metrics_agree_with_sentence_transformers_evaluator(kosimcse, sup_run, s
     from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
     from transformers import AutoTokenizer
     _, best = sup_run
-    ev = kosimcse.evaluation
+    ev = evaluation_api(kosimcse)
     pairs = kosimcse.data.read_sts(os.path.join(synthetic_data, "KorSTS", "sts-dev.tsv"))
     ours = ev.evaluate_sts(ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best), pairs, 24, 32, "cpu")
     evaluator = EmbeddingSimilarityEvaluator([p[0] for p in pairs], [p[1] for p in pairs], [p[2] / 5 for p in pairs],
@@ -62,7 +62,7 @@ def test_metrics_agree_with_sentence_transformers_evaluator(kosimcse, sup_run, s
 def test_search_finds_planted_sentence_across_chunks(kosimcse, sup_run, tmp_path):
     from transformers import AutoTokenizer
     _, best = sup_run
-    ev = kosimcse.evaluation
+    ev = evaluation_api(kosimcse)
     encoder, tok = ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best)
     rng = random.Random(5)
     corpus = list(dict.fromkeys(topic_sentence(rng, t % 3, 3) for t in range(90)))[:60]  # no train topic 3
@@ -97,7 +97,7 @@ def test_several_tasks_run_in_order_on_one_loaded_model(kosimcse, sup_run, synth
     """--task sts search (run_example.sh's call): the STS rows, then the search demo, one model load; the
     output equals the two tasks run one by one."""
     _, best = sup_run
-    ev = kosimcse.evaluation
+    ev = evaluation_api(kosimcse)
     common = ["--model_dir", best, "--data_dir", synthetic_data, "--dataset", "korsts-test", "--top_k", "2"]
     ev.main(common + ["--task", "sts", "--output_json", str(tmp_path / "one.json")])
     ev.main(common + ["--task", "search"])

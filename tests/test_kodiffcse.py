@@ -65,6 +65,46 @@ def test_static_sep_masking_is_exact_k(dc, tok):
         assert (masked[a:b][changed] == tok.sep_token_id).all() and not changed[[0, -1]].any()
 
 
+def test_unk_to_sep_masking_equals_bmks_only_mask_tokens(dc, tok):
+    """--unk_to_sep: every sentence equals BM-K's data/dataloader.py only_mask_tokens (transcribed below on
+    the sentence padded to max_len) fed the same drawn positions: every [UNK] -> [SEP], the k =
+    max(1, int(m * 0.15)) drawn positions distinct and among 1..m, m = the tokens that are not [UNK]."""
+    max_len, ratio = 32, 0.15
+    texts = [t.replace(" ", " ☃ ", i % 3) for i, t in enumerate(corpus_texts()[:40])] + ["☃ ☃", "☃"]
+    tt = dc.dataloader.TokenizedTexts(tok, texts, max_len)
+    ours = dc.dataloader.static_sep_masks(tt, tok.sep_token_id, ratio, seed=0, special_ids=tok.all_special_ids)
+    rng = np.random.default_rng(0)  # the same draws, in the same order, as static_sep_masks
+    with_unk = 0
+    for i in range(len(tt)):
+        ids = torch.tensor(tt[i])
+        special = torch.isin(ids[1:-1], torch.tensor(tok.all_special_ids))
+        with_unk += bool(special.any())
+        m = len(ids) - 2 - int(special.sum())
+        positions = rng.choice(m, max(1, int(m * ratio)), replace=False) + 1 if m > 0 else np.array([], dtype=int)
+        assert len(set(positions.tolist())) == len(positions) and all(1 <= p <= m for p in positions)
+        # BM-K's only_mask_tokens on one sentence padded to max_len, with these positions as its draws
+        inputs = torch.full((1, max_len), tok.pad_token_id)
+        inputs[0, :len(ids)] = ids
+        attn = (torch.arange(max_len) < len(ids)).long()[None]
+        special_mask = torch.tensor([tok.get_special_tokens_mask(r, already_has_special_tokens=True)
+                                     for r in inputs.tolist()], dtype=torch.bool)
+        num_of_false = max_len - special_mask.sum()
+        assert num_of_false == m
+        masking_map = torch.zeros(inputs.shape)
+        masking_map[0].index_add_(0, torch.arange(len(positions)), torch.tensor(positions, dtype=torch.float))
+        special_mask.scatter_(1, masking_map.long(), torch.ones(inputs.shape).bool())
+        inputs[special_mask] = tok.sep_token_id
+        inputs *= attn
+        inputs[inputs == 0] = tok.pad_token_id
+        inputs[:, 0] = tok.cls_token_id
+        a, b = tt.offsets[i], tt.offsets[i + 1]
+        assert inputs[0, :len(ids)].tolist() == ours[a:b].tolist(), i
+        assert (inputs[0, len(ids):] == tok.pad_token_id).all()
+    assert 10 < with_unk < len(tt)
+    default = dc.dataloader.static_sep_masks(tt, tok.sep_token_id, ratio, seed=0)
+    assert (default == tok.unk_token_id).any() and not (ours == tok.unk_token_id).any()
+
+
 @pytest.fixture
 def model(dc, tok, tiny_bert, generator):
     torch.manual_seed(0)
@@ -80,6 +120,66 @@ def test_replaced_token_loss_by_hand(dc):
     by_hand = (math.log(2) + math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 3
     assert dc.model.replaced_token_loss(logits, replaced, mask).item() == pytest.approx(by_hand, abs=1e-6)
     assert dc.model.replaced_token_accuracy(logits, replaced, mask).item() == pytest.approx(2 / 3)  # ties -> 0
+
+
+def originals_rtd_step(model, tok, ids, mask, masked_views, rule, lambda_weight, temperature=0.05):
+    """The loss of one step computed the originals' way (eval mode: no dropout). ids / mask / masked_views:
+    (B, L) padded as that original pads. bmk (BM-K models.py + loss.py): two encoder passes, per view the
+    generator's argmax with [CLS] put back, labels (g != ids) * mask, discriminator input g * mask
+    conditioned on that view's z (cls_input), CE over the view's B x L positions, the two summed x lambda.
+    diffcse (DiffCSE cl_forward): the same over both views at once, one CE over all 2B x L positions."""
+    z = [model.projection(model.encoder(ids, mask)) for _ in range(2)]
+    cos = torch.nn.functional.cosine_similarity(z[0][:, None], z[1][None], dim=-1) / temperature
+    contrastive = torch.nn.functional.cross_entropy(cos, torch.arange(len(ids)))
+    logits, labels = [], []
+    for view, masked in zip(z, masked_views):
+        with torch.no_grad():
+            g = model.generator(input_ids=masked, attention_mask=mask).logits.argmax(-1)
+        g[:, 0] = tok.cls_token_id
+        labels.append((g != ids) * mask)
+        logits.append(model.rtd_head(originals_discriminator(model.discriminator, g * mask, mask, view)))
+    ce = torch.nn.functional.cross_entropy
+    if rule == "bmk":
+        rtd = sum(ce(x.view(-1, 2), y.view(-1)) for x, y in zip(logits, labels))
+    else:
+        rtd = ce(torch.cat(logits).view(-1, 2), torch.cat(labels).view(-1))
+    return contrastive + rtd * lambda_weight
+
+
+@pytest.mark.parametrize("rule", ["bmk", "diffcse"])
+def test_rtd_average_equals_the_originals_loss_and_gradients(dc, tok, model, rule):
+    """--rtd_average bmk / diffcse: training_step's loss and the gradients of every parameter equal the
+    originals' computation (originals_rtd_step). BM-K pads every sentence to max_len (64); DiffCSE pads to
+    the batch's longest, as our collator does. The default (tokens) differs from both."""
+    max_len, lam = 64, 0.3  # a large lambda, so that the RTD part weighs in the gradients
+    texts = ["사과 바나나 포도 딸기 기차 바다.", "기차.", "바다 파도 모래 사과.", "포도 딸기."]
+    ids64 = tok(texts, padding="max_length", max_length=max_len, return_tensors="pt")
+    ids, mask = ids64["input_ids"], ids64["attention_mask"]
+    g = torch.Generator().manual_seed(0)
+    masked = [dc.dataloader.mask_tokens(ids, mask, model.vocabulary, 0.4, generator=g)[0] for _ in range(2)]
+    width = int(mask.sum(1).max()) if rule == "diffcse" else max_len
+    model.eval()  # no dropout anywhere: the two computations see the same generator argmax
+    reference = originals_rtd_step(model, tok, ids[:, :width], mask[:, :width], [m[:, :width] for m in masked],
+                                   rule, lam)
+    reference.backward()
+    theirs = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    short = int(mask.sum(1).max())  # our batch is padded to its longest sentence only
+    batch = {"input_ids": torch.cat([ids, ids, *masked])[:, :short],
+             "attention_mask": torch.cat([mask] * 4)[:, :short]}
+    args = step_args(masking="static_sep", lambda_weight=lam, rtd_average=rule, max_len=max_len)
+    loss, logged = dc.train.training_step(model, "wiki", batch, args, 1)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-6)
+    assert ours.keys() == theirs.keys() and any(n.startswith("discriminator.") for n in ours)
+    worst = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
+    assert worst < 1e-5, worst  # float32 rounding (sdpa attention vs the layer-by-layer route)
+    model.zero_grad()
+    tokens, _ = dc.train.training_step(model, "wiki", batch, step_args(masking="static_sep", lambda_weight=lam), 1)
+    tokens.backward()
+    assert abs(tokens.item() - loss.item()) > 1e-4  # the default averages over real tokens only
+    assert max((p.grad - theirs[n]).abs().max().item() for n, p in model.named_parameters() if n in theirs) > 100 * worst
 
 
 def test_replaced_labels_are_the_generators_changes_on_real_tokens(dc, tok, model):
@@ -322,12 +422,16 @@ def test_generator_vocab_size_larger_than_the_encoders_stops(dc, tiny_bert, synt
 
 
 def test_defaults_are_bmk_and_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, generator):
-    defaults = dc.train.parse_args(["--device", "cpu"])
-    bmk = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "bmk-roberta.args"), "--device", "cpu"])
-    assert vars(bmk) == vars(defaults)
+    defaults = dc.train.parse_args(["--device", "cuda"])
+    bmk = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "bmk-roberta.args"), "--device", "cuda"])
+    # the preset is the defaults plus the five BM-K switches that are off by default
+    as_bmk = {"unk_to_sep": True, "rtd_average": "bmk", "dev_protocol": "bmk", "early_stop_evals": 30, "fp16": True}
+    assert vars(bmk) == {**vars(defaults), **as_bmk}
     assert (defaults.projection, defaults.masking, defaults.generator_eval) == ("pooler", "static_sep", False)
+    assert (defaults.rtd_average, defaults.unk_to_sep, defaults.early_stop_evals) == ("tokens", False, 0)
     diffcse = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "diffcse-bert.args"), "--device", "cpu"])
     assert (diffcse.projection, diffcse.masking, diffcse.masking_ratio) == ("bn_mlp", "dynamic", 0.3)
+    assert diffcse.rtd_average == "diffcse"
     with pytest.raises(SystemExit):
         dc.train.parse_args(["--batchnorm"])  # DiffCSE's flag name is gone: --projection bn_mlp
     head = dc.model.DiffCSE.from_pretrained(tiny_bert, generator, dc.dataloader.masking_vocabulary(tok),

@@ -112,7 +112,7 @@ def test_train_save_reload_and_evaluate(t5, tiny_t5, tiny_bart, synthetic_data, 
     rows_json = os.path.join(out, "test.json")
     ev.main(["--model_dir", best, "--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json", rows_json])
     row = json.load(open(rows_json))[0]
-    assert row["n_pairs"] == 120 and set(ev.METRICS) <= set(row["metrics"])
+    assert row["n_pairs"] == 120 and set(t5.sts.METRICS) <= set(row["metrics"])
 
 
 def test_training_beats_untrained_on_held_out_pairs(t5, tiny_t5, synthetic_data, tmp_path):

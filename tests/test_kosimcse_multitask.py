@@ -99,3 +99,107 @@ def test_training_max_len_never_truncates_evaluation(kosimcse, tiny_bert, synthe
     config = json.load(open(os.path.join(out, "best_model", "sentence_bert_config.json")))
     assert config["max_seq_length"] == 64
     assert json.load(open(os.path.join(out, "args.json")))["max_len"] == 6
+
+
+def test_early_stop_evals_ends_the_stage_and_resumes_exactly(kosimcse, tiny_bert, synthetic_data, tmp_path, capsys):
+    """--early_stop_evals 3 with lr 0 (every dev score equals the first): evaluations at steps 1-4, the
+    counter reaches 3 at step 4 and the run ends there with its best model (BM-K's patience rule). A run
+    killed after its step-2 checkpoint resumes with the counter it had (1), so it stops at step 4 too."""
+    def argv(out):
+        return ["--model", tiny_bert, "--data_dir", synthetic_data, "--output_dir", out, "--mode", "unsup",
+                "--batch_size", "8", "--max_len", "24", "--max_steps", "12", "--eval_steps", "1", "--save_steps", "2",
+                "--lr", "0", "--early_stop_evals", "3", "--logging_steps", "1", "--device", "cpu"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    kosimcse.train.main(argv(a))
+    assert "early stop at step 4: 3 evaluations without a better dev score" in capsys.readouterr().out
+    crash_after_first_checkpoint(kosimcse.train, argv(b))  # killed right after step 2's checkpoint
+    kosimcse.train.main(["--resume", b])
+    for out in (a, b):
+        log = read_log(out)
+        assert [e["step"] for e in log if "dev" in e] == [1, 2, 3, 4] and max(e["step"] for e in log) == 4
+        assert os.path.isdir(os.path.join(out, "best_model")) and not os.path.isdir(os.path.join(out, "checkpoint"))
+    never = str(tmp_path / "never")
+    kosimcse.train.main(argv(never) + ["--early_stop_evals", "0", "--max_steps", "6"])  # 0: no early stop
+    assert [e["step"] for e in read_log(never) if "dev" in e] == [1, 2, 3, 4, 5, 6]
+
+
+class FakeSource:
+    """A stand-in Source: its batch ``b`` of pass ``k`` is the tuple (name, k, b)."""
+
+    def __init__(self, name, n):
+        self.name, self.plan = name, range(n)
+
+    def loader(self, epoch, start, num_workers=0, pin_memory=False):
+        return iter([(self.name, epoch, b) for b in range(start, len(self.plan))])
+
+
+def sentence_transformers_fit_order(sizes, epochs):
+    """The batch order of sentence-transformers' fit(train_objectives=[...]) (2.x SentenceTransformer.fit,
+    the version jhgan's training_multi-task.py ran), transcribed: steps_per_epoch = min(len(dataloader));
+    data_iterators made once before the epoch loop; every step takes next() of each objective in order, and
+    an exhausted iterator is replaced by a new iter(dataloader) (a new shuffle: pass k + 1)."""
+    passes = [0] * len(sizes)
+
+    def new_pass(i):
+        passes[i] += 1
+        return iter([(f"s{i}", passes[i] - 1, b) for b in range(sizes[i])])
+    iterators = [new_pass(i) for i in range(len(sizes))]
+    order = []
+    for _ in range(epochs):
+        for _ in range(min(sizes)):
+            for i in range(len(sizes)):
+                try:
+                    data = next(iterators[i])
+                except StopIteration:
+                    iterators[i] = new_pass(i)
+                    data = next(iterators[i])
+                order.append(data)
+    return order
+
+
+@pytest.mark.parametrize("sizes", [(4, 7), (7, 3), (5, 5)])
+def test_paired_schedule_is_sentence_transformers_fit_order(kosimcse, sizes):
+    """--multitask_schedule paired: the batches of 3 epochs (each source's pass and batch) equal
+    sentence-transformers' multi-objective fit rule, from the start and from any step (--resume)."""
+    ru = kosimcse.run_utils
+    sources = [FakeSource(f"s{i}", n) for i, n in enumerate(sizes)]
+    schedule = ru.interleave(list(sizes), "paired")
+    assert schedule == [0, 1] * min(sizes)
+    total = 3 * len(schedule)
+    ours = [batch for _, _, batch in ru.stage_batches(sources, schedule, 0, total)]
+    assert ours == sentence_transformers_fit_order(sizes, 3)
+    for step in range(total):
+        assert [b for _, _, b in ru.stage_batches(sources, schedule, step, total)] == ours[step:], step
+    epochs = [epoch for epoch, _, _ in ru.stage_batches(sources, schedule, 0, total)]
+    assert epochs == [e for e in range(3) for _ in schedule]
+    proportional = ru.interleave(list(sizes))  # unchanged: every epoch is pass e of every source
+    got = list(ru.stage_batches(sources, proportional, 0, 2 * len(proportional)))
+    assert all(batch[1] == epoch for epoch, _, batch in got)
+
+
+def test_paired_multitask_has_an_optimizer_per_source_and_resumes_exactly(kosimcse, tiny_bert, synthetic_data,
+                                                                         tmp_path):
+    """10 NLI and 15 STS batches: 10 rounds of (NLI, STS) an epoch, 20 steps. Each source has its own
+    AdamW and linear schedule over its own 10 steps a epoch (sentence-transformers' fit), both in the
+    checkpoint; a run killed after its first checkpoint resumes to the same losses and dev scores."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--mode", "multitask", "--multitask_schedule", "paired", "--epochs", "2", "--eval_steps", "8",
+             "--keep_checkpoint"]
+    kosimcse.train.main(common(tiny_bert, synthetic_data, a, *extra))
+    log = [e for e in read_log(a) if "loss" in e]
+    assert ["sts" if "loss_sts" in e else "sup" for e in log] == ["sup", "sts"] * 20
+    lrs = [e["lr"] for e in log]  # each source's schedule: warmup over 2 of its own 20 steps (the preset's
+    assert lrs[0::2] == lrs[1::2]  # 0.1), then linear decay to 0 (one shared schedule would warm up over 4 of 40)
+    assert (lrs[0], lrs[2], lrs[-1]) == (pytest.approx(5e-4), pytest.approx(1e-3), pytest.approx(0.0))
+    state = torch.load(os.path.join(a, "checkpoint", "state.pt"), weights_only=False)
+    assert isinstance(state["optimizer"], list) and len(state["optimizer"]) == 2
+    assert [s["state"][0]["step"].item() for s in state["optimizer"]] == [20, 20]  # each stepped on its own batches
+    crash_after_first_checkpoint(kosimcse.train, common(tiny_bert, synthetic_data, b, *extra))
+    kosimcse.train.main(["--resume", b])
+    la, lb = read_log(a), read_log(b)
+    assert [e["step"] for e in la] == [e["step"] for e in lb]
+    for x, y in zip(la, lb):
+        if "loss" in x:
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5), x["step"]
+        if "dev" in x:
+            assert y["dev"]["avg"] == pytest.approx(x["dev"]["avg"], abs=1e-5), x["step"]

@@ -47,7 +47,7 @@ def test_bf16_checkpoints_load_in_float32(methods, tiny_bert, tiny_t5, generator
         assert {p.dtype for p in model.parameters()} == {torch.float32}, name
     for name in FOLDERS:
         for folder in (bert, t5):
-            backbone = methods[name].evaluation.load_backbone(folder)
+            backbone = methods[name].folder.load_backbone(folder)
             assert {p.dtype for p in backbone.parameters()} == {torch.float32}, (name, folder)
 
 

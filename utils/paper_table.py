@@ -9,7 +9,9 @@ numbers beside ours (mean ± std over seeds) and the difference.
 
 A row is a preset file <folder>/presets/<row>.args (every preset except the --mode defaults, named after
 a mode, and the quick-* smoke presets); its published numbers are the rows of data/published_results.csv with that
-row_id (a preset whose header says "# Published row: X" is a variant compared against X's numbers). For
+row_id (a preset whose header says "# Published row: X" is a variant compared against X's numbers). A
+published row whose note starts "not reproducible" (a number cited from another paper, with no recipe to
+follow) has no preset: it is listed and shown with its published numbers, and never run. For
 each row and seed it runs
 
     python <folder>/train.py @<folder>/presets/<row>.args --seed S --data_dir DIR
@@ -20,8 +22,8 @@ each row and seed it runs
 
 (B, the bmk protocol's batch: for rows whose source used BM-K's per-batch protocol his test batch, which
 his test loop takes from --batch_size, i.e. the preset's --batch_size or its "# bmk eval batch: N" line;
-256, BM-K's README test batch, for the others). korsts-dev is evaluated too, since the KoSentenceBERT-ETRI
-and KR-BERT-SimCSE numbers were published on it (it also selects the checkpoint). A run whose
+256, BM-K's README test batch, for the others). korsts-dev is evaluated too, since KR-BERT-SimCSE's
+numbers were published on it as well (it also selects the checkpoint). A run whose
 results.json exists is skipped; one whose training finished is only evaluated; one killed mid-training
 continues with train.py --resume. So a crashed table resumes where it stopped. Logs go to OUT/<row>/seed-S/{train,eval}.log. The table is printed and written to
 OUT/paper_table.md and OUT/paper_table.json.
@@ -64,6 +66,7 @@ NEW_MODES = ("multitask", "sup_sts")
 # Not rows: the --mode default presets (presets/<mode>.args, named after a mode of some folder) and the
 # quick-* smoke presets.
 NON_ROWS = ("sup", "unsup", "multitask", "sup_sts", "nli", "sts", "nli_sts")
+NOT_REPRODUCIBLE = "not reproducible"  # how the note of a published row with no recipe (and no preset) starts
 PROXY_BATCH, PROXY_SAMPLES = 16, 2000
 PROXY_DEV, PROXY_DATASETS = "klue-sts-dev", ("korsts-test",)  # --proxy: a small dev set, test on KorSTS only
 BMK_TEST_BATCH = 256  # BM-K's KoSimCSE README test command; used where the source's own test batch is unknown
@@ -124,6 +127,9 @@ class Row:
         self.published = published.get(self.published_id, [])
         self.table = self.published[0]["table"] if self.published else "other"
         self.stand_in = "STAND-IN" in header
+        # A published row cited from elsewhere with no recipe to follow: its note starts "not reproducible".
+        self.not_reproducible = preset is None and any(
+            (p["note"] or "").startswith(NOT_REPRODUCIBLE) for p in self.published)
         self.tokens = preset_tokens(preset) if preset else []
         match = re.search(r"^#\s*bmk eval batch:\s*(\d+)", header, re.M)
         batch = flag_values(self.tokens, "--batch_size")
@@ -240,7 +246,7 @@ class Plan:
     def skip_reason(self, row):
         """Why ``row`` cannot run (None if it can)."""
         if row.preset is None:
-            return "no preset file yet"
+            return "not reproducible: no recipe published" if row.not_reproducible else "no preset file yet"
         if self.args.proxy:
             modes = [m for m in missing_features(row) if m.startswith("--mode")]
             if modes:
@@ -511,7 +517,8 @@ def summarize(rows, plan, seeds, proxy=None):
         published = {p["dataset"]: p for p in row.published}
         datasets = list(SHOWN) + [d for d in published if d not in SHOWN]
         entry = {"row": row.id, "folder": row.folder, "table": row.table, "published_row": row.published_id,
-                 "preset": rel(row.preset) if row.preset else None, "labels": row.labels(), "datasets": {}}
+                 "preset": rel(row.preset) if row.preset else None, "labels": row.labels(), "datasets": {},
+                 "not_reproducible": row.not_reproducible}
         if proxy:
             entry["labels"] = ["proxy" + (", wiring only" if row.kind != "pretrained" else "")] + entry["labels"]
         dropped = set()
@@ -576,7 +583,7 @@ def markdown(table, seeds, status, proxy=None, max_steps=None, full=False):
             runs = [status.get((e["row"], s)) for s in seeds]
             name = f"**{e['row']}**" + (f" ({'; '.join(e['labels'])})" if e["labels"] else "")
             if e["preset"] is None:
-                name += " (no preset yet)"
+                name += " (not reproducible: no recipe)" if e.get("not_reproducible") else " (no preset yet)"
             elif not any(c["ours"] for c in e["datasets"].values()):
                 why = next((r for r in runs if r and r not in ("done", "dry run")), "not run")
                 name += f" ({why})"
@@ -623,7 +630,7 @@ def list_rows(rows):
         if r.published_id != r.id:
             text = f"= {r.published_id}"
         flags = ", ".join(r.labels()[1:] if r.published_id != r.id else r.labels())
-        preset = rel(r.preset) if r.preset else "(no preset yet)"
+        preset = rel(r.preset) if r.preset else "(not reproducible)" if r.not_reproducible else "(no preset yet)"
         print(f"{r.id:34} {r.folder:13} {r.table:15} {text:46} {preset}" + (f"  [{flags}]" if flags else ""))
 
 

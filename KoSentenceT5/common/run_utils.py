@@ -39,6 +39,8 @@ class Stage:
     best_dir: str = "best_model"  # the folder under --output_dir its best model goes to
     start_from: str = None  # the best_dir of an earlier stage it starts from (None: --model)
     lr: float = None  # its learning rate (None: --lr)
+    schedule: str = "proportional"  # how its sources share the steps (``interleave``'s rule): "proportional",
+    #                                 one optimizer; "paired", one optimizer and schedule per source
 
 
 # --- flags and presets ------------------------------------------------------------------------------
@@ -114,6 +116,9 @@ def add_run_args(p, **defaults):
     p.add_argument("--dev_protocol", choices=("standard", "bmk"), default="standard",
                    help="checkpoint selection by the max of the 4 dev Spearman values over the whole set "
                         "(standard), or its mean over shuffled dev batches of --batch_size pairs (bmk, as BM-K)")
+    p.add_argument("--early_stop_evals", type=int, default=0,
+                   help="end a stage once N evaluations in a row have not beaten its best dev score (BM-K's "
+                        "patience); 0 = never")
     p.add_argument("--eval_batch_size", type=int, default=128, help="sentences per batch at evaluation")
     p.add_argument("--logging_steps", type=int, default=10, help="log the mean losses of every N steps")
     p.add_argument("--max_train_samples", type=int, default=None, help="seeded random subset of each training set")
@@ -318,13 +323,34 @@ def load_checkpoint(state, model, optimizer, scheduler, scaler):
     return state["step"], state["best_score"]
 
 
-def start_stage(args, stage, trainable, total_steps, state, rank, log):
-    """The optimizer (build_optimizer), the linear warmup-then-decay schedule and the fp16 loss scaler of one
-    stage, put back to ``state`` (a checkpoint of this stage, or None) with rank 0's RNG state.
-    Returns (optimizer, scheduler, scaler, step, best dev score)."""
+class PerSource(list):
+    """The optimizers (or schedules) of a stage: one shared by every source, or one per source (a "paired"
+    stage); ``of(i)`` is source i's. Saved and restored as one: a single one as its own state dict."""
+
+    def of(self, i):
+        return self[i if len(self) > 1 else 0]
+
+    def state_dict(self):
+        return self[0].state_dict() if len(self) == 1 else [x.state_dict() for x in self]
+
+    def load_state_dict(self, state):
+        for x, s in zip(self, [state] if len(self) == 1 else state):
+            x.load_state_dict(s)
+
+
+def start_stage(args, stage, trainable, schedule, total_steps, state, rank, log):
+    """The optimizers (build_optimizer), linear warmup-then-decay schedules and the fp16 loss scaler of one
+    stage, put back to ``state`` (a checkpoint of this stage, or None) with rank 0's RNG state. A "paired"
+    stage gives every source its own optimizer and schedule over that source's own steps, as
+    sentence-transformers' fit does for each objective. Returns (optimizers, schedulers (PerSource), scaler,
+    step, best dev score)."""
     scaler = torch.amp.GradScaler("cuda", enabled=args.fp16)
-    optimizer = build_optimizer(trainable, stage.lr or args.lr, args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    full, rest = divmod(total_steps, len(schedule))
+    steps = ([full * schedule.count(i) + schedule[:rest].count(i) for i in range(len(stage.sources))]
+             if stage.schedule == "paired" else [total_steps])
+    optimizer = PerSource(build_optimizer(trainable, stage.lr or args.lr, args.weight_decay) for _ in steps)
+    scheduler = PerSource(get_linear_schedule_with_warmup(o, int(args.warmup_ratio * n), n)
+                          for o, n in zip(optimizer, steps))
     if state is None:
         return optimizer, scheduler, scaler, 0, -math.inf
     step, best_score = load_checkpoint(state, trainable, optimizer, scheduler, scaler)
@@ -386,11 +412,16 @@ class Source:
             generator=torch.Generator())  # its own generator: the global RNG stays untouched
 
 
-def interleave(sizes):
-    """Proportional round-robin: the source index of every step of one epoch, given each source's
-    batches per epoch. Each step takes the source with the smallest (done + 1) / size; ties go to the
-    earlier source, so a smaller source is spread evenly through a larger one. With one source this is
-    simply its batches in order."""
+def interleave(sizes, rule="proportional"):
+    """The source index of every step of one epoch, given each source's batches per pass.
+    proportional: round-robin where each step takes the source with the smallest (done + 1) / size; ties go
+    to the earlier source, so a smaller source is spread evenly through a larger one, and an epoch is one
+    pass over every source. With one source this is simply its batches in order.
+    paired: sentence-transformers' fit with several objectives (jhgan's multitask recipe): min(sizes)
+    rounds of one batch of each source in order, so an epoch is one pass over the smallest source; the
+    others carry on where they stopped in the next epoch (see stage_batches)."""
+    if rule == "paired":
+        return [i for _ in range(min(sizes)) for i in range(len(sizes))]
     done, order = [0] * len(sizes), []
     for _ in range(sum(sizes)):
         i = min((k for k in range(len(sizes)) if done[k] < sizes[k]), key=lambda k: ((done[k] + 1) / sizes[k], k))
@@ -401,16 +432,24 @@ def interleave(sizes):
 
 def stage_batches(sources, schedule, step, total_steps, num_workers=0, pin_memory=False):
     """(epoch, source, batch) for every step from ``step`` to ``total_steps``: epoch after epoch, each
-    taking the sources' batches in the order of ``schedule`` (see interleave)."""
+    taking the sources' batches in the order of ``schedule`` (see interleave). A source reads its batches
+    pass after pass (its pass k is BatchPlan epoch k), across the stage's epochs: a proportional epoch is
+    one pass of every source; in a paired one the longer sources carry on where they stopped, as
+    sentence-transformers' fit keeps their iterators. Where each source stands follows from ``step``."""
+    epoch, offset = divmod(step, len(schedule))
+    taken = [epoch * schedule.count(i) + schedule[:offset].count(i) for i in range(len(sources))]
+    loaders = [None] * len(sources)
     while step < total_steps:
-        epoch, offset = divmod(step, len(schedule))
-        taken = [schedule[:offset].count(i) for i in range(len(sources))]  # batches already used this epoch
-        loaders = [iter(s.loader(epoch, taken[i], num_workers, pin_memory)) for i, s in enumerate(sources)]
         for index in schedule[offset:]:
             if step >= total_steps:
                 return
+            turn, position = divmod(taken[index], len(sources[index].plan))
+            if loaders[index] is None or position == 0:
+                loaders[index] = iter(sources[index].loader(turn, position, num_workers, pin_memory))
             yield epoch, sources[index], next(loaders[index])
+            taken[index] += 1
             step += 1
+        epoch, offset = epoch + 1, 0
 
 
 def barrier(world):
@@ -692,10 +731,11 @@ class BestModel:
     the best so far; ``finish`` saves the final model when no dev score was a number (constant embeddings),
     so a stage always leaves a model."""
 
-    def __init__(self, args, stage, encoder, tokenizer, evaluate, log, score, sources, rank):
+    def __init__(self, args, stage, encoder, tokenizer, evaluate, log, score, sources, rank, stale=0):
         self.args, self.stage, self.encoder, self.tokenizer = args, stage, encoder, tokenizer
         self.dev, self.log = evaluate, log
         self.score, self.main = score, rank == 0
+        self.stale = stale  # evaluations since the best one (rank 0), for --early_stop_evals
         self.dir = os.path.join(args.output_dir, stage.best_dir)
         self.files = [f for s in sources for f in s.files]  # for the model card
 
@@ -706,10 +746,19 @@ class BestModel:
         self.log.record({"stage": self.stage.name, "step": step, "epoch": epoch, "dev": metrics})
         self.log(f"[{self.stage.name}] step {step}: dev avg {metrics['avg']:.2f}, cosine spearman "
                  f"{metrics['cosine_spearman']:.2f}, max spearman {metrics['max_spearman']:.2f}")
+        self.stale += 1
         if metrics["max_spearman"] > self.score:
-            self.score = metrics["max_spearman"]
+            self.score, self.stale = metrics["max_spearman"], 0
             self.save(step, metrics)
             self.log(f"\t## SAVE {self.dir} | valid_score: {self.score / 100:.4f} | epochs: {epoch} | steps: {step} ##")
+
+    def stop_early(self):
+        """True, on every process, once --early_stop_evals N evaluations in a row have not beaten the best
+        score (BM-K's rule: a counter reset by every improvement, the run ends when it reaches N)."""
+        stop = [0 < self.args.early_stop_evals <= self.stale]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(stop, src=0)  # only rank 0 evaluates
+        return stop[0]
 
     def save(self, step, metrics):
         save_atomically(lambda d: save_model(self.encoder, d, self.tokenizer, self.args, self.stage.name, step, metrics,
