@@ -21,6 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
 from .encoding import encode_tokenized
+from .files import save_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
@@ -234,6 +235,16 @@ def write_error(error):
     return None
 
 
+def write_failed_message(path, failed, kept="nothing was lost"):
+    """The one line of a failed write of ``path`` (a file or folder in an output folder): what, why, and how
+    to continue (--resume when the folder has a checkpoint, else run again)."""
+    reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
+    out = os.path.dirname(path) or "."
+    then = (f"continue with --resume {out}" if os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
+            else "run it again")
+    return f"error: could not write {path}: {reason}; {kept}. Free some space, then {then}"
+
+
 def save_atomically(save, final_dir):
     """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir (see
     recover_interrupted_save). A save that fails (a full disk, say) leaves final_dir as it was and stops
@@ -248,11 +259,7 @@ def save_atomically(save, final_dir):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous {os.path.basename(final_dir)} is intact" if os.path.isdir(final_dir) else "nothing was lost"
-        reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
-        out = os.path.dirname(final_dir) or "."
-        then = (f"continue with --resume {out}" if os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
-                else "run it again")
-        raise SystemExit(f"error: could not write {final_dir}: {reason}; {kept}. Free some space, then {then}") from None
+        raise SystemExit(write_failed_message(final_dir, failed, kept)) from None
     if os.path.isdir(final_dir):
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
@@ -338,15 +345,41 @@ def restore_rng(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def read_log(path):
+    """The entries of a train_log.jsonl. Its last line is dropped when torn (no newline, or not JSON): a
+    kill, a power loss or a full disk in the middle of an append leaves one. A bad line before the last is
+    an error naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    entries, last = [], len(lines) - 1  # after the final newline: b"" for a whole log, a torn tail otherwise
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if number >= last:  # the last line, or the only one after it: a torn append
+                break
+            raise SystemExit(f"error: {path}:{number}: not a log entry (the file was edited or damaged); "
+                             f"restore it or delete the line, then --resume again") from None
+        if number > last:  # a whole entry without its newline: still torn (the write may have stopped there)
+            break
+        entries.append((line.decode("utf-8") + "\n", entry))
+    return entries
+
+
 def truncate_log(path, stages, stage, step):
-    """Drop the log lines written after the checkpoint (``stage``, ``step``) a resumed run restarts from."""
+    """Drop the log lines written after the checkpoint (``stage``, ``step``) a resumed run restarts from,
+    and a torn last line (read_log); rewritten atomically."""
     if os.path.exists(path):
         position = (stages.index(stage), step)
-        with open(path) as f:
-            entries = [(line, json.loads(line)) for line in f]
-        kept = [line for line, e in entries if (stages.index(e["stage"]), e["step"]) <= position]
-        with open(path, "w") as f:
-            f.writelines(kept)
+        kept = [line for line, e in read_log(path) if (stages.index(e["stage"]), e["step"]) <= position]
+        try:
+            save_atomic(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        except OSError as e:
+            raise SystemExit(write_failed_message(path, e, "the log is as it was")) from None
 
 
 # --- distributed, optimizer, logging ----------------------------------------------------------------
@@ -460,14 +493,22 @@ class RunLog:
 
     def record(self, entry):
         if self.main:
-            if self.file is None:  # opened on first use: the output folder is prepared by then
-                self.file = open(self.path, "a")
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
+            try:
+                if self.file is None:  # opened on first use: the output folder is prepared by then
+                    self.file = open(self.path, "a")
+                self.file.write(json.dumps(entry) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: the torn line this may leave is dropped by --resume (read_log)
+                raise SystemExit(write_failed_message(self.path, e)) from None
+
 
     def close(self):
         if self.file is not None:
-            self.file.close()
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError:  # its last write already failed (and said so)
+                pass
 
 
 class LossWindow:
