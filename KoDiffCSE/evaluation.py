@@ -30,7 +30,6 @@ common/ (sts.py, search.py, index.py, folder.py); this file is the command line.
 """
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -38,7 +37,7 @@ import torch
 
 from common.data import DEFAULT_DATA_DIR, DataError, iter_lines, read_sts, resolve_path
 from common.encoding import encode
-from common.files import require_file
+from common.files import require_file, save_json_atomic
 from common.folder import FolderEncoder
 from common.index import INDEX_DEFAULTS, INDEX_FILES, build_index, check_index_recipe, index_search, load_index
 from common.model_card import write_model_card
@@ -138,11 +137,18 @@ def run_sts(args, encoder, max_len):
                          "n_truncated": stats["truncated"], "prefix": prefix, "metrics": metrics})
     print(format_table(rows))
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(rows, f, ensure_ascii=False, indent=2)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            save_json_atomic(args.output_json, rows)  # a failed write leaves an earlier file whole
+        except OSError as e:
+            sys.exit(f"error: could not write --output_json {args.output_json}: {e.strerror or e}; the results are "
+                     f"printed above and any earlier file there is unchanged")
     if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not args.query_prefix:
-        write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
+        try:
+            write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
+        except OSError as e:  # a read-only or full model folder: the metrics above stand, the card stays as it was
+            print(f"warning: could not update the model card of {args.model_dir} (README.md, eval_results.json): "
+                  f"{e.strerror or e}; both are unchanged", file=sys.stderr)
 
 
 def run_index(args, encoder, max_len):

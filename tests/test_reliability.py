@@ -94,3 +94,120 @@ def test_a_full_disk_on_a_log_write_is_one_line_and_the_run_resumes(kosimcse, ti
     monkeypatch.undo()
     kosimcse.train.main(["--resume", out])
     assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
+
+
+# --- 2. evaluation.py never destroys recorded results -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def evaluated_model(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
+    """A best_model of a short run, evaluated once on korsts-dev (so it has eval_results.json and a card)."""
+    out = str(tmp_path_factory.mktemp("evaluated") / "run")
+    kosimcse.train.main(cli(tiny_bert, synthetic_data, out))
+    best = os.path.join(out, "best_model")
+    kosimcse.evaluation.main(["--model_dir", best, "--data_dir", synthetic_data, "--dataset", "korsts-dev",
+                              "--device", "cpu"])
+    return best
+
+
+def snapshot(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in ("eval_results.json", "README.md")}
+
+
+def evaluate_test_set(kosimcse, folder, data, *extra):
+    kosimcse.evaluation.main(["--model_dir", folder, "--data_dir", data, "--dataset", "korsts-test", "--device", "cpu",
+                              *extra])
+
+
+@pytest.mark.parametrize("failing", ["eval_results.json", "README.md"])
+def test_a_failed_card_write_keeps_the_recorded_results(kosimcse, evaluated_model, synthetic_data, monkeypatch,
+                                                        capsys, failing, tmp_path):
+    """The disk fills while eval_results.json (or README.md) is written: the metrics are printed, one warning
+    says the card is unchanged, the exit is 0, and the earlier rows are still whole JSON."""
+    folder = str(tmp_path / "model")
+    import shutil
+    shutil.copytree(evaluated_model, folder)
+    before = snapshot(folder)
+    real_open = open
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if str(path) == os.path.join(folder, failing + ".tmp") and "w" in mode:
+            f.write(b"[{\"dataset\": \"kor")  # half written, then the disk is full
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+    monkeypatch.setattr(kosimcse.files, "open", full_open, raising=False)
+    evaluate_test_set(kosimcse, folder, synthetic_data)  # no SystemExit: exit 0
+    captured = capsys.readouterr()
+    assert "korsts-test" in captured.out  # the metrics
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning: could not update")]
+    assert warning == [f"warning: could not update the model card of {folder} (README.md, eval_results.json): No "
+                       f"space left on device; both are unchanged"]
+    if failing == "eval_results.json":
+        assert snapshot(folder) == before
+    assert snapshot(folder)["eval_results.json"] == before["eval_results.json"]
+    assert [r["dataset"] for r in json.load(open(os.path.join(folder, "eval_results.json")))] == ["korsts-dev"]
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    monkeypatch.undo()
+    evaluate_test_set(kosimcse, folder, synthetic_data)  # space again: the new row joins the old one
+    assert [r["dataset"] for r in json.load(open(os.path.join(folder, "eval_results.json")))] == ["korsts-dev",
+                                                                                                    "korsts-test"]
+
+
+def test_a_read_only_model_folder_prints_the_metrics_and_one_warning(kosimcse, evaluated_model, synthetic_data,
+                                                                     monkeypatch, capsys, tmp_path):
+    """chmod a-w where permissions count; as root (which ignores them) the writes are refused by a patched
+    open, as a read-only mount does."""
+    folder = str(tmp_path / "model")
+    import shutil
+    shutil.copytree(evaluated_model, folder)
+    before = snapshot(folder)
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+    else:
+        real_open = open
+
+        def read_only(path, mode="r", *a, **k):
+            if os.path.dirname(os.path.abspath(str(path))) == folder and any(c in mode for c in "wax+"):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, mode, *a, **k)
+        monkeypatch.setattr(kosimcse.files, "open", read_only, raising=False)
+    try:
+        evaluate_test_set(kosimcse, folder, synthetic_data)
+    finally:
+        os.chmod(folder, 0o755)
+    captured = capsys.readouterr()
+    assert "korsts-test" in captured.out
+    assert [line for line in captured.err.splitlines() if line.startswith("warning:")] == [
+        f"warning: could not update the model card of {folder} (README.md, eval_results.json): "
+        f"{'Read-only file system' if os.geteuid() == 0 else 'Permission denied'}; both are unchanged"]
+    assert snapshot(folder) == before
+
+
+def test_a_torn_eval_results_json_is_set_aside_not_crashed_on(kosimcse, evaluated_model, synthetic_data, capsys,
+                                                             tmp_path):
+    folder = str(tmp_path / "model")
+    import shutil
+    shutil.copytree(evaluated_model, folder)
+    results = os.path.join(folder, "eval_results.json")
+    torn = open(results, "rb").read()[:40]
+    open(results, "wb").write(torn)
+    evaluate_test_set(kosimcse, folder, synthetic_data)
+    assert f"warning: {results} was not readable" in capsys.readouterr().err
+    assert open(results + ".corrupt", "rb").read() == torn
+    assert [r["dataset"] for r in json.load(open(results))] == ["korsts-test"]
+
+
+def test_a_failed_output_json_write_is_one_line_and_keeps_the_old_file(kosimcse, evaluated_model, synthetic_data,
+                                                                       monkeypatch, tmp_path):
+    target = str(tmp_path / "results.json")
+    open(target, "w").write('[{"earlier": 1}]')
+
+    def replace(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(kosimcse.files.os, "replace", replace)
+    with pytest.raises(SystemExit) as e:
+        evaluate_test_set(kosimcse, evaluated_model, synthetic_data, "--output_json", target)
+    assert str(e.value) == (f"error: could not write --output_json {target}: No space left on device; the results "
+                            f"are printed above and any earlier file there is unchanged")
+    assert json.load(open(target)) == [{"earlier": 1}] and not os.path.exists(target + ".tmp")

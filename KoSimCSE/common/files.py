@@ -15,13 +15,21 @@ def fsync_dir(path):
 
 def save_atomic(path, write):
     """Write ``path`` via ``write(binary file)`` into ``path.tmp``, fsync it, then os.replace it over
-    ``path``: a reader (or a killed build) sees the old file or the whole new one, never a part."""
+    ``path``: a reader (or a killed build) sees the old file or the whole new one, never a part. A failed
+    write (OSError) removes the .tmp and is raised; ``path`` is untouched."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a read-only folder, a kill: the old file stays, no .tmp is left
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
