@@ -36,7 +36,7 @@ import torch
 
 from common.data import DEFAULT_DATA_DIR, DataError, iter_lines, read_sts, resolve_path
 from common.encoding import encode
-from common.files import require_file, save_json_atomic
+from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
 from common.index import INDEX_DEFAULTS, INDEX_FILES, build_index, check_index_recipe, index_search, load_index
 from common.model_card import write_model_card
@@ -105,6 +105,12 @@ def parse_args(argv=None):
     p.add_argument("--num_clusters", type=int, default=5)
     p.add_argument("--plot", default=None, help="cluster: PNG path (default: clusters.png beside --output_json, else ./clusters.png)")
     args = p.parse_args(argv)
+    for name, least in (("batch_size", 1), ("top_k", 1), ("chunk_size", 1), ("num_clusters", 1), ("max_len", 2),
+                        ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("nlist", 1), ("nprobe", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            p.error(f"--{name} {value}: must be at least {least}")
+    check_device(p, args.device)
     if args.prefix is not None:
         p.error("--prefix was split in two: --query_prefix (queries, sts and cluster sentences) and --passage_prefix "
                 "(corpus sentences); an old --prefix P is --query_prefix P --passage_prefix P")
@@ -204,7 +210,7 @@ def main(argv=None):
     try:
         encoder = FolderEncoder(args.model_dir, pooling=args.pooling).to(args.device).eval()
     except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot load model from {args.model_dir}: {e}")
+        sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
             "cluster": run_cluster}
@@ -213,7 +219,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(main, DataError)  # one line per error, the traceback to a file

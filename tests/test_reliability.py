@@ -211,3 +211,125 @@ def test_a_failed_output_json_write_is_one_line_and_keeps_the_old_file(kosimcse,
     assert str(e.value) == (f"error: could not write --output_json {target}: No space left on device; the results "
                             f"are printed above and any earlier file there is unchanged")
     assert json.load(open(target)) == [{"earlier": 1}] and not os.path.exists(target + ".tmp")
+
+
+# --- 3. one line per error ---------------------------------------------------------------------------------
+
+FOLDERS = ("KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE")
+
+
+@pytest.fixture(scope="module")
+def methods():
+    from conftest import load_method
+    return {name: load_method(name) for name in FOLDERS}
+
+
+def refused(capsys, parse, argv):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "-0.001"], "--lr -0.001: must be a positive number"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--max_len", "0"], "--max_len 0: must be at least 2"),
+    (["--max_train_samples", "0"], "--max_train_samples 0: must be at least 1"),
+    (["--eval_batch_size", "-3"], "--eval_batch_size -3: must be at least 1"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio 1.5: must be between 0 and 1"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm -1.0: must not be negative"),
+    (["--device", "cuda:7"], "--device cuda:7: "),
+    (["--device", "gpu"], "--device gpu: not a device name"),
+])
+def test_train_flags_no_run_can_use_are_one_line(methods, capsys, folder, flags, expected):
+    if flags[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    assert expected in refused(capsys, methods[folder].train.parse_args, ["--output_dir", "unused", *flags])
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_epochs_0_without_max_steps_and_an_output_dir_that_is_a_file(methods, capsys, folder, tmp_path):
+    parse = methods[folder].train.parse_args
+    epochs = "--nli_epochs" if folder == "KoSBERT" else "--epochs"
+    assert f"{epochs} 0 with no --max_steps: nothing would be trained" in refused(capsys, parse, [epochs, "0"])
+    args = parse([epochs, "0", "--max_steps", "3", "--output_dir", str(tmp_path / "ok")])  # steps say how long
+    assert args.max_steps == 3
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    assert f"--output_dir {file}: is a file, not a folder" in refused(capsys, parse, ["--output_dir", str(file)])
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_contrastive_batch_size_1_is_refused(methods, capsys, folder):
+    parse = methods[folder].train.parse_args
+    if folder == "KoSBERT":  # classification / regression: one example per batch trains
+        assert parse(["--batch_size", "1", "--output_dir", "unused"]).batch_size == 1
+    else:
+        assert "contrastive training needs at least 2 examples" in refused(capsys, parse, ["--batch_size", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(methods, capsys):
+    line = refused(capsys, methods["KoSBERT"].train.parse_args, ["--device", "cuda"])
+    assert "--device cuda: CUDA is not available on this machine (use --device cpu)" in line
+    line = refused(capsys, methods["KoSimCSE"].evaluation.parse_args, ["--model_dir", "m", "--device", "cuda"])
+    assert "--device cuda: CUDA is not available" in line
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--task", "index", "--index_type", "hnsw", "--hnsw_m", "0"], "--hnsw_m 0: must be at least 2"),
+    (["--task", "index", "--index_type", "hnsw", "--hnsw_m", "1"], "--hnsw_m 1: must be at least 2"),
+    (["--task", "index", "--ef_construction", "0"], "--ef_construction 0: must be at least 1"),
+    (["--task", "search", "--ef_search", "-1"], "--ef_search -1: must be at least 1"),
+    (["--task", "index", "--index_type", "ivf", "--nlist", "0"], "--nlist 0: must be at least 1"),
+    (["--task", "search", "--nprobe", "0"], "--nprobe 0: must be at least 1"),
+    (["--top_k", "0"], "--top_k 0: must be at least 1"),
+    (["--max_len", "0"], "--max_len 0: must be at least 2"),
+])
+def test_evaluation_index_flags_are_checked_before_faiss(methods, capsys, flags, expected):
+    for folder in FOLDERS:
+        argv = ["--model_dir", "m", "--corpus_file", "c.txt", "--index_dir", "i", *flags]
+        assert expected in refused(capsys, methods[folder].evaluation.parse_args, argv)
+
+
+def test_an_unexpected_exception_is_one_line_with_the_trace_in_a_file(methods, monkeypatch):
+    def boom(argv):
+        raise RuntimeError("something broke\nover two lines")
+    for folder in FOLDERS:
+        monkeypatch.setattr(methods[folder].train, "train", boom)
+        with pytest.raises(SystemExit) as e:
+            methods[folder].train.main(["--output_dir", "unused", "--max_steps", "1"])
+        message = str(e.value)
+        assert message.startswith("error: RuntimeError: something broke over two lines (full trace in ")
+        assert "\n" not in message
+        trace = message.rsplit("(full trace in ", 1)[1][:-1]
+        assert "Traceback" in open(trace).read() and "boom" in open(trace).read()
+        os.remove(trace)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(methods["KoSimCSE"].train, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C stays Ctrl-C
+        methods["KoSimCSE"].train.main(["--output_dir", "unused", "--max_steps", "1"])
+
+
+def test_evaluation_cli_a_bad_model_folder_is_one_error_line(tmp_path):
+    """The real command line, a model folder whose config.json is not a config: exit 1, one error line on
+    stderr (transformers' own warnings aside), no traceback."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": 5}')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "KoSimCSE", "evaluation.py"), "--model_dir",
+                           str(folder), "--pooling", "mean", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load model from "), proc.stderr
+    assert "Traceback" not in proc.stderr

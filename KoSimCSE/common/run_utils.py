@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
 from .encoding import encode_tokenized
-from .files import save_atomic
+from .files import check_device, one_line_errors, save_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
@@ -131,6 +131,7 @@ def finish_args(p, args, default_output_dir):
                 if key not in ("device", "num_workers", "resume"):
                     setattr(args, key, value)
         args.output_dir = args.resume
+        check_device(p, args.device)
         return args
     if args.bucket_tokens is None:
         args.bucket_tokens = 512 if args.device == "cpu" else 8192
@@ -144,7 +145,40 @@ def finish_args(p, args, default_output_dir):
     for name in ("eval_steps", "save_steps", "logging_steps", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    check_run_args(p, args)
     return args
+
+
+def check_run_args(p, args):
+    """The flag values no run can use, refused with parser.error (one line, exit 2) before anything loads.
+    Shared by every train.py (through finish_args); flags a folder lacks are passed over."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir}: is a file, not a folder")
+    for name in ("lr", "sts_lr", "temperature"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name} {value}: must be a positive number")
+    least = {"max_len": 2, "eval_batch_size": 1, "sts_batch_size": 1, "max_train_samples": 1}
+    for name, bound in least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < bound:
+            p.error(f"--{name} {value}: must be at least {bound}")
+    for name in ("weight_decay", "max_grad_norm", "num_workers", "mini_batch_size", "bucket_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and not value >= 0:
+            p.error(f"--{name} {value}: must not be negative")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        p.error(f"--warmup_ratio {args.warmup_ratio}: must be between 0 and 1")
+    if args.max_steps <= 0:
+        for name in ("epochs", "nli_epochs", "sts_epochs"):
+            value = getattr(args, name, None)
+            if value is not None and value <= 0:
+                p.error(f"--{name} {value} with no --max_steps: nothing would be trained (give a positive "
+                        f"--{name} or --max_steps)")
+    if hasattr(args, "temperature") and args.batch_size < 2:  # contrastive (InfoNCE) training
+        p.error(f"--batch_size {args.batch_size}: contrastive training needs at least 2 examples per batch (with "
+                f"one, the InfoNCE loss is exactly 0 and nothing trains)")
+    check_device(p, args.device)
 
 
 # --- the output folder ------------------------------------------------------------------------------
@@ -630,11 +664,9 @@ def best_score_text(score):
 
 
 def exit_on_data_error(run, error_type):
-    """Call ``run()``; a bad input file (``error_type``) ends the program with its one-line message."""
-    try:
-        return run()
-    except error_type as e:
-        sys.exit(f"error: {e}")
+    """Call ``run()``; a bad input file (``error_type``) ends the program with its one-line message, any
+    other exception with one line and its traceback in a file (files.one_line_errors)."""
+    return one_line_errors(run, error_type)
 
 
 # --- one run: its process state, the best model of a stage ---------------------------------------------
