@@ -29,7 +29,6 @@ common/ (sts.py, search.py, index.py, folder.py); this file is the command line.
 """
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -37,7 +36,7 @@ import torch
 
 from common.data import DEFAULT_DATA_DIR, DataError, iter_lines, read_sts, resolve_path
 from common.encoding import encode
-from common.files import require_file
+from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
 from common.index import INDEX_DEFAULTS, INDEX_FILES, build_index, check_index_recipe, index_search, load_index
 from common.model_card import write_model_card
@@ -106,6 +105,12 @@ def parse_args(argv=None):
     p.add_argument("--num_clusters", type=int, default=5)
     p.add_argument("--plot", default=None, help="cluster: PNG path (default: clusters.png beside --output_json, else ./clusters.png)")
     args = p.parse_args(argv)
+    for name, least in (("batch_size", 1), ("top_k", 1), ("chunk_size", 1), ("num_clusters", 1), ("max_len", 2),
+                        ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("nlist", 1), ("nprobe", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            p.error(f"--{name} {value}: must be at least {least}")
+    check_device(p, args.device)
     if args.prefix is not None:
         p.error("--prefix was split in two: --query_prefix (queries, sts and cluster sentences) and --passage_prefix "
                 "(corpus sentences); an old --prefix P is --query_prefix P --passage_prefix P")
@@ -137,11 +142,18 @@ def run_sts(args, encoder, max_len):
                          "n_truncated": stats["truncated"], "prefix": prefix, "metrics": metrics})
     print(format_table(rows))
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(rows, f, ensure_ascii=False, indent=2)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            save_json_atomic(args.output_json, rows)  # a failed write leaves an earlier file whole
+        except OSError as e:
+            sys.exit(f"error: could not write --output_json {args.output_json}: {e.strerror or e}; the results are "
+                     f"printed above and any earlier file there is unchanged")
     if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not args.query_prefix:
-        write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
+        try:
+            write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
+        except OSError as e:  # a read-only or full model folder: the metrics above stand, the card stays as it was
+            print(f"warning: could not update the model card of {args.model_dir} (README.md, eval_results.json): "
+                  f"{e.strerror or e}; both are unchanged", file=sys.stderr)
 
 
 def run_index(args, encoder, max_len):
@@ -198,7 +210,7 @@ def main(argv=None):
     try:
         encoder = FolderEncoder(args.model_dir, pooling=args.pooling).to(args.device).eval()
     except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot load model from {args.model_dir}: {e}")
+        sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
             "cluster": run_cluster}
@@ -207,7 +219,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(main, DataError)  # one line per error, the traceback to a file

@@ -13,13 +13,21 @@ import os
 
 def read_log(path):
     losses, dev = [], []
-    with open(path) as f:
-        for line in f:
+    with open(path, errors="replace") as f:
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             entry = json.loads(line)
-            if "loss" in entry:
-                losses.append((entry["step"], entry["loss"]))
-            if "dev" in entry:
-                dev.append((entry["step"], entry["dev"]["cosine_spearman"], entry["dev"]["max_spearman"]))
+        except ValueError:
+            if number >= len(lines) - 1:  # a torn last line (a kill or a full disk mid-append): dropped
+                break
+            raise SystemExit(f"error: {path}:{number}: not a log entry") from None
+        if "loss" in entry:
+            losses.append((entry["step"], entry["loss"]))
+        if "dev" in entry:
+            dev.append((entry["step"], entry["dev"]["cosine_spearman"], entry["dev"]["max_spearman"]))
     return losses, dev
 
 

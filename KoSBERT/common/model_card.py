@@ -3,7 +3,9 @@
 and every evaluation row recorded so far."""
 import json
 import os
+import sys
 
+from .files import save_atomic, save_json_atomic
 from .sts import METRICS
 
 
@@ -27,17 +29,26 @@ def write_model_card(folder, rows=()):
     """README.md of a saved model folder in the sentence-transformers card layout: YAML front matter
     (library, pipeline tag, language, base model, datasets, metrics, model-index), then how it was trained,
     its pooling, the 8-metric rows of ``rows`` (evaluation.py's JSON rows; merged with those of earlier
-    calls, kept in eval_results.json) and usage with sentence-transformers and plain transformers."""
+    calls, kept in eval_results.json) and usage with sentence-transformers and plain transformers. Both files are
+    written atomically (files.save_atomic): a failed write raises its OSError and leaves the earlier file whole."""
     results_path = os.path.join(folder, "eval_results.json")
     kept = []
     if os.path.isfile(results_path):
-        with open(results_path) as f:
-            kept = json.load(f)
+        try:
+            with open(results_path, encoding="utf-8") as f:
+                kept = json.load(f)
+            if not isinstance(kept, list):
+                raise ValueError("not a list of rows")
+        except ValueError as e:  # torn by an older version's in-place write: kept aside, not crashed on
+            os.replace(results_path, results_path + ".corrupt")
+            print(f"warning: {results_path} was not readable ({e}); moved to {results_path}.corrupt and started "
+                  f"again with these rows", file=sys.stderr)
+            kept = []
     new = {(r["dataset"], r["protocol"]) for r in rows}
     rows = sorted([r for r in kept if (r["dataset"], r["protocol"]) not in new] + list(rows),
                   key=lambda r: (r["dataset"], r["protocol"]))
-    with open(results_path, "w") as f:
-        json.dump(rows, f, indent=2, ensure_ascii=False)
+    earlier = open(results_path, "rb").read() if os.path.isfile(results_path) else None
+    save_json_atomic(results_path, rows)  # a failed write leaves the earlier rows readable
     info_path = os.path.join(folder, "training.json")
     info = {}
     if os.path.isfile(info_path):
@@ -102,5 +113,15 @@ def write_model_card(folder, rows=()):
     if os.path.isdir(os.path.join(folder, "2_Dense")):
         body.insert(body.index("## Usage") + 1, "This folder also has a Dense layer after pooling (2_Dense): "
                     "use sentence-transformers, which applies it.\n")
-    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(yaml + [""] + body))
+    card = "\n".join(yaml + [""] + body).encode("utf-8")
+    try:
+        save_atomic(os.path.join(folder, "README.md"), lambda f: f.write(card))
+    except OSError:  # the card stays as it was: so do its rows
+        try:
+            if earlier is None:
+                os.remove(results_path)
+            else:
+                save_atomic(results_path, lambda f: f.write(earlier))
+        except OSError:
+            pass
+        raise

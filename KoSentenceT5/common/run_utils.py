@@ -22,6 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
 from .decontaminate import MODES as DECONTAMINATE_MODES, guard
 from .encoding import encode_tokenized
+from .files import check_device, one_line_errors, save_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
@@ -141,6 +142,7 @@ def finish_args(p, args, default_output_dir):
                 if key not in ("device", "num_workers", "resume"):
                     setattr(args, key, value)
         args.output_dir = args.resume
+        check_device(p, args.device)
         return args
     if args.bucket_tokens is None:
         args.bucket_tokens = 512 if args.device == "cpu" else 8192
@@ -154,7 +156,40 @@ def finish_args(p, args, default_output_dir):
     for name in ("eval_steps", "save_steps", "logging_steps", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    check_run_args(p, args)
     return args
+
+
+def check_run_args(p, args):
+    """The flag values no run can use, refused with parser.error (one line, exit 2) before anything loads.
+    Shared by every train.py (through finish_args); flags a folder lacks are passed over."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir}: is a file, not a folder")
+    for name in ("lr", "sts_lr", "temperature"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name} {value}: must be a positive number")
+    least = {"max_len": 2, "eval_batch_size": 1, "sts_batch_size": 1, "max_train_samples": 1}
+    for name, bound in least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < bound:
+            p.error(f"--{name} {value}: must be at least {bound}")
+    for name in ("weight_decay", "max_grad_norm", "num_workers", "mini_batch_size", "bucket_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and not value >= 0:
+            p.error(f"--{name} {value}: must not be negative")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        p.error(f"--warmup_ratio {args.warmup_ratio}: must be between 0 and 1")
+    if args.max_steps <= 0:
+        for name in ("epochs", "nli_epochs", "sts_epochs"):
+            value = getattr(args, name, None)
+            if value is not None and value <= 0:
+                p.error(f"--{name} {value} with no --max_steps: nothing would be trained (give a positive "
+                        f"--{name} or --max_steps)")
+    if hasattr(args, "temperature") and args.batch_size < 2:  # contrastive (InfoNCE) training
+        p.error(f"--batch_size {args.batch_size}: contrastive training needs at least 2 examples per batch (with "
+                f"one, the InfoNCE loss is exactly 0 and nothing trains)")
+    check_device(p, args.device)
 
 
 # --- the output folder ------------------------------------------------------------------------------
@@ -245,6 +280,16 @@ def write_error(error):
     return None
 
 
+def write_failed_message(path, failed, kept="nothing was lost"):
+    """The one line of a failed write of ``path`` (a file or folder in an output folder): what, why, and how
+    to continue (--resume when the folder has a checkpoint, else run again)."""
+    reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
+    out = os.path.dirname(path) or "."
+    then = (f"continue with --resume {out}" if os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
+            else "run it again")
+    return f"error: could not write {path}: {reason}; {kept}. Free some space, then {then}"
+
+
 def save_atomically(save, final_dir):
     """save(tmp_dir), then swap it into place, so a kill never leaves a half-written final_dir (see
     recover_interrupted_save). A save that fails (a full disk, say) leaves final_dir as it was and stops
@@ -259,11 +304,7 @@ def save_atomically(save, final_dir):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous {os.path.basename(final_dir)} is intact" if os.path.isdir(final_dir) else "nothing was lost"
-        reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
-        out = os.path.dirname(final_dir) or "."
-        then = (f"continue with --resume {out}" if os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
-                else "run it again")
-        raise SystemExit(f"error: could not write {final_dir}: {reason}; {kept}. Free some space, then {then}") from None
+        raise SystemExit(write_failed_message(final_dir, failed, kept)) from None
     if os.path.isdir(final_dir):
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
@@ -370,15 +411,41 @@ def restore_rng(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def read_log(path):
+    """The entries of a train_log.jsonl. Its last line is dropped when torn (no newline, or not JSON): a
+    kill, a power loss or a full disk in the middle of an append leaves one. A bad line before the last is
+    an error naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    entries, last = [], len(lines) - 1  # after the final newline: b"" for a whole log, a torn tail otherwise
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if number >= last:  # the last line, or the only one after it: a torn append
+                break
+            raise SystemExit(f"error: {path}:{number}: not a log entry (the file was edited or damaged); "
+                             f"restore it or delete the line, then --resume again") from None
+        if number > last:  # a whole entry without its newline: still torn (the write may have stopped there)
+            break
+        entries.append((line.decode("utf-8") + "\n", entry))
+    return entries
+
+
 def truncate_log(path, stages, stage, step):
-    """Drop the log lines written after the checkpoint (``stage``, ``step``) a resumed run restarts from."""
+    """Drop the log lines written after the checkpoint (``stage``, ``step``) a resumed run restarts from,
+    and a torn last line (read_log); rewritten atomically."""
     if os.path.exists(path):
         position = (stages.index(stage), step)
-        with open(path) as f:
-            entries = [(line, json.loads(line)) for line in f]
-        kept = [line for line, e in entries if (stages.index(e["stage"]), e["step"]) <= position]
-        with open(path, "w") as f:
-            f.writelines(kept)
+        kept = [line for line, e in read_log(path) if (stages.index(e["stage"]), e["step"]) <= position]
+        try:
+            save_atomic(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        except OSError as e:
+            raise SystemExit(write_failed_message(path, e, "the log is as it was")) from None
 
 
 # --- distributed, optimizer, logging ----------------------------------------------------------------
@@ -505,14 +572,22 @@ class RunLog:
 
     def record(self, entry):
         if self.main:
-            if self.file is None:  # opened on first use: the output folder is prepared by then
-                self.file = open(self.path, "a")
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
+            try:
+                if self.file is None:  # opened on first use: the output folder is prepared by then
+                    self.file = open(self.path, "a")
+                self.file.write(json.dumps(entry) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: the torn line this may leave is dropped by --resume (read_log)
+                raise SystemExit(write_failed_message(self.path, e)) from None
+
 
     def close(self):
         if self.file is not None:
-            self.file.close()
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError:  # its last write already failed (and said so)
+                pass
 
 
 class LossWindow:
@@ -636,11 +711,9 @@ def best_score_text(score):
 
 
 def exit_on_data_error(run, error_type):
-    """Call ``run()``; a bad input file (``error_type``) ends the program with its one-line message."""
-    try:
-        return run()
-    except error_type as e:
-        sys.exit(f"error: {e}")
+    """Call ``run()``; a bad input file (``error_type``) ends the program with its one-line message, any
+    other exception with one line and its traceback in a file (files.one_line_errors)."""
+    return one_line_errors(run, error_type)
 
 
 # --- one run: its process state, the best model of a stage ---------------------------------------------

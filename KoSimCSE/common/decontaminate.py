@@ -79,12 +79,11 @@ def sentences(path, kind):
 def file_kind(path):
     """sts, nli or text, from the file itself: a TSV/CSV header naming ``score`` or ``gold_label``, a JSON
     list whose items have ``labels`` (KLUE-STS) or ``gold_label`` (KLUE-NLI); anything else is text."""
+    with open(path, "rb") as f:  # bad bytes are the readers' to report, with their line
+        head = f.read(4096).decode("utf-8", errors="replace")
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096)
         return "nli" if '"gold_label"' in head else "sts" if '"labels"' in head else "text"
-    with open(path, encoding="utf-8-sig") as f:
-        header = f.readline()
+    header = head.lstrip("\ufeff").split("\n", 1)[0]
     if "gold_label" in header:
         return "nli"
     return "sts" if "score" in header or "label" in header and path.endswith(".csv") else "text"

@@ -1,6 +1,9 @@
 """Writing files so that a reader, or a killed process, sees the old file or the whole new one."""
 import json
 import os
+import sys
+import tempfile
+import traceback
 
 from .data import DataError
 
@@ -15,13 +18,21 @@ def fsync_dir(path):
 
 def save_atomic(path, write):
     """Write ``path`` via ``write(binary file)`` into ``path.tmp``, fsync it, then os.replace it over
-    ``path``: a reader (or a killed build) sees the old file or the whole new one, never a part."""
+    ``path``: a reader (or a killed build) sees the old file or the whole new one, never a part. A failed
+    write (OSError) removes the .tmp and is raised; ``path`` is untouched."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a read-only folder, a kill: the old file stays, no .tmp is left
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -35,3 +46,38 @@ def require_file(path):
         raise DataError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: file is empty")
+
+
+def one_line_errors(run, error_type=DataError):
+    """``run()``, with every error as one line: a bad input (``error_type``) as ``error: <its message>``, any
+    other exception as ``error: <type>: <message> (full trace in <file>)`` with the traceback written to a
+    temporary file; exit status 1. SystemExit and KeyboardInterrupt pass as they are."""
+    try:
+        return run()
+    except error_type as e:
+        sys.exit(f"error: {' '.join(str(e).split())}")
+    except Exception as e:
+        message = " ".join(str(e).split()) or "(no message)"
+        try:
+            with tempfile.NamedTemporaryFile("w", prefix="kosent-error-", suffix=".log", delete=False) as f:
+                traceback.print_exc(file=f)
+            where = f"full trace in {f.name}"
+        except OSError as log_error:
+            where = f"no trace written: {log_error.strerror or log_error}"
+        sys.exit(f"error: {type(e).__name__}: {message} ({where})")
+
+
+def check_device(parser, device):
+    """parser.error unless ``device`` (--device) names a device this machine has: cpu, cuda, cuda:N, mps."""
+    import torch
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {device}: not a device name (cpu, cuda, cuda:N)")
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif kind.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        parser.error(f"--device {device}: MPS is not available on this machine")
