@@ -215,9 +215,9 @@ def evaluate_retrieval(encoder, tokenizer, corpus, queries, qrels, max_len, batc
     doc_ids, query_ids = list(corpus), list(queries)
     passage_stats, query_stats = {}, {}
     passage_emb = encode(encoder, tokenizer, [passage_prefix + corpus[d] for d in doc_ids], max_len, batch_size,
-                         device, stats=passage_stats)
+                         device, desc="encode passages", stats=passage_stats)
     query_emb = encode(encoder, tokenizer, [query_prefix + queries[q] for q in query_ids], max_len, batch_size,
-                       device, stats=query_stats)
+                       device, desc="encode queries", stats=query_stats)
     scores, ids = exact_search(query_emb, passage_emb, top_k)
     metrics = compute_metrics(qrels, scores_to_run(scores, ids, doc_ids, query_ids))
     info = {"n_docs": len(doc_ids), "n_queries": len(query_ids), "max_len": int(max_len),
