@@ -15,6 +15,11 @@
                   index_meta.json. Chunks are saved atomically, so a killed build resumes where it
                   stopped. Queries searched against the index must use the model, pooling, max_len
                   and prefixes it was built with, or are refused.
+  --task retrieval  MTEB-style retrieval on --dataset korquad-dev (SQuADKorV1Retrieval), autorag
+                  (AutoRAGRetrieval) or a BEIR-layout folder: passages (--passage_prefix) and queries
+                  (--query_prefix) at the model's max length, exact cosine top 100 (faiss IndexFlatIP),
+                  nDCG@10 (main), MRR@10, MAP@10, Recall@1/5/10/100 from pytrec_eval; --output_json rows,
+                  --mteb_dir one <Task>.json per dataset in MTEB's result layout.
   --task cluster  seeded KMeans over sentence embeddings, printed as in the KoSBERT example, plus a
                   2-D PNG of the sentences coloured by cluster.
 
@@ -42,9 +47,12 @@ from common.folder import FolderEncoder
 from common.index import INDEX_DEFAULTS, INDEX_FILES, build_index, check_index_recipe, index_search, load_index
 from common.model_card import write_model_card
 from common.search import EXAMPLE_CORPUS, EXAMPLE_QUERIES, cluster, plot_clusters, print_search_results, semantic_search
+from common.retrieval import (evaluate_retrieval, format_retrieval_table, is_retrieval_dataset, load_retrieval,
+                              mteb_result)
 from common.sts import evaluate_sts, format_table
 
-TASKS = ("sts", "search", "index", "cluster")
+TASKS = ("sts", "search", "index", "cluster", "retrieval")
+RETRIEVAL_DEFAULT = ["autorag", "korquad-dev"]
 
 
 def parse_args(argv=None):
@@ -56,9 +64,10 @@ def parse_args(argv=None):
                         "answer from that index, else stream --corpus_file; several run in order on one loaded "
                         "model (default: sts)")
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="folder with KorSTS/, KLUE-STS/ (default: %(default)s)")
-    p.add_argument("--dataset", nargs="+", default=["korsts-test"],
-                   help="korsts-test, korsts-dev, klue-sts-dev, or a path to a KorSTS-style TSV / KLUE-STS "
-                        "CSV or JSON; several may be given (default: korsts-test)")
+    p.add_argument("--dataset", nargs="+", default=None,
+                   help="sts: korsts-test, korsts-dev, klue-sts-dev, or a path to a KorSTS-style TSV / KLUE-STS "
+                        "CSV or JSON (default: korsts-test); retrieval: korquad-dev, autorag or a BEIR-layout folder "
+                        "(default: autorag korquad-dev); several may be given, each goes to the task it belongs to")
     p.add_argument("--protocol", nargs="+", choices=("standard", "bmk"), default=["standard"],
                    help="standard: correlations over the whole set; bmk: BM-K's per-batch average over "
                         "shuffled batches of --batch_size pairs (default: standard)")
@@ -77,7 +86,9 @@ def parse_args(argv=None):
                    help="text put before every corpus sentence of search and index (e5: 'passage: '; default: "
                         "none, or the index's with --index_dir)")
     p.add_argument("--prefix", help=argparse.SUPPRESS)  # replaced by the two above: refused with a pointer
-    p.add_argument("--output_json", default=None, help="write the result rows here (sts task)")
+    p.add_argument("--output_json", default=None, help="write the result rows here (sts and retrieval tasks)")
+    p.add_argument("--mteb_dir", default=None, help="retrieval: write one <Task>.json per dataset here, in MTEB's "
+                   "result layout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--corpus_file", default=None, help="search: one sentence per line (default: the README example corpus)")
     p.add_argument("--queries", nargs="+", default=None, help="search: query sentences (default: the README examples)")
@@ -119,6 +130,14 @@ def parse_args(argv=None):
         p.error("--task index needs --corpus_file and --index_dir")
     if "index" in args.task and "search" in args.task:
         p.error("--task index and search: build the index first, then search it with --task search --index_dir")
+    names = args.dataset or []
+    args.retrieval_datasets = [n for n in names if is_retrieval_dataset(n, args.data_dir)] or RETRIEVAL_DEFAULT
+    args.sts_datasets = [n for n in names if not is_retrieval_dataset(n, args.data_dir)] or (
+        ["korsts-test"] if not names else [])
+    if "sts" in args.task and not args.sts_datasets:
+        p.error("--task sts: --dataset names no STS set (korquad-dev, autorag and BEIR folders are retrieval sets)")
+    if "retrieval" in args.task and args.index_dir:
+        p.error("--task retrieval searches exactly over its own corpus; --index_dir is not used there")
     if "search" in args.task and args.index_dir and args.corpus_file:
         p.error("--task search: give --index_dir (the index knows its corpus) or --corpus_file, not both")
     return args
@@ -128,7 +147,7 @@ def run_sts(args, encoder, max_len):
     """The 8 metrics of every --dataset under every --protocol: printed, written to --output_json, and
     merged into the model card of one of our training runs."""
     rows = []
-    for name in args.dataset:
+    for name in args.sts_datasets:
         prefix = args.query_prefix or ""
         pairs = [(prefix + a, prefix + b, s) for a, b, s in read_sts(resolve_path(name, args.data_dir))]
         stats = {}
@@ -142,19 +161,32 @@ def run_sts(args, encoder, max_len):
                          "seed": args.seed if protocol == "bmk" else None, "max_len": max_len,
                          "n_truncated": stats["truncated"], "prefix": prefix, "metrics": metrics})
     print(format_table(rows))
-    if args.output_json:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            save_json_atomic(args.output_json, rows)  # a failed write leaves an earlier file whole
-        except OSError as e:
-            sys.exit(f"error: could not write --output_json {args.output_json}: {e.strerror or e}; the results are "
-                     f"printed above and any earlier file there is unchanged")
     if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not args.query_prefix:
         try:
             write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
         except OSError as e:  # a read-only or full model folder: the metrics above stand, the card stays as it was
             print(f"warning: could not update the model card of {args.model_dir} (README.md, eval_results.json): "
                   f"{e.strerror or e}; both are unchanged", file=sys.stderr)
+    return rows
+
+
+def run_retrieval(args, encoder, max_len, datasets):
+    """nDCG@10, MRR@10, MAP@10, Recall@k of every retrieval dataset (name: load_retrieval's tuple): printed,
+    returned as rows, and written to --mteb_dir in MTEB's result layout."""
+    rows = []
+    query_prefix, passage_prefix = args.query_prefix or "", args.passage_prefix or ""
+    for name, (task, revision, corpus, queries, qrels) in datasets.items():
+        print(f"{name} ({task}):", end=" ")
+        metrics, info = evaluate_retrieval(encoder, encoder.tokenizer, corpus, queries, qrels, max_len,
+                                           args.batch_size, args.device, query_prefix, passage_prefix)
+        rows.append({"model": args.model_dir.rstrip("/"), "task": "retrieval", "dataset": name, "mteb_task": task,
+                     "query_prefix": query_prefix, "passage_prefix": passage_prefix, **info, "metrics": metrics})
+        if args.mteb_dir:
+            os.makedirs(args.mteb_dir, exist_ok=True)
+            save_json_atomic(os.path.join(args.mteb_dir, f"{task}.json"),
+                             mteb_result(task, metrics, info["evaluation_time"], revision))
+    print(format_retrieval_table(rows))
+    return rows
 
 
 def run_index(args, encoder, max_len):
@@ -208,15 +240,25 @@ def main(argv=None):
         require_file(args.corpus_file)
     elif "search" in args.task and args.index_dir:
         index = load_index(args.index_dir, nprobe=args.nprobe, ef_search=args.ef_search)
+    retrieval = ({name: load_retrieval(name, args.data_dir) for name in args.retrieval_datasets}
+                 if "retrieval" in args.task else {})
     try:
         encoder = FolderEncoder(args.model_dir, pooling=args.pooling).to(args.device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
-            "cluster": run_cluster}
+            "cluster": run_cluster, "retrieval": functools.partial(run_retrieval, datasets=retrieval)}
+    rows = []
     for task in dict.fromkeys(args.task):  # in the order given, each once
-        runs[task](args, encoder, max_len)
+        rows += runs[task](args, encoder, max_len) or []
+    if args.output_json and ("sts" in args.task or "retrieval" in args.task):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            save_json_atomic(args.output_json, rows)  # a failed write leaves an earlier file whole
+        except OSError as e:
+            sys.exit(f"error: could not write --output_json {args.output_json}: {e.strerror or e}; the results are "
+                     f"printed above and any earlier file there is unchanged")
 
 
 if __name__ == "__main__":
