@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from dataloader import (BatchPlan, ColumnCollator, DataError, build_diffcse_dataset, mask_tokens, masking_vocabulary,
                         resolve_path)
-from model import (PROJECTIONS, DiffCSE, check_generator, contrastive_loss, diffcse_loss, gather_columns,
-                   replaced_token_accuracy, replaced_token_loss)
+from model import (HARDNESS_MODES, INFONCE_DIRECTIONS, PROJECTIONS, DiffCSE, check_generator, contrastive_loss,
+                   diffcse_loss, gather_columns, replaced_token_accuracy, replaced_token_loss)
 from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
                        barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
                        load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed, stage_batches,
@@ -57,7 +57,7 @@ def training_step(model, source, batch, args, world):
         mlm_input_ids, _ = mask_tokens(input_ids, attention_mask, diffcse.vocabulary, args.masking_ratio)
     out = model(input_ids, attention_mask, mlm_input_ids)
     # Under DDP gather_columns gives the global batch, only this process's rows differentiable.
-    contrastive = contrastive_loss(gather_columns(out.embeddings, 2), 2, args.temperature)
+    contrastive = contrastive_loss(gather_columns(out.embeddings, 2), 2, args.temperature, **infonce_options(args))
     rtd = replaced_token_loss(out.rtd_logits, out.replaced, attention_mask)
     to_backpropagate, loss = diffcse_loss(contrastive, rtd, args.lambda_weight, world)
     return to_backpropagate, {"loss": loss.detach(), "contrastive_loss": contrastive.detach(), "rtd_loss": rtd.detach(),
@@ -183,6 +183,73 @@ def train(args):
 
 # --- flags ----------------------------------------------------------------------------------------------
 
+# Copied from KoSimCSE/train.py:OBJECTIVE_DEFAULTS
+OBJECTIVE_DEFAULTS = {"sts_loss": "cosine", "hardness_mode": None, "hardness_strength": 0.0,
+                      "infonce_directions": ["query_to_doc"], "infonce_partition": "joint", "matryoshka_dims": [],
+                      "matryoshka_weights": None}
+
+
+# Copied from KoSimCSE/train.py:objective_option
+def objective_option(args, name):
+    return getattr(args, name, OBJECTIVE_DEFAULTS[name])
+
+
+# Copied from KoSimCSE/train.py:infonce_options
+def infonce_options(args):
+    """contrastive_loss's keyword options from the flags (their defaults: plain InfoNCE)."""
+    return {"hardness_mode": objective_option(args, "hardness_mode"),
+            "hardness_strength": objective_option(args, "hardness_strength"),
+            "directions": tuple(objective_option(args, "infonce_directions")),
+            "partition": objective_option(args, "infonce_partition")}
+
+
+# Copied from KoSimCSE/train.py:add_objective_args
+def add_objective_args(p, sts=True, infonce=True, matryoshka=True):
+    """The flags of the newer objectives (sentence-transformers' semantics; the defaults keep every preset as
+    published): --sts_loss where an STS regression objective exists, the InfoNCE options where InfoNCE is
+    used, --matryoshka_dims / --matryoshka_weights where the loss is on the saved embedding."""
+    d = OBJECTIVE_DEFAULTS
+    if sts:
+        p.add_argument("--sts_loss", choices=tuple(STS_LOSSES), default=d["sts_loss"],
+                       help="STS objective: cosine (SBERT's MSE of cos vs score/5), cosent (CoSENTLoss) or angle "
+                            "(AnglELoss), both ranking every pair of the batch against every other, scale 20")
+    if infonce:
+        p.add_argument("--hardness_mode", choices=HARDNESS_MODES, default=d["hardness_mode"],
+                       help="InfoNCE hardness weighting (MultipleNegativesRankingLoss): add hardness_strength * "
+                            "cos (no gradient) to the logits of in_batch_negatives, hard_negatives or all_negatives")
+        p.add_argument("--hardness_strength", type=float, default=d["hardness_strength"],
+                       help="alpha of --hardness_mode (Lan et al. use 9 for in-batch, EmbeddingGemma 5 for hard)")
+        p.add_argument("--infonce_directions", nargs="+", choices=INFONCE_DIRECTIONS, default=d["infonce_directions"],
+                       help="InfoNCE terms: query_to_doc (always) plus doc_to_query (bidirectional), query_to_query, "
+                            "doc_to_doc (all four, joint: GTE's)")
+        p.add_argument("--infonce_partition", choices=("joint", "per_direction"), default=d["infonce_partition"],
+                       help="one softmax over all --infonce_directions (joint) or one per direction, averaged")
+    if matryoshka:
+        p.add_argument("--matryoshka_dims", nargs="*", type=int, default=d["matryoshka_dims"],
+                       help="Matryoshka: the loss summed over these truncated, re-normalised dimensions (e.g. "
+                            "768 512 256 128 64; include the full one); recorded in the saved folder; empty = off")
+        p.add_argument("--matryoshka_weights", nargs="+", type=float, default=d["matryoshka_weights"],
+                       help="one weight per --matryoshka_dims (default 1 each)")
+
+
+# Copied from KoSimCSE/train.py:check_objective_args
+def check_objective_args(p, args):
+    """The combinations the objective flags refuse (sentence-transformers refuses the same)."""
+    directions = objective_option(args, "infonce_directions")
+    if "query_to_doc" not in directions:
+        p.error("--infonce_directions must include query_to_doc (it holds the positive pair)")
+    if objective_option(args, "infonce_partition") == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        p.error("--infonce_partition per_direction cannot take query_to_query or doc_to_doc (their softmax has no "
+                "positive); use joint")
+    if objective_option(args, "hardness_strength") < 0:
+        p.error("--hardness_strength must be non-negative")
+    dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
+    if any(dim <= 0 for dim in dims):
+        p.error("--matryoshka_dims must be positive")
+    if weights is not None and len(weights) != len(dims):
+        p.error(f"--matryoshka_weights takes one weight per --matryoshka_dims ({len(dims)})")
+
+
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="klue/roberta-base",
@@ -210,8 +277,11 @@ def parse_args(argv=None):
                    help="run the generator in eval mode, no dropout (default: train mode, dropout on, as DiffCSE "
                         "and BM-K run it)")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
+    add_objective_args(p, sts=False, matryoshka=False)  # the sentence vectors are a training-only projection's
     add_run_args(p, batch_size=256, epochs=1, lr=5e-5, max_len=64, warmup_ratio=0.05)
-    args = finish_args(p, p.parse_args(argv), "kodiffcse")
+    args = p.parse_args(argv)
+    check_objective_args(p, args)
+    args = finish_args(p, args, "kodiffcse")
     if not 0.0 <= args.masking_ratio <= 1.0:
         p.error(f"--masking_ratio {args.masking_ratio} is not a share between 0 and 1")
     return args

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataloader import BatchPlan, DataError, PairCollator, PairDataset, load_nli_pairs, load_sts_pairs, resolve_path
-from model import POOLERS, PairObjective, SentenceEncoder, SoftmaxClassifier
+from model import BATCH_STS_LOSSES, POOLERS, STS_LOSSES, PairObjective, SentenceEncoder, SoftmaxClassifier
 from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
                        barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
                        load_or_exit, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed,
@@ -50,10 +50,13 @@ def training_step(model, source, batch, args, world):
     """One batch of ``source`` ("nli" or "sts") -> (loss to backpropagate, {name: value to log}).
 
     The batch holds B pairs as one (2B, L) tensor (first sentences, then second ones; see PairCollator)
-    plus ``labels``; PairObjective encodes them in one call and applies that source's loss. The losses are
-    means over the local pairs, so DDP's gradient average is already the global batch's gradient."""
+    plus ``labels``; PairObjective encodes them in one call and applies that source's loss. softmax and cosine
+    regression are means over the local pairs, so DDP's gradient average is already the global batch's
+    gradient; --sts_loss cosent / angle are over the gathered global batch, so they are multiplied by the
+    world size (as SimCSE's InfoNCE is)."""
     loss = model(source, **batch)
-    return loss, {"loss": loss}
+    spans_ranks = source == "sts" and getattr(model, "module", model).sts_loss in BATCH_STS_LOSSES
+    return loss * world if spans_ranks else loss, {"loss": loss}
 
 
 def stages(args):
@@ -89,10 +92,13 @@ def build_source(name, args, tokenizer, rank, world, log):
 def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): the SentenceEncoder, and PairObjective holding it
     with a new NLI classifier in the stages that train on NLI."""
+    dims = objective_option(args, "matryoshka_dims")
     encoder = load_or_exit(lambda p: SentenceEncoder.from_pretrained(
-        p, pooler=args.pooler, bucket_tokens=args.bucket_tokens, mini_batch_size=args.mini_batch_size), path)
+        p, pooler=args.pooler, bucket_tokens=args.bucket_tokens, mini_batch_size=args.mini_batch_size,
+        matryoshka_dims=dims), path)
     classifier = SoftmaxClassifier(encoder.dim, num_labels=3) if stage != "sts" else None
-    return encoder, PairObjective(encoder, classifier)
+    return encoder, PairObjective(encoder, classifier, objective_option(args, "sts_loss"), dims,
+                                  objective_option(args, "matryoshka_weights"))
 
 
 # --- the loop (the same code in every method folder) ---------------------------------------------------
@@ -185,6 +191,64 @@ def train(args):
 
 # --- flags ----------------------------------------------------------------------------------------------
 
+# Copied from KoSimCSE/train.py:OBJECTIVE_DEFAULTS
+OBJECTIVE_DEFAULTS = {"sts_loss": "cosine", "hardness_mode": None, "hardness_strength": 0.0,
+                      "infonce_directions": ["query_to_doc"], "infonce_partition": "joint", "matryoshka_dims": [],
+                      "matryoshka_weights": None}
+
+
+# Copied from KoSimCSE/train.py:objective_option
+def objective_option(args, name):
+    return getattr(args, name, OBJECTIVE_DEFAULTS[name])
+
+
+# Copied from KoSimCSE/train.py:add_objective_args
+def add_objective_args(p, sts=True, infonce=True, matryoshka=True):
+    """The flags of the newer objectives (sentence-transformers' semantics; the defaults keep every preset as
+    published): --sts_loss where an STS regression objective exists, the InfoNCE options where InfoNCE is
+    used, --matryoshka_dims / --matryoshka_weights where the loss is on the saved embedding."""
+    d = OBJECTIVE_DEFAULTS
+    if sts:
+        p.add_argument("--sts_loss", choices=tuple(STS_LOSSES), default=d["sts_loss"],
+                       help="STS objective: cosine (SBERT's MSE of cos vs score/5), cosent (CoSENTLoss) or angle "
+                            "(AnglELoss), both ranking every pair of the batch against every other, scale 20")
+    if infonce:
+        p.add_argument("--hardness_mode", choices=HARDNESS_MODES, default=d["hardness_mode"],
+                       help="InfoNCE hardness weighting (MultipleNegativesRankingLoss): add hardness_strength * "
+                            "cos (no gradient) to the logits of in_batch_negatives, hard_negatives or all_negatives")
+        p.add_argument("--hardness_strength", type=float, default=d["hardness_strength"],
+                       help="alpha of --hardness_mode (Lan et al. use 9 for in-batch, EmbeddingGemma 5 for hard)")
+        p.add_argument("--infonce_directions", nargs="+", choices=INFONCE_DIRECTIONS, default=d["infonce_directions"],
+                       help="InfoNCE terms: query_to_doc (always) plus doc_to_query (bidirectional), query_to_query, "
+                            "doc_to_doc (all four, joint: GTE's)")
+        p.add_argument("--infonce_partition", choices=("joint", "per_direction"), default=d["infonce_partition"],
+                       help="one softmax over all --infonce_directions (joint) or one per direction, averaged")
+    if matryoshka:
+        p.add_argument("--matryoshka_dims", nargs="*", type=int, default=d["matryoshka_dims"],
+                       help="Matryoshka: the loss summed over these truncated, re-normalised dimensions (e.g. "
+                            "768 512 256 128 64; include the full one); recorded in the saved folder; empty = off")
+        p.add_argument("--matryoshka_weights", nargs="+", type=float, default=d["matryoshka_weights"],
+                       help="one weight per --matryoshka_dims (default 1 each)")
+
+
+# Copied from KoSimCSE/train.py:check_objective_args
+def check_objective_args(p, args):
+    """The combinations the objective flags refuse (sentence-transformers refuses the same)."""
+    directions = objective_option(args, "infonce_directions")
+    if "query_to_doc" not in directions:
+        p.error("--infonce_directions must include query_to_doc (it holds the positive pair)")
+    if objective_option(args, "infonce_partition") == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        p.error("--infonce_partition per_direction cannot take query_to_query or doc_to_doc (their softmax has no "
+                "positive); use joint")
+    if objective_option(args, "hardness_strength") < 0:
+        p.error("--hardness_strength must be non-negative")
+    dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
+    if any(dim <= 0 for dim in dims):
+        p.error("--matryoshka_dims must be positive")
+    if weights is not None and len(weights) != len(dims):
+        p.error(f"--matryoshka_weights takes one weight per --matryoshka_dims ({len(dims)})")
+
+
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="klue/bert-base", help="Hugging Face model id or local folder")
@@ -201,6 +265,7 @@ def parse_args(argv=None):
                         "in backward (same loss and gradients; activation memory of N sentences); 0 = off")
     p.add_argument("--nli_epochs", type=int, default=1, help="epochs of --mode nli and of the nli_sts NLI stage")
     p.add_argument("--sts_epochs", type=int, default=4, help="epochs of --mode sts and of the nli_sts STS stage")
+    add_objective_args(p, infonce=False)
     add_run_args(p, batch_size=32, lr=2e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0, max_len=128,
                  eval_steps=1000, eval_each_epoch=True)
     p.set_defaults(epochs=1)
@@ -213,6 +278,10 @@ def parse_args(argv=None):
         else:
             p.error("--train_file takes NLI files with --mode nli or one STS file with --mode sts; "
                     "use --nli_file / --sts_file for nli_sts and multitask")
+    check_objective_args(p, args)
+    if args.matryoshka_dims and args.mode == "nli":
+        p.error("--matryoshka_dims wraps the STS objective; the NLI softmax classifier reads [u, v, |u - v|] at the "
+                "full dimension (use --mode sts, nli_sts or multitask)")
     return finish_args(p, args, f"kosbert-{args.mode}")
 
 

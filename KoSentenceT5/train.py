@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from dataloader import (BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, build_contrastive_dataset,
                         load_sts_pairs, resolve_path)
-from model import ARCHS, SentenceT5, contrastive_loss, cosine_regression_loss, gather_columns
+from model import (ARCHS, BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, STS_LOSSES, SentenceT5,
+                   contrastive_loss, gather_columns, matryoshka_loss, sts_objective)
 from run_utils import (METHOD, BestModel, LossWindow, PresetParser, Run, Source, Stage, add_run_args, autocast_dtype,
                        barrier, best_score_text, describe_stage, exit_on_data_error, finish_args, interleave,
                        load_or_exit, load_training_tokenizer, nonfinite_loss_exit, parse_with_mode_preset,
@@ -49,13 +50,18 @@ def training_step(model, source, batch, args, world):
     (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
     twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
     sts (multitask, sup_sts): B KorSTS pairs as a (2B, L) tensor plus ``labels`` = score / 5 (PairCollator),
-    for SBERT's cosine regression."""
+    for --sts_loss (SBERT's cosine regression by default; see sts_objective). With --matryoshka_dims both
+    losses are summed over the truncated dimensions (matryoshka_loss)."""
+    dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
     if source == "sts":
-        loss = cosine_regression_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        return loss, {"loss": loss}  # a mean over the local pairs: DDP's average is the global gradient
+        kind = objective_option(args, "sts_loss")
+        loss = sts_objective(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], kind, dims, weights)
+        # cosine: a mean over the local pairs, DDP's average is the global gradient; cosent / angle: gathered
+        return loss * world if kind in BATCH_STS_LOSSES else loss, {"loss": loss}
     k = COLUMNS[source]
     embeddings = gather_columns(model(**batch), k)  # under DDP: the global batch, only local rows differentiable
-    loss = contrastive_loss(embeddings, k, args.temperature)
+    loss = matryoshka_loss(lambda e: contrastive_loss(e, k, args.temperature, **infonce_options(args)), embeddings,
+                           dims, weights)
     return loss * world, {"loss": loss}  # x world: DDP averages gradients, the loss already spans all ranks
 
 
@@ -93,7 +99,9 @@ def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): here both are the SentenceT5."""
     encoder = load_or_exit(lambda p: SentenceT5.from_pretrained(p, arch=args.arch, st5_head=args.st5_head,
                                                                 bucket_tokens=args.bucket_tokens,
-                                                                mini_batch_size=args.mini_batch_size), path)
+                                                                mini_batch_size=args.mini_batch_size,
+                                                                matryoshka_dims=objective_option(args, "matryoshka_dims")),
+                           path)
     return encoder, encoder
 
 
@@ -187,6 +195,73 @@ def train(args):
 
 # --- flags ----------------------------------------------------------------------------------------------
 
+# Copied from KoSimCSE/train.py:OBJECTIVE_DEFAULTS
+OBJECTIVE_DEFAULTS = {"sts_loss": "cosine", "hardness_mode": None, "hardness_strength": 0.0,
+                      "infonce_directions": ["query_to_doc"], "infonce_partition": "joint", "matryoshka_dims": [],
+                      "matryoshka_weights": None}
+
+
+# Copied from KoSimCSE/train.py:objective_option
+def objective_option(args, name):
+    return getattr(args, name, OBJECTIVE_DEFAULTS[name])
+
+
+# Copied from KoSimCSE/train.py:infonce_options
+def infonce_options(args):
+    """contrastive_loss's keyword options from the flags (their defaults: plain InfoNCE)."""
+    return {"hardness_mode": objective_option(args, "hardness_mode"),
+            "hardness_strength": objective_option(args, "hardness_strength"),
+            "directions": tuple(objective_option(args, "infonce_directions")),
+            "partition": objective_option(args, "infonce_partition")}
+
+
+# Copied from KoSimCSE/train.py:add_objective_args
+def add_objective_args(p, sts=True, infonce=True, matryoshka=True):
+    """The flags of the newer objectives (sentence-transformers' semantics; the defaults keep every preset as
+    published): --sts_loss where an STS regression objective exists, the InfoNCE options where InfoNCE is
+    used, --matryoshka_dims / --matryoshka_weights where the loss is on the saved embedding."""
+    d = OBJECTIVE_DEFAULTS
+    if sts:
+        p.add_argument("--sts_loss", choices=tuple(STS_LOSSES), default=d["sts_loss"],
+                       help="STS objective: cosine (SBERT's MSE of cos vs score/5), cosent (CoSENTLoss) or angle "
+                            "(AnglELoss), both ranking every pair of the batch against every other, scale 20")
+    if infonce:
+        p.add_argument("--hardness_mode", choices=HARDNESS_MODES, default=d["hardness_mode"],
+                       help="InfoNCE hardness weighting (MultipleNegativesRankingLoss): add hardness_strength * "
+                            "cos (no gradient) to the logits of in_batch_negatives, hard_negatives or all_negatives")
+        p.add_argument("--hardness_strength", type=float, default=d["hardness_strength"],
+                       help="alpha of --hardness_mode (Lan et al. use 9 for in-batch, EmbeddingGemma 5 for hard)")
+        p.add_argument("--infonce_directions", nargs="+", choices=INFONCE_DIRECTIONS, default=d["infonce_directions"],
+                       help="InfoNCE terms: query_to_doc (always) plus doc_to_query (bidirectional), query_to_query, "
+                            "doc_to_doc (all four, joint: GTE's)")
+        p.add_argument("--infonce_partition", choices=("joint", "per_direction"), default=d["infonce_partition"],
+                       help="one softmax over all --infonce_directions (joint) or one per direction, averaged")
+    if matryoshka:
+        p.add_argument("--matryoshka_dims", nargs="*", type=int, default=d["matryoshka_dims"],
+                       help="Matryoshka: the loss summed over these truncated, re-normalised dimensions (e.g. "
+                            "768 512 256 128 64; include the full one); recorded in the saved folder; empty = off")
+        p.add_argument("--matryoshka_weights", nargs="+", type=float, default=d["matryoshka_weights"],
+                       help="one weight per --matryoshka_dims (default 1 each)")
+
+
+# Copied from KoSimCSE/train.py:check_objective_args
+def check_objective_args(p, args):
+    """The combinations the objective flags refuse (sentence-transformers refuses the same)."""
+    directions = objective_option(args, "infonce_directions")
+    if "query_to_doc" not in directions:
+        p.error("--infonce_directions must include query_to_doc (it holds the positive pair)")
+    if objective_option(args, "infonce_partition") == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        p.error("--infonce_partition per_direction cannot take query_to_query or doc_to_doc (their softmax has no "
+                "positive); use joint")
+    if objective_option(args, "hardness_strength") < 0:
+        p.error("--hardness_strength must be non-negative")
+    dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
+    if any(dim <= 0 for dim in dims):
+        p.error("--matryoshka_dims must be positive")
+    if weights is not None and len(weights) != len(dims):
+        p.error(f"--matryoshka_weights takes one weight per --matryoshka_dims ({len(dims)})")
+
+
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="KETI-AIR/ke-t5-base", help="Hugging Face model id or local folder")
@@ -209,8 +284,10 @@ def parse_args(argv=None):
     p.add_argument("--sts_batch_size", type=int, default=8, help="multitask, sup_sts: STS pairs per batch")
     p.add_argument("--sts_epochs", type=int, default=4, help="sup_sts: epochs of the STS stage")
     p.add_argument("--sts_lr", type=float, default=2e-5, help="sup_sts: learning rate of the STS stage")
+    add_objective_args(p)
     add_run_args(p)
     args = parse_with_mode_preset(p, argv, os.path.join(HERE, "presets"), MODE_PRESETS)
+    check_objective_args(p, args)
     return finish_args(p, args, f"kosentencet5-{args.mode}")
 
 
