@@ -13,6 +13,7 @@ The losses are the free functions below: ``contrastive_loss`` (SimCSE's InfoNCE 
 ``replaced_token_loss`` (the head's cross-entropy) and ``diffcse_loss`` (contrastive + lambda * rtd).
 Evaluation and the saved model use the encoder alone, raw [CLS] (``SentenceEncoder``, ``DiffCSE.encoder``).
 """
+import math
 import warnings
 from typing import NamedTuple
 
@@ -28,19 +29,62 @@ PROJECTIONS = ("pooler", "bn_mlp", "mlp")
 
 # --- the losses ------------------------------------------------------------------------------------------
 
+# Copied from KoSimCSE/model.py:INFONCE_DIRECTIONS
+INFONCE_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+# Copied from KoSimCSE/model.py:HARDNESS_MODES
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+
+
 # Copied from KoSimCSE/model.py:contrastive_loss
-def contrastive_loss(embeddings, num_columns, temperature):
+def contrastive_loss(embeddings, num_columns, temperature, hardness_mode=None, hardness_strength=0.0,
+                     directions=("query_to_doc",), partition="joint"):
     """SimCSE's InfoNCE over one batch encoded in a single pass.
 
     ``embeddings`` is (num_columns*B, d): rows [0:B] are anchors, the rest are candidates (the
     positives, then the hard negatives if any). Logits are cos(anchor_i, candidate_j) / temperature,
     shape (B, (num_columns-1)*B), and the target of anchor i is candidate i (its own positive).
-    """
+
+    The keyword options are those of sentence-transformers' MultipleNegativesRankingLoss (scale =
+    1 / temperature), with its semantics; their defaults are the plain InfoNCE above, computed as before.
+      hardness_mode      None, or which negatives get ``hardness_strength * cos`` (the cosine detached, not
+                         divided by the temperature) added to their logit (Lan et al. 2025): in_batch_negatives
+                         (the other examples' positives and hard negatives), hard_negatives (the anchor's own
+                         hard negatives only; EmbeddingGemma), all_negatives (every candidate but the positive).
+      directions         the softmax terms, query_to_doc (always; the one above) plus any of query_to_query
+                         (anchor i vs the other anchors), doc_to_query (positive i vs every anchor: the backward
+                         InfoNCE) and doc_to_doc (positive i vs the candidates of the other examples). Hardness
+                         applies to query_to_doc only.
+      partition          joint: one softmax over all the directions' logits; per_direction: one softmax per
+                         direction, their log-normalisers averaged (not with query_to_query or doc_to_doc).
+    Returns mean over anchors of (log normaliser - positive logit)."""
     batch = embeddings.shape[0] // num_columns
     anchors = F.normalize(embeddings[:batch].float(), dim=-1)
     candidates = F.normalize(embeddings[batch:].float(), dim=-1)
     logits = anchors @ candidates.T / temperature
-    return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+    hard = hardness_mode is not None and hardness_strength > 0
+    if not hard and tuple(directions) == ("query_to_doc",):
+        return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+    rows, cols = torch.arange(batch, device=logits.device), torch.arange(logits.shape[1], device=logits.device)
+    own = cols[None, :] % batch == rows[:, None]  # the anchor's own positive and hard negatives
+    if hard:
+        penalised = {"in_batch_negatives": ~own, "hard_negatives": own & (cols[None, :] >= batch),
+                     "all_negatives": cols[None, :] != rows[:, None]}[hardness_mode]
+        logits = logits + hardness_strength * (anchors @ candidates.T).detach() * penalised
+    positives, terms = candidates[:batch], [logits]
+    if "query_to_query" in directions:
+        terms.append((anchors @ anchors.T / temperature).masked_fill(torch.eye(batch, dtype=torch.bool,
+                                                                                device=logits.device), -math.inf))
+    if "doc_to_query" in directions:
+        terms.append(positives @ anchors.T / temperature)
+    if "doc_to_doc" in directions:
+        terms.append((positives @ candidates.T / temperature).masked_fill(own, -math.inf))
+    if partition == "joint":
+        log_normaliser = torch.logsumexp(torch.cat(terms, dim=1), dim=1)
+    else:
+        log_normaliser = sum(torch.logsumexp(term, dim=1) for term in terms) / len(terms)
+    return (log_normaliser - logits[rows, rows]).mean()
 
 
 RTD_AVERAGES = ("tokens", "bmk", "diffcse")
@@ -223,3 +267,4 @@ class DiffCSE(nn.Module):
             return self.discriminator(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
             hook.remove()
+

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 
 from common.data import BatchPlan, ColumnCollator, DataError, resolve_path
 from common.encoding import gather_columns
+from common.objectives import add_objective_args, check_objective_args, infonce_options
 from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
                               autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
                               interleave, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed,
                               stage_batches, start_stage, wrap_ddp)
 from dataloader import build_diffcse_dataset, check_generator, mask_tokens, masking_vocabulary
-from model import DiffCSE, PROJECTIONS, RTD_AVERAGES, contrastive_loss, diffcse_loss, replaced_token_accuracy, replaced_token_loss
+from model import (DiffCSE, HARDNESS_MODES, INFONCE_DIRECTIONS, PROJECTIONS, RTD_AVERAGES, contrastive_loss,
+                   diffcse_loss, replaced_token_accuracy, replaced_token_loss)
 
 MASKINGS = ("static_sep", "dynamic")
 
@@ -64,7 +66,7 @@ def training_step(model, source, batch, args, world):
         attention_mask = torch.nn.functional.pad(attention_mask, (0, extra), value=0)
     out = model(input_ids, attention_mask, mlm_input_ids)
     # Under DDP gather_columns gives the global batch, only this process's rows differentiable.
-    contrastive = contrastive_loss(gather_columns(out.embeddings, 2), 2, args.temperature)
+    contrastive = contrastive_loss(gather_columns(out.embeddings, 2), 2, args.temperature, **infonce_options(args))
     rtd = replaced_token_loss(out.rtd_logits, out.replaced, attention_mask, average)
     to_backpropagate, loss = diffcse_loss(contrastive, rtd, args.lambda_weight, world)
     return to_backpropagate, {"loss": loss.detach(), "contrastive_loss": contrastive.detach(), "rtd_loss": rtd.detach(),
@@ -197,6 +199,7 @@ def train(args):
 
 # --- flags ----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="klue/roberta-base",
@@ -233,8 +236,11 @@ def parse_args(argv=None):
                    help="run the generator in eval mode, no dropout (default: train mode, dropout on, as DiffCSE "
                         "and BM-K run it)")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
+    add_objective_args(p, hardness_modes=HARDNESS_MODES, directions=INFONCE_DIRECTIONS, matryoshka=False)
     add_run_args(p, batch_size=256, epochs=1, lr=5e-5, max_len=64, warmup_ratio=0.05)
-    args = finish_args(p, p.parse_args(argv), "kodiffcse")
+    args = p.parse_args(argv)
+    check_objective_args(p, args)
+    args = finish_args(p, args, "kodiffcse")
     if not 0.0 <= args.masking_ratio <= 1.0:
         p.error(f"--masking_ratio {args.masking_ratio} is not a share between 0 and 1")
     return args

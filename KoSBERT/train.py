@@ -28,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from common.data import BatchPlan, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.objectives import add_objective_args, check_objective_args, objective_option
 from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
                               autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
                               interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint,
                               set_seed, stage_batches, start_stage, wrap_ddp)
 from dataloader import load_nli_pairs
-from model import POOLERS, PairObjective, SentenceEncoder, SoftmaxClassifier
+from model import BATCH_STS_LOSSES, POOLERS, PairObjective, STS_LOSSES, SentenceEncoder, SoftmaxClassifier
 
 MODES = ("nli", "sts", "nli_sts", "multitask")
 SNLI = "KorNLI/snli_1.0_train.ko.tsv"
@@ -45,10 +46,13 @@ def training_step(model, source, batch, args, world):
     """One batch of ``source`` ("nli" or "sts") -> (loss to backpropagate, {name: value to log}).
 
     The batch holds B pairs as one (2B, L) tensor (first sentences, then second ones; see PairCollator)
-    plus ``labels``; PairObjective encodes them in one call and applies that source's loss. The losses are
-    means over the local pairs, so DDP's gradient average is already the global batch's gradient."""
+    plus ``labels``; PairObjective encodes them in one call and applies that source's loss. softmax and cosine
+    regression are means over the local pairs, so DDP's gradient average is already the global batch's
+    gradient; --sts_loss cosent / angle are over the gathered global batch, so they are multiplied by the
+    world size (as SimCSE's InfoNCE is)."""
     loss = model(source, **batch)
-    return loss, {"loss": loss}
+    spans_ranks = source == "sts" and getattr(model, "module", model).sts_loss in BATCH_STS_LOSSES
+    return loss * world if spans_ranks else loss, {"loss": loss}
 
 
 def stages(args):
@@ -84,10 +88,13 @@ def build_source(name, args, tokenizer, rank, world, log):
 def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): the SentenceEncoder, and PairObjective holding it
     with a new NLI classifier in the stages that train on NLI."""
+    dims = objective_option(args, "matryoshka_dims")
     encoder = load_or_exit(lambda p: SentenceEncoder.from_pretrained(
-        p, pooler=args.pooler, bucket_tokens=args.bucket_tokens, mini_batch_size=args.mini_batch_size), path)
+        p, pooler=args.pooler, bucket_tokens=args.bucket_tokens, mini_batch_size=args.mini_batch_size,
+        matryoshka_dims=dims), path)
     classifier = SoftmaxClassifier(encoder.dim, num_labels=3) if stage != "sts" else None
-    return encoder, PairObjective(encoder, classifier)
+    return encoder, PairObjective(encoder, classifier, objective_option(args, "sts_loss"), dims,
+                                  objective_option(args, "matryoshka_weights"))
 
 
 # --- the loop (the same code in every method folder) ---------------------------------------------------
@@ -186,6 +193,7 @@ def train(args):
 
 # --- flags ----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="klue/bert-base", help="Hugging Face model id or local folder")
@@ -202,6 +210,7 @@ def parse_args(argv=None):
                         "in backward (same loss and gradients; activation memory of N sentences); 0 = off")
     p.add_argument("--nli_epochs", type=int, default=1, help="epochs of --mode nli and of the nli_sts NLI stage")
     p.add_argument("--sts_epochs", type=int, default=4, help="epochs of --mode sts and of the nli_sts STS stage")
+    add_objective_args(p, sts_losses=STS_LOSSES)
     add_run_args(p, batch_size=32, lr=2e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0, max_len=128,
                  eval_steps=1000, eval_each_epoch=True)
     p.set_defaults(epochs=1)
@@ -214,6 +223,10 @@ def parse_args(argv=None):
         else:
             p.error("--train_file takes NLI files with --mode nli or one STS file with --mode sts; "
                     "use --nli_file / --sts_file for nli_sts and multitask")
+    check_objective_args(p, args)
+    if args.matryoshka_dims and args.mode == "nli":
+        p.error("--matryoshka_dims wraps the STS objective; the NLI softmax classifier reads [u, v, |u - v|] at the "
+                "full dimension (use --mode sts, nli_sts or multitask)")
     return finish_args(p, args, f"kosbert-{args.mode}")
 
 

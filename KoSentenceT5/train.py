@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.encoding import gather_columns
+from common.objectives import add_objective_args, check_objective_args, infonce_options, objective_option
 from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
                               autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
                               interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit,
                               parse_with_mode_preset, save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
 from dataloader import build_contrastive_dataset
-from model import ARCHS, SentenceT5, contrastive_loss, cosine_regression_loss
+from model import (ARCHS, BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, STS_LOSSES, SentenceT5,
+                   contrastive_loss, matryoshka_loss, sts_objective)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
@@ -46,13 +48,18 @@ def training_step(model, source, batch, args, world):
     (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
     twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
     sts (multitask, sup_sts): B KorSTS pairs as a (2B, L) tensor plus ``labels`` = score / 5 (PairCollator),
-    for SBERT's cosine regression."""
+    for --sts_loss (SBERT's cosine regression by default; see sts_objective). With --matryoshka_dims both
+    losses are summed over the truncated dimensions (matryoshka_loss)."""
+    dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
     if source == "sts":
-        loss = cosine_regression_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        return loss, {"loss": loss}  # a mean over the local pairs: DDP's average is the global gradient
+        kind = objective_option(args, "sts_loss")
+        loss = sts_objective(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], kind, dims, weights)
+        # cosine: a mean over the local pairs, DDP's average is the global gradient; cosent / angle: gathered
+        return loss * world if kind in BATCH_STS_LOSSES else loss, {"loss": loss}
     k = COLUMNS[source]
     embeddings = gather_columns(model(**batch), k)  # under DDP: the global batch, only local rows differentiable
-    loss = contrastive_loss(embeddings, k, args.temperature)
+    loss = matryoshka_loss(lambda e: contrastive_loss(e, k, args.temperature, **infonce_options(args)), embeddings,
+                           dims, weights)
     return loss * world, {"loss": loss}  # x world: DDP averages gradients, the loss already spans all ranks
 
 
@@ -93,7 +100,9 @@ def load_model(args, path, stage):
     """(encoder to evaluate and save, module to train): here both are the SentenceT5."""
     encoder = load_or_exit(lambda p: SentenceT5.from_pretrained(p, arch=args.arch, st5_head=args.st5_head,
                                                                 bucket_tokens=args.bucket_tokens,
-                                                                mini_batch_size=args.mini_batch_size), path)
+                                                                mini_batch_size=args.mini_batch_size,
+                                                                matryoshka_dims=objective_option(args, "matryoshka_dims")),
+                           path)
     return encoder, encoder
 
 
@@ -193,6 +202,7 @@ def train(args):
 
 # --- flags ----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="KETI-AIR/ke-t5-base", help="Hugging Face model id or local folder")
@@ -215,8 +225,10 @@ def parse_args(argv=None):
     p.add_argument("--sts_batch_size", type=int, default=8, help="multitask, sup_sts: STS pairs per batch")
     p.add_argument("--sts_epochs", type=int, default=4, help="sup_sts: epochs of the STS stage")
     p.add_argument("--sts_lr", type=float, default=2e-5, help="sup_sts: learning rate of the STS stage")
+    add_objective_args(p, STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS)
     add_run_args(p)
     args = parse_with_mode_preset(p, argv, os.path.join(HERE, "presets"), MODE_PRESETS)
+    check_objective_args(p, args)
     return finish_args(p, args, f"kosentencet5-{args.mode}")
 
 

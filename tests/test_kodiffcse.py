@@ -421,7 +421,10 @@ def test_generator_vocab_size_larger_than_the_encoders_stops(dc, tiny_bert, synt
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_defaults_are_bmk_and_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, generator):
+def test_defaults_are_bmk_and_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, generator, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the bmk preset's --fp16 needs CUDA
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     defaults = dc.train.parse_args(["--device", "cuda"])
     bmk = dc.train.parse_args(["@" + os.path.join(dc.path, "presets", "bmk-roberta.args"), "--device", "cuda"])
     # the preset is the defaults plus the five BM-K switches that are off by default

@@ -102,13 +102,14 @@ def test_training_max_len_never_truncates_evaluation(kosimcse, tiny_bert, synthe
 
 
 def test_early_stop_evals_ends_the_stage_and_resumes_exactly(kosimcse, tiny_bert, synthetic_data, tmp_path, capsys):
-    """--early_stop_evals 3 with lr 0 (every dev score equals the first): evaluations at steps 1-4, the
+    """--early_stop_evals 3 with lr 1e-30 (below every weight's float32 step, so every dev score equals the
+    first): evaluations at steps 1-4, the
     counter reaches 3 at step 4 and the run ends there with its best model (BM-K's patience rule). A run
     killed after its step-2 checkpoint resumes with the counter it had (1), so it stops at step 4 too."""
     def argv(out):
         return ["--model", tiny_bert, "--data_dir", synthetic_data, "--output_dir", out, "--mode", "unsup",
                 "--batch_size", "8", "--max_len", "24", "--max_steps", "12", "--eval_steps", "1", "--save_steps", "2",
-                "--lr", "0", "--early_stop_evals", "3", "--logging_steps", "1", "--device", "cpu"]
+                "--lr", "1e-30", "--early_stop_evals", "3", "--logging_steps", "1", "--device", "cpu"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     kosimcse.train.main(argv(a))
     assert "early stop at step 4: 3 evaluations without a better dev score" in capsys.readouterr().out

@@ -109,9 +109,16 @@ def gather_columns(embeddings, num_columns):
 
 
 def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dense=None,
-                                       dense_activation="tanh", normalize=False):
+                                       dense_activation="tanh", normalize=False, matryoshka_dims=()):
     """modules.json + module configs in the classic layout that sentence-transformers 2.x to 6.x load:
-    0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize]."""
+    0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize].
+    ``matryoshka_dims`` (a model trained with --matryoshka_dims): written, largest first, to
+    config_sentence_transformers.json as "matryoshka_dims", the dimensions it can be truncated to.
+    sentence-transformers ignores that key; it loads a folder truncated when the same file holds
+    "truncate_dim" (SentenceTransformer._parse_model_config), or with SentenceTransformer(path, truncate_dim=D)."""
+    if matryoshka_dims:
+        with open(os.path.join(out_dir, "config_sentence_transformers.json"), "w") as f:
+            json.dump({"matryoshka_dims": sorted(matryoshka_dims, reverse=True)}, f, indent=2)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
