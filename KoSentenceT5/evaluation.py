@@ -74,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=256,
                    help="encoding batch size, and the correlation batch of the bmk protocol (BM-K: 256)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed of the bmk protocol; KMeans seed")
+    p.add_argument("--truncate_dim", type=int, default=None,
+                   help="keep the first D dimensions of every embedding (a Matryoshka model; sentence-transformers' "
+                        "truncate_dim), for every task (default: the folder's own truncate_dim, else all)")
     p.add_argument("--max_len", type=int, default=None,
                    help="max tokens per sentence (default: max_seq_length of the folder, else 512)")
     p.add_argument("--pooling", choices=("cls", "mean", "pooler"), default=None,
@@ -159,9 +162,10 @@ def run_sts(args, encoder, max_len):
             rows.append({"model": args.model_dir.rstrip("/"), "dataset": name, "protocol": protocol,
                          "n_pairs": len(pairs), "batch_size": args.batch_size if protocol == "bmk" else None,
                          "seed": args.seed if protocol == "bmk" else None, "max_len": max_len,
-                         "n_truncated": stats["truncated"], "prefix": prefix, "metrics": metrics})
+                         "n_truncated": stats["truncated"], "prefix": prefix,
+                         "truncate_dim": encoder.truncate_dim, "metrics": metrics})
     print(format_table(rows))
-    if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not args.query_prefix:
+    if os.path.isfile(os.path.join(args.model_dir, "training.json")) and not (args.query_prefix or args.truncate_dim):
         try:
             write_model_card(args.model_dir, rows)  # one of our training runs: its card gets these rows
         except OSError as e:  # a read-only or full model folder: the metrics above stand, the card stays as it was
@@ -243,7 +247,8 @@ def main(argv=None):
     retrieval = ({name: load_retrieval(name, args.data_dir) for name in args.retrieval_datasets}
                  if "retrieval" in args.task else {})
     try:
-        encoder = FolderEncoder(args.model_dir, pooling=args.pooling).to(args.device).eval()
+        encoder = FolderEncoder(args.model_dir, pooling=args.pooling, truncate_dim=args.truncate_dim)
+        encoder = encoder.to(args.device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512

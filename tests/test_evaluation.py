@@ -146,3 +146,27 @@ def test_encoding_batches_hold_one_length_when_they_can(kosimcse, tiny_bert):
     assert len(widths) == 2 and max(len(w) for w in widths) > 1
     alone = kosimcse.evaluation.encode(model, tok, [sentences[25]], 24)
     np.testing.assert_allclose(emb[25], alone[0], atol=1e-6)
+
+
+def test_truncate_dim_equals_sentence_transformers_and_is_read_from_the_folder(kosimcse, sup_run, tmp_path):
+    """--truncate_dim D: the first D dimensions, as SentenceTransformer(folder, truncate_dim=D).encode; a folder
+    whose config_sentence_transformers.json records truncate_dim loads truncated; a D wider than the model fails."""
+    import shutil
+    from sentence_transformers import SentenceTransformer
+    _, best = sup_run
+    ev = evaluation_api(kosimcse)
+    sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발.", "고양이 강아지 산책."]
+    full = ev.FolderEncoder(best).eval()
+    cut = ev.FolderEncoder(best, truncate_dim=8).eval()
+    ours = ev.encode(cut, cut.tokenizer, sentences, 24)
+    assert ours.shape == (3, 8)
+    np.testing.assert_allclose(ours, ev.encode(full, full.tokenizer, sentences, 24)[:, :8], atol=1e-6)
+    theirs = SentenceTransformer(best, device="cpu", truncate_dim=8).encode(sentences)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    recorded = shutil.copytree(best, str(tmp_path / "recorded"))
+    with open(os.path.join(recorded, "config_sentence_transformers.json"), "w") as f:
+        json.dump({"truncate_dim": 8}, f)
+    assert ev.FolderEncoder(recorded).truncate_dim == 8
+    assert SentenceTransformer(recorded, device="cpu").encode(sentences).shape == (3, 8)
+    with pytest.raises(ValueError, match="truncate_dim 64: the embeddings of .* have 32 dimensions"):
+        ev.FolderEncoder(best, truncate_dim=64)

@@ -139,11 +139,15 @@ def new_features_in(error):
 
 
 @pytest.mark.parametrize("path", presets(), ids=lambda p: os.path.relpath(p, ROOT))
-def test_preset_parses(methods, path):
-    """train.parse_args(["@" + path]) of the preset's folder. --device cuda is added so that presets with
-    --fp16 (the originals' apex/AMP setting) parse on a CPU machine; parsing never touches the device. A
+def test_preset_parses(methods, path, monkeypatch):
+    """train.parse_args(["@" + path]) of the preset's folder. --device cuda is added (and CUDA pretended, as
+    --device is checked against the machine) so that presets with --fp16 (the originals' apex/AMP setting)
+    parse on a CPU machine; parsing never touches the device. A
     preset may fail only on the flags main adds in parallel: then the rest of it must parse (those flags
     dropped, the new modes read as sup), and the test is skipped until main's flags are here."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     train = methods[os.path.basename(os.path.dirname(os.path.dirname(path)))].train
     args, error = parse(train, ["@" + path, "--device", "cuda"])
     tokens = pt.preset_tokens(path)

@@ -172,7 +172,7 @@ def discover_rows(root=ROOT, published=None):
             continue
         for name in sorted(os.listdir(presets)):
             stem = name[:-len(".args")]
-            if name.endswith(".args") and stem not in NON_ROWS and not stem.startswith("quick"):
+            if name.endswith(".args") and stem not in NON_ROWS and not stem.startswith(("quick", "real-")):
                 rows.append(Row(stem, folder, os.path.join(presets, name), published))
     have = {r.id for r in rows}
     for row_id, entries in published.items():

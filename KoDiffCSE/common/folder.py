@@ -25,9 +25,11 @@ def load_backbone(path):
 
 
 class FolderEncoder(nn.Module):
-    """Embeddings of a saved model folder, computed as sentence-transformers computes them."""
+    """Embeddings of a saved model folder, computed as sentence-transformers computes them. ``truncate_dim``
+    keeps the first D dimensions of the output (after any Normalize, as SentenceTransformer(truncate_dim=D)
+    does); None: the folder's own ``truncate_dim`` in config_sentence_transformers.json, if any."""
 
-    def __init__(self, path, pooling=None):
+    def __init__(self, path, pooling=None, truncate_dim=None):
         super().__init__()
         transformer_dir, self.pooling, self.normalize = path, pooling, False
         self.heads = nn.ModuleList()
@@ -60,6 +62,15 @@ class FolderEncoder(nn.Module):
         if os.path.isfile(config_file):
             with open(config_file) as f:
                 self.max_len = json.load(f).get("max_seq_length")
+        self.truncate_dim = truncate_dim
+        st_config = os.path.join(path, "config_sentence_transformers.json")
+        if truncate_dim is None and os.path.isfile(st_config):
+            with open(st_config) as f:
+                self.truncate_dim = json.load(f).get("truncate_dim")
+        width = getattr(self.backbone.config, "d_model", None) or self.backbone.config.hidden_size
+        width = self.heads[-1][0].out_features if len(self.heads) else width
+        if self.truncate_dim is not None and not 0 < self.truncate_dim <= width:
+            raise ValueError(f"truncate_dim {self.truncate_dim}: the embeddings of {path} have {width} dimensions")
 
     def forward(self, input_ids, attention_mask):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
@@ -73,7 +84,8 @@ class FolderEncoder(nn.Module):
             emb = hidden[:, 0]
         for head in self.heads:
             emb = head(emb)
-        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+        emb = nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+        return emb[:, :self.truncate_dim] if self.truncate_dim else emb
 
 
 def _pooling_mode(config_file):

@@ -37,7 +37,8 @@ INDEX_DEFAULTS = {"hnsw_m": 32, "ef_construction": 40, "ef_search": 64, "nprobe"
 
 
 # What the queries must share with the corpus embeddings for the scores to mean anything.
-RECIPE_KEYS = ("model_fingerprint", "pooling", "dense_heads", "normalize", "max_len", "query_prefix", "passage_prefix")
+RECIPE_KEYS = ("model_fingerprint", "pooling", "dense_heads", "normalize", "truncate_dim", "max_len", "query_prefix",
+               "passage_prefix")
 
 
 def corpus_offsets(path):
@@ -95,7 +96,7 @@ def index_recipe(model_dir, encoder, max_len, query_prefix="", passage_prefix=""
     return {"model_dir": os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir,
             "model_fingerprint": model_fingerprint(encoder), "pooling": encoder.pooling,
             "dense_heads": len(encoder.heads), "normalize": bool(encoder.normalize),
-            "max_len": int(max_len), "query_prefix": query_prefix, "passage_prefix": passage_prefix}
+            "truncate_dim": getattr(encoder, "truncate_dim", None), "max_len": int(max_len), "query_prefix": query_prefix, "passage_prefix": passage_prefix}
 
 
 def build_faiss_index(embeddings, index_type="flat", dtype="float32", params=None, add_batch=100_000):

