@@ -3,12 +3,10 @@ frozen masked-LM generator and a conditional replaced-token discriminator -- and
 
 ``DiffCSE.forward`` on a batch of B sentences, each twice (dropout makes the two views):
   1. encoder -> raw [CLS] -> projection (training only) -> the sentence vectors z, (2B, d).
-  2. the generator (frozen, no gradient) fills the masked views by argmax; replaced = generated !=
-     original, on real tokens.
-  3. the discriminator (a second copy of the encoder checkpoint) reads the generated tokens conditioned
-     on z the way the originals' patched ``BertModel(cls_input=z)`` is: the OUTPUT of its embedding layer
-     at position 0 is replaced by z (``DiffCSE.discriminate``), and a Linear(hidden, 2) head scores every
-     token original / replaced.
+  2. the generator (frozen) fills the masked views by argmax; replaced = generated != original (real tokens).
+  3. the discriminator (a second copy of the encoder) reads the generated tokens conditioned on z as the
+     originals' patched ``BertModel(cls_input=z)``: the OUTPUT of its embedding layer at position 0 is z
+     (``DiffCSE.discriminate``); a Linear(hidden, 2) head scores every token original / replaced.
 The losses are the free functions below: ``contrastive_loss`` (SimCSE's InfoNCE over z),
 ``replaced_token_loss`` (the head's cross-entropy) and ``diffcse_loss`` (contrastive + lambda * rtd).
 Evaluation and the saved model use the encoder alone, raw [CLS] (``SentenceEncoder``, ``DiffCSE.encoder``).

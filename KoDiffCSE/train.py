@@ -7,18 +7,13 @@ discriminator conditioned on the sentence vector, fed by a frozen masked-LM gene
     python KoDiffCSE/train.py --resume output/kodiffcse                        # continue a killed run
     python KoDiffCSE/train.py @KoDiffCSE/presets/quick.args --model M --generator_name G --lr 3e-5  # flags override
 
-The defaults are BM-K's KoDiffCSE: its run_diff.sh values and its code's projection (the checkpoint's
-pooler), masking (static, [SEP]) and generator mode (train, dropout on) -- except four switches off by
-default that presets/bmk-roberta.args turns on: his RTD averaging over padded positions (--rtd_average
-bmk; default: over real tokens), [UNK] -> [SEP] (--unk_to_sep), his dev rule (--dev_protocol bmk) with
-early stopping (--early_stop_evals 30), and fp16 (CUDA only). That preset spells everything out with its
-sources; presets/diffcse-bert.args is DiffCSE's own recipe. Presets are plain files
-of flags; flags after one win. The generator must share the encoder's vocabulary (checked before any
-weights are loaded).
+The defaults are BM-K's KoDiffCSE (run_diff.sh; pooler projection, static [SEP] masking, generator in train
+mode) but for four switches that presets/bmk-roberta.args turns on, with their sources: --rtd_average bmk,
+--unk_to_sep, --dev_protocol bmk with --early_stop_evals 30, and fp16 (CUDA only). presets/diffcse-bert.args
+is DiffCSE's recipe. The generator must share the encoder's vocabulary (checked before weights load).
 
-The step is ``training_step`` below (masking -> DiffCSE.forward -> losses); losses, projections and the
-conditioning are in model.py; masking, data and the generator check in dataloader.py; ``fit`` and ``train``
-are the same in every method folder; common/ is the plumbing.
+The step is ``training_step`` below (masking -> DiffCSE.forward -> losses); losses, projections, conditioning:
+model.py; masking, data, generator check: dataloader.py; ``fit``, ``train``: as every folder; plumbing: common/.
 Outputs: best_model/ (the encoder alone, raw [CLS]; HF + sentence-transformers), checkpoint/, train_log.jsonl.
 """
 import argparse
@@ -31,10 +26,10 @@ from tqdm.auto import tqdm
 from common.data import BatchPlan, ColumnCollator, DataError, resolve_path
 from common.encoding import gather_columns
 from common.objectives import add_objective_args, check_objective_args, infonce_options
-from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
-                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
-                              interleave, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint, set_seed,
-                              stage_batches, start_stage, wrap_ddp)
+from common.run_utils import (add_run_args, autocast_dtype, barrier, best_score_text, BestModel, describe_stage,
+                              exit_on_data_error, finish_args, interleave, LossWindow, METHOD, nonfinite_loss_exit,
+                              PresetParser, run_stages, save_checkpoint, Source, Stage, stage_batches, start_stage,
+                              wrap_ddp)
 from dataloader import build_diffcse_dataset, check_generator, mask_tokens, masking_vocabulary
 from model import (DiffCSE, HARDNESS_MODES, INFONCE_DIRECTIONS, PROJECTIONS, RTD_AVERAGES, contrastive_loss,
                    diffcse_loss, replaced_token_accuracy, replaced_token_loss)
@@ -47,11 +42,9 @@ MASKINGS = ("static_sep", "dynamic")
 def training_step(model, source, batch, args, world):
     """One batch of wiki sentences -> (loss to backpropagate, {name: value to log}).
 
-    The batch holds B sentences twice, (2B, L): view 1 of every sentence, then view 2 (ColumnCollator;
-    dropout makes the views differ). With --masking static_sep it also holds their masked views, made
-    at load time: (4B, L), the views first. With --masking dynamic the masked views are drawn here.
-    --rtd_average bmk pads the batch to --max_len first, as BM-K's loader pads every sentence, since his
-    replaced-token loss averages over all max_len positions (model.replaced_token_loss)."""
+    The batch holds B sentences twice, (2B, L): view 1 of every sentence, then view 2 (dropout makes them
+    differ); with --masking static_sep also their masked views made at load time, (4B, L); with dynamic the
+    masked views are drawn here. --rtd_average bmk pads the batch to --max_len first, as BM-K's loader."""
     diffcse = getattr(model, "module", model)  # under DDP the DiffCSE module is model.module
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     if args.masking == "static_sep":
@@ -174,27 +167,10 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
 # Copied from KoSimCSE/train.py:train
 def train(args):
-    """Load everything, then train stage after stage (``stages(args)``); a resumed run restarts in the stage
-    and at the step of its checkpoint. The output folder is touched only once the model, tokenizer and data
-    have loaded (see run_utils.Run)."""
-    plan = stages(args)
-    with Run(args, plan) as run:
-        tokenizer = load_training_tokenizer(args.model)
-        encoder, trainable = load_model(args, args.model, plan[0].name)
-        sources = {name: build_source(name, args, tokenizer, run.rank, run.world, run.log)
-                   for name in dict.fromkeys(n for s in plan for n in s.sources)}
-        evaluate = run.start(tokenizer, encoder)
-        for stage, state in run.remaining_stages():
-            if stage.start_from is not None:  # continue from the best model of an earlier stage
-                del encoder, trainable
-                set_seed(args.seed + run.rank)
-                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
-                run.log(f"[{stage.name}] continuing from {stage.start_from}")
-            trainable.to(args.device)
-            score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
-                        run, state)
-            barrier(run.world)  # rank 0 has written this stage's best model
-    return score
+    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run_utils.run_stages: a
+    resumed run restarts in the stage and at the step of its checkpoint; the output folder is touched only
+    once the model, tokenizer and data have loaded)."""
+    return run_stages(args, stages(args), load_model, build_source, fit)
 
 
 # --- flags ----------------------------------------------------------------------------------------------
@@ -209,32 +185,21 @@ def parse_args(argv=None):
     p.add_argument("--train_file", nargs="+", default=["wiki/wiki_corpus.txt"],
                    help="sentence-per-line files; relative paths are tried as given, then under --data_dir")
     p.add_argument("--masking", choices=MASKINGS, default="static_sep",
-                   help="static_sep: BM-K's KoDiffCSE, fixed at load time, exactly max(1, int(n * ratio)) of a "
-                        "sentence's n tokens between [CLS] and [SEP] replaced by the [SEP] id; dynamic: DiffCSE's, "
-                        "drawn per batch, each non-special token chosen with probability ratio, then 80/10/10 "
-                        "[MASK]/random/kept. Default static_sep, as the defaults are BM-K's")
+                   help="static_sep: BM-K's, fixed at load time, max(1, int(n * ratio)) tokens -> [SEP]; dynamic: "
+                        "DiffCSE's, per batch, 80/10/10 [MASK]/random/kept (see dataloader.py)")
     p.add_argument("--unk_to_sep", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --masking static_sep, BM-K's handling of [UNK] (data/dataloader.py): every special "
-                        "token inside a sentence becomes [SEP] too, and the k masked positions are drawn among "
-                        "positions 1..m, m = the number of other tokens. Off: [UNK] is masked only when drawn. "
-                        "presets/bmk-roberta.args turns it on")
+                   help="static_sep: BM-K's [UNK] handling (every special token inside a sentence -> [SEP], the "
+                        "masked positions drawn among the others); off: [UNK] is masked only when drawn")
     p.add_argument("--masking_ratio", type=float, default=0.15, help="share of tokens masked (BM-K 0.15, DiffCSE 0.30)")
     p.add_argument("--lambda_weight", type=float, default=0.005, help="weight of the replaced-token loss")
     p.add_argument("--rtd_average", choices=RTD_AVERAGES, default="tokens",
-                   help="how the replaced-token cross-entropy is averaged: tokens = one mean over the real tokens "
-                        "(independent of padding); bmk = BM-K's sum of the two views' means over all --max_len "
-                        "positions, padding labelled original (presets/bmk-roberta.args); diffcse = DiffCSE's "
-                        "one mean over all positions of the batch as padded, padding included "
-                        "(presets/diffcse-bert.args)")
+                   help="replaced-token loss averaged over the real tokens (tokens), as BM-K (bmk: two views' means "
+                        "over all --max_len positions) or as DiffCSE (diffcse: one mean over the padded batch)")
     p.add_argument("--projection", choices=PROJECTIONS, default="pooler",
-                   help="training-only head over [CLS] that gives the sentence vectors (evaluation and the saved "
-                        "model use raw [CLS]): pooler = the checkpoint's pooler, dense + tanh (BM-K's KoDiffCSE); "
-                        "bn_mlp = DiffCSE's BatchNorm MLP (its --batchnorm); mlp = a new Linear + Tanh. Default "
-                        "pooler, as the defaults are BM-K's; a checkpoint without pooler weights starts it from "
-                        "transformers' initialisation, as BM-K's code did (with a warning)")
+                   help="training-only head over [CLS] (the saved model is raw [CLS]): pooler = the checkpoint's "
+                        "(BM-K), bn_mlp = DiffCSE's BatchNorm MLP, mlp = a new Linear + Tanh (see model.py)")
     p.add_argument("--generator_eval", action="store_true",
-                   help="run the generator in eval mode, no dropout (default: train mode, dropout on, as DiffCSE "
-                        "and BM-K run it)")
+                   help="generator in eval mode (default: train mode, dropout on, as DiffCSE and BM-K)")
     p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature tau")
     add_objective_args(p, hardness_modes=HARDNESS_MODES, directions=INFONCE_DIRECTIONS, matryoshka=False)
     add_run_args(p, batch_size=256, epochs=1, lr=5e-5, max_len=64, warmup_ratio=0.05)

@@ -6,19 +6,17 @@
     python KoSBERT/train.py --mode sts --model klue/roberta-base --sts_epochs 8        # flags override defaults
 
 Modes:
-  nli        SBERT's softmax objective on NLI pairs: Linear(3d -> 3) over [u, v, |u - v|], cross-entropy
-             (labels contradiction 0, entailment 1, neutral 2, as BM-K). The classifier is training-only.
-  sts        MSE(cos(u, v), score / 5) on KorSTS train (or --sts_file: any STS file).
-  nli_sts    BM-K's KoSBERT: the nli stage (--nli_epochs), then the sts stage (--sts_epochs) continuing from
-             the best NLI checkpoint (kept in <output_dir>/nli_model), with a fresh optimizer and warmup, as
-             BM-K's training_nli.py + con_training_sts.py.
+  nli        SBERT's softmax objective: Linear(3d -> 3) over [u, v, |u - v|], cross-entropy (BM-K's labels:
+             contradiction 0, entailment 1, neutral 2); the classifier is training-only.
+  sts        MSE(cos(u, v), score / 5) on KorSTS train (or --sts_file); --sts_loss cosent / angle rank instead.
+  nli_sts    BM-K's KoSBERT: the nli stage, then the sts stage from the best NLI model (<output_dir>/nli_model),
+             with a fresh optimizer and warmup (his training_nli.py + con_training_sts.py).
   multitask  NLI and STS batches interleaved under one optimizer (common/run_utils.py:interleave); --epochs.
-Defaults: BM-K's / sentence-transformers' fit(): batch 32, lr 2e-5, weight decay 0.01, 10% warmup, clipping 1.0,
-mean pooling, evaluation every 1000 steps and at every epoch end.
+Defaults: BM-K's / sentence-transformers' fit(): batch 32, lr 2e-5, decay 0.01, 10% warmup, clipping 1.0, mean
+pooling, evaluation every 1000 steps and at each epoch end.
 
-The step is ``training_step`` below; the losses (``softmax_loss``, ``cosine_regression_loss``, ``PairObjective``)
-and pooling are in model.py; ``fit`` and ``train`` are the same in every method folder; common/ is the plumbing.
-Outputs: best_model/ (HF + sentence-transformers, no classifier), checkpoint/, train_log.jsonl, args.json.
+The step is ``training_step`` below; losses (``softmax_loss``, ``sts_objective``, ``PairObjective``) and pooling:
+model.py; ``fit``, ``train``: as every folder; plumbing: common/. Outputs: best_model/ (no classifier), checkpoint/.
 """
 import os
 import random
@@ -29,10 +27,10 @@ from tqdm.auto import tqdm
 
 from common.data import BatchPlan, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.objectives import add_objective_args, check_objective_args, objective_option
-from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
-                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
-                              interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit, save_checkpoint,
-                              set_seed, stage_batches, start_stage, wrap_ddp)
+from common.run_utils import (add_run_args, autocast_dtype, barrier, best_score_text, BestModel, describe_stage,
+                              exit_on_data_error, finish_args, interleave, load_or_exit, LossWindow, METHOD,
+                              nonfinite_loss_exit, PresetParser, run_stages, save_checkpoint, Source, Stage,
+                              stage_batches, start_stage, wrap_ddp)
 from dataloader import load_nli_pairs
 from model import BATCH_STS_LOSSES, POOLERS, PairObjective, STS_LOSSES, SentenceEncoder, SoftmaxClassifier
 
@@ -168,27 +166,10 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
 # Copied from KoSimCSE/train.py:train
 def train(args):
-    """Load everything, then train stage after stage (``stages(args)``); a resumed run restarts in the stage
-    and at the step of its checkpoint. The output folder is touched only once the model, tokenizer and data
-    have loaded (see run_utils.Run)."""
-    plan = stages(args)
-    with Run(args, plan) as run:
-        tokenizer = load_training_tokenizer(args.model)
-        encoder, trainable = load_model(args, args.model, plan[0].name)
-        sources = {name: build_source(name, args, tokenizer, run.rank, run.world, run.log)
-                   for name in dict.fromkeys(n for s in plan for n in s.sources)}
-        evaluate = run.start(tokenizer, encoder)
-        for stage, state in run.remaining_stages():
-            if stage.start_from is not None:  # continue from the best model of an earlier stage
-                del encoder, trainable
-                set_seed(args.seed + run.rank)
-                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
-                run.log(f"[{stage.name}] continuing from {stage.start_from}")
-            trainable.to(args.device)
-            score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
-                        run, state)
-            barrier(run.world)  # rank 0 has written this stage's best model
-    return score
+    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run_utils.run_stages: a
+    resumed run restarts in the stage and at the step of its checkpoint; the output folder is touched only
+    once the model, tokenizer and data have loaded)."""
+    return run_stages(args, stages(args), load_model, build_source, fit)
 
 
 # --- flags ----------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.encoding import gather_columns
 from common.objectives import add_objective_args, check_objective_args, infonce_options, objective_option
-from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
-                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
-                              interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit,
-                              parse_with_mode_preset, save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
+from common.run_utils import (add_run_args, autocast_dtype, barrier, best_score_text, BestModel, describe_stage,
+                              exit_on_data_error, finish_args, interleave, load_or_exit, LossWindow, METHOD,
+                              nonfinite_loss_exit, parse_with_mode_preset, PresetParser, run_stages, save_checkpoint,
+                              Source, Stage, stage_batches, start_stage, wrap_ddp)
 from dataloader import build_contrastive_dataset
 from model import (ARCHS, BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, STS_LOSSES, SentenceT5,
                    contrastive_loss, matryoshka_loss, sts_objective)
@@ -47,9 +47,8 @@ def training_step(model, source, batch, args, world):
     sup / unsup: the batch holds every column of B examples in one (k*B, L) tensor, column after column
     (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
     twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
-    sts (multitask, sup_sts): B KorSTS pairs as a (2B, L) tensor plus ``labels`` = score / 5 (PairCollator),
-    for --sts_loss (SBERT's cosine regression by default; see sts_objective). With --matryoshka_dims both
-    losses are summed over the truncated dimensions (matryoshka_loss)."""
+    sts (multitask, sup_sts): B KorSTS pairs as (2B, L) plus ``labels`` = score / 5, for --sts_loss (see
+    sts_objective). --matryoshka_dims sums either loss over the truncated dimensions (matryoshka_loss)."""
     dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
     if source == "sts":
         kind = objective_option(args, "sts_loss")
@@ -65,12 +64,9 @@ def training_step(model, source, batch, args, world):
 
 # Copied from KoSimCSE/train.py:stages
 def stages(args):
-    """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet batches (contrastive)
-    and KorSTS pair batches (cosine regression), by --multitask_schedule: proportional round-robin (each
-    epoch uses every batch of both once, the STS batches spread evenly through the NLI ones, one optimizer
-    and schedule) or paired (jhgan's: every round one NLI then one STS batch, min(len) rounds an epoch,
-    each source its own optimizer and schedule). sup_sts: supervised SimCSE, then STS regression from its
-    best checkpoint."""
+    """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet and KorSTS pair batches,
+    interleaved by --multitask_schedule (run_utils.interleave). sup_sts: supervised SimCSE, then STS regression
+    from its best checkpoint."""
     if args.mode == "multitask":
         return [Stage(name="multitask", sources=("sup", "sts"), epochs=args.epochs,
                       schedule=args.multitask_schedule)]
@@ -177,27 +173,10 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
 # Copied from KoSimCSE/train.py:train
 def train(args):
-    """Load everything, then train stage after stage (``stages(args)``); a resumed run restarts in the stage
-    and at the step of its checkpoint. The output folder is touched only once the model, tokenizer and data
-    have loaded (see run_utils.Run)."""
-    plan = stages(args)
-    with Run(args, plan) as run:
-        tokenizer = load_training_tokenizer(args.model)
-        encoder, trainable = load_model(args, args.model, plan[0].name)
-        sources = {name: build_source(name, args, tokenizer, run.rank, run.world, run.log)
-                   for name in dict.fromkeys(n for s in plan for n in s.sources)}
-        evaluate = run.start(tokenizer, encoder)
-        for stage, state in run.remaining_stages():
-            if stage.start_from is not None:  # continue from the best model of an earlier stage
-                del encoder, trainable
-                set_seed(args.seed + run.rank)
-                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
-                run.log(f"[{stage.name}] continuing from {stage.start_from}")
-            trainable.to(args.device)
-            score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
-                        run, state)
-            barrier(run.world)  # rank 0 has written this stage's best model
-    return score
+    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run_utils.run_stages: a
+    resumed run restarts in the stage and at the step of its checkpoint; the output folder is touched only
+    once the model, tokenizer and data have loaded)."""
+    return run_stages(args, stages(args), load_model, build_source, fit)
 
 
 # --- flags ----------------------------------------------------------------------------------------------

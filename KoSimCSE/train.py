@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.encoding import gather_columns
 from common.objectives import add_objective_args, check_objective_args, infonce_options, objective_option
-from common.run_utils import (BestModel, LossWindow, METHOD, PresetParser, Run, Source, Stage, add_run_args,
-                              autocast_dtype, barrier, best_score_text, describe_stage, exit_on_data_error, finish_args,
-                              interleave, load_or_exit, load_training_tokenizer, nonfinite_loss_exit,
-                              parse_with_mode_preset, save_checkpoint, set_seed, stage_batches, start_stage, wrap_ddp)
+from common.run_utils import (add_run_args, autocast_dtype, barrier, best_score_text, BestModel, describe_stage,
+                              exit_on_data_error, finish_args, interleave, load_or_exit, LossWindow, METHOD,
+                              nonfinite_loss_exit, parse_with_mode_preset, PresetParser, run_stages, save_checkpoint,
+                              Source, Stage, stage_batches, start_stage, wrap_ddp)
 from dataloader import build_contrastive_dataset
 from model import (BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, POOLERS, STS_LOSSES, SentenceEncoder,
                    contrastive_loss, matryoshka_loss, sts_objective)
@@ -49,9 +49,8 @@ def training_step(model, source, batch, args, world):
     sup / unsup: the batch holds every column of B examples in one (k*B, L) tensor, column after column
     (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
     twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
-    sts (multitask, sup_sts): B KorSTS pairs as a (2B, L) tensor plus ``labels`` = score / 5 (PairCollator),
-    for --sts_loss (SBERT's cosine regression by default; see sts_objective). With --matryoshka_dims both
-    losses are summed over the truncated dimensions (matryoshka_loss)."""
+    sts (multitask, sup_sts): B KorSTS pairs as (2B, L) plus ``labels`` = score / 5, for --sts_loss (see
+    sts_objective). --matryoshka_dims sums either loss over the truncated dimensions (matryoshka_loss)."""
     dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
     if source == "sts":
         kind = objective_option(args, "sts_loss")
@@ -66,12 +65,9 @@ def training_step(model, source, batch, args, world):
 
 
 def stages(args):
-    """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet batches (contrastive)
-    and KorSTS pair batches (cosine regression), by --multitask_schedule: proportional round-robin (each
-    epoch uses every batch of both once, the STS batches spread evenly through the NLI ones, one optimizer
-    and schedule) or paired (jhgan's: every round one NLI then one STS batch, min(len) rounds an epoch,
-    each source its own optimizer and schedule). sup_sts: supervised SimCSE, then STS regression from its
-    best checkpoint."""
+    """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet and KorSTS pair batches,
+    interleaved by --multitask_schedule (run_utils.interleave). sup_sts: supervised SimCSE, then STS regression
+    from its best checkpoint."""
     if args.mode == "multitask":
         return [Stage(name="multitask", sources=("sup", "sts"), epochs=args.epochs,
                       schedule=args.multitask_schedule)]
@@ -173,34 +169,13 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
 
 def train(args):
-    """Load everything, then train stage after stage (``stages(args)``); a resumed run restarts in the stage
-    and at the step of its checkpoint. The output folder is touched only once the model, tokenizer and data
-    have loaded (see run_utils.Run)."""
-    plan = stages(args)
-    with Run(args, plan) as run:
-        tokenizer = load_training_tokenizer(args.model)
-        encoder, trainable = load_model(args, args.model, plan[0].name)
-        sources = {name: build_source(name, args, tokenizer, run.rank, run.world, run.log)
-                   for name in dict.fromkeys(n for s in plan for n in s.sources)}
-        evaluate = run.start(tokenizer, encoder)
-        for stage, state in run.remaining_stages():
-            if stage.start_from is not None:  # continue from the best model of an earlier stage
-                del encoder, trainable
-                set_seed(args.seed + run.rank)
-                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
-                run.log(f"[{stage.name}] continuing from {stage.start_from}")
-            trainable.to(args.device)
-            score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
-                        run, state)
-            barrier(run.world)  # rank 0 has written this stage's best model
-    return score
+    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run_utils.run_stages: a
+    resumed run restarts in the stage and at the step of its checkpoint; the output folder is touched only
+    once the model, tokenizer and data have loaded)."""
+    return run_stages(args, stages(args), load_model, build_source, fit)
 
 
 # --- flags ----------------------------------------------------------------------------------------------
-
-# The objective flags (add_objective_args) and their defaults, the published losses. training_step reads them
-# through objective_option, so a step called with an args object that lacks them (a bare test namespace) is
-# the published one.
 
 
 def parse_args(argv=None):
@@ -223,10 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--sts_file", default="korsts-train", help="multitask, sup_sts: the STS regression data")
     p.add_argument("--sts_batch_size", type=int, default=8, help="multitask, sup_sts: STS pairs per batch")
     p.add_argument("--multitask_schedule", choices=("proportional", "paired"), default="proportional",
-                   help="multitask: proportional = round-robin, an epoch is one pass over both sets, one optimizer; "
-                        "paired = sentence-transformers' fit with two objectives (jhgan's recipe): each round one "
-                        "NLI batch then one STS batch, each with its own optimizer step, min(len) rounds an epoch "
-                        "(a training step here is one batch, so an epoch is 2 x min(len) steps)")
+                   help="multitask: proportional (round-robin, one pass over both sets an epoch, one optimizer) or "
+                        "paired (jhgan's: one NLI then one STS batch, each its own optimizer, min(len) rounds an epoch)")
     p.add_argument("--sts_epochs", type=int, default=4, help="sup_sts: epochs of the STS stage")
     p.add_argument("--sts_lr", type=float, default=2e-5, help="sup_sts: learning rate of the STS stage")
     add_objective_args(p, STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS)

@@ -10,10 +10,8 @@ Run it on two commits and compare:
     python bench/outputs_check.py > after.json    # at the new one
     diff before.json after.json                   # empty: the same models, scores and tables
 """
-import contextlib
 import glob
 import hashlib
-import io
 import json
 import os
 import subprocess

@@ -841,3 +841,28 @@ class BestModel:
         if self.main and not os.path.isdir(self.dir):  # every dev score was NaN
             self.save(step, None)
             self.log(f"warning: no dev score was a number; saved the final model to {self.dir}")
+
+
+def run_stages(args, plan, load_model, build_source, fit):
+    """Load everything, then train the stages of ``plan`` one after the other with the method's ``fit``; a
+    resumed run restarts in the stage and at the step of its checkpoint. The output folder is touched only
+    once the model, tokenizer and data have loaded (see Run). ``load_model(args, path, stage name)`` ->
+    (encoder, trainable); ``build_source(name, args, tokenizer, rank, world, log)`` -> Source. Returns the
+    last stage's best dev score."""
+    with Run(args, plan) as run:
+        tokenizer = load_training_tokenizer(args.model)
+        encoder, trainable = load_model(args, args.model, plan[0].name)
+        sources = {name: build_source(name, args, tokenizer, run.rank, run.world, run.log)
+                   for name in dict.fromkeys(n for s in plan for n in s.sources)}
+        evaluate = run.start(tokenizer, encoder)
+        for stage, state in run.remaining_stages():
+            if stage.start_from is not None:  # continue from the best model of an earlier stage
+                del encoder, trainable
+                set_seed(args.seed + run.rank)
+                encoder, trainable = load_model(args, os.path.join(args.output_dir, stage.start_from), stage.name)
+                run.log(f"[{stage.name}] continuing from {stage.start_from}")
+            trainable.to(args.device)
+            score = fit(args, stage, encoder, trainable, tokenizer, [sources[n] for n in stage.sources], evaluate,
+                        run, state)
+            barrier(run.world)  # rank 0 has written this stage's best model
+    return score
