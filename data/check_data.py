@@ -26,6 +26,8 @@ EXPECTED = {
     "KLUE-STS/klue_sts_train.csv": (11_668, "csv3"),
     "KLUE-STS/klue_sts_val.csv": (519, "csv3"),
     "KLUE-NLI/klue-nli-v1.1_dev.json": (3_000, "json"),
+    "KLUE-NLI/klue_nli_train.tsv": (24_998, "tsv3"),
+    "KorQuAD/KorQuAD_v1.0_dev.json": (140, "json-data"),  # articles (5,774 questions)
     "wiki/wiki_corpus.txt": (1_000_000, "lines"),
 }
 
@@ -51,6 +53,9 @@ def count_rows(path, kind):
     if kind == "json":
         with open(path, encoding="utf-8") as f:
             return len(json.load(f))
+    if kind == "json-data":
+        with open(path, encoding="utf-8") as f:
+            return len(json.load(f)["data"])
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
 

@@ -318,7 +318,8 @@ def test_proxy_run_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch):
     evaluated, and the table labels the row "proxy, wiring only" without a difference; a rerun skips it."""
     monkeypatch.chdir(ROOT)
     data = write_synthetic_data(str(tmp_path / "data"), n_nli=40, n_sts=40, n_wiki=300)
-    shutil.copy(os.path.join(data, "KorNLI", "nli.train.ko.tsv"), os.path.join(data, "KorNLI", "xnli.dev.ko.tsv"))
+    os.makedirs(os.path.join(data, "KLUE-NLI"), exist_ok=True)
+    shutil.copy(os.path.join(data, "KorNLI", "nli.train.ko.tsv"), os.path.join(data, "KLUE-NLI", "klue_nli_train.tsv"))
     out = str(tmp_path / "proxy")
     argv = ["--rows", "bmk-kosentencet5", "--seeds", "1", "--data_dir", data, "--out", out, "--proxy", "no-bert-needed",
             "--max_steps", "2", "--device", "cpu"]
@@ -335,7 +336,7 @@ def test_proxy_run_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch):
         command = json.load(f)["command"]
     last = lambda flag: command[len(command) - command[::-1].index(flag)]  # noqa: E731 (the value that wins)
     assert last("--model") == os.path.join(out, "_proxy_models", "t5")
-    assert last("--train_file") == "KorNLI/xnli.dev.ko.tsv"  # the proxy NLI files that exist in --data_dir
+    assert last("--train_file") == "KLUE-NLI/klue_nli_train.tsv"  # a training split, never an evaluation one
     with open(os.path.join(out, "paper_table.md"), encoding="utf-8") as f:
         assert "PROXY run" in f.read()
     printed = io.StringIO()

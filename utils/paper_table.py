@@ -28,7 +28,7 @@ results.json exists is skipped; one whose training finished is only evaluated; o
 continues with train.py --resume. So a crashed table resumes where it stopped. Logs go to OUT/<row>/seed-S/{train,eval}.log. The table is printed and written to
 OUT/paper_table.md and OUT/paper_table.json.
 
---proxy MODEL runs every row small (--max_steps N, batch 16, the public NLI dev/test sets when the KorNLI
+--proxy MODEL runs every row small (--max_steps N, batch 16, KLUE-NLI train when the KorNLI
 train files are absent, 2,000 training examples) to check the wiring end to end: rows on a BERT-like
 backbone run on MODEL; rows whose architecture has no local pretrained model (T5, BART, SKT KoBERT's
 sentencepiece tokenizer, the DiffCSE encoder + generator) run on tiny random models built here from a
@@ -70,7 +70,7 @@ NOT_REPRODUCIBLE = "not reproducible"  # how the note of a published row with no
 PROXY_BATCH, PROXY_SAMPLES = 16, 2000
 PROXY_DEV, PROXY_DATASETS = "klue-sts-dev", ("korsts-test",)  # --proxy: a small dev set, test on KorSTS only
 BMK_TEST_BATCH = 256  # BM-K's KoSimCSE README test command; used where the source's own test batch is unknown
-PROXY_NLI = ("KorNLI/xnli.dev.ko.tsv", "KorNLI/xnli.test.ko.tsv", "KLUE-NLI/klue-nli-v1.1_dev.json")
+PROXY_NLI = ("KLUE-NLI/klue_nli_train.tsv",)  # a training split: the XNLI and KLUE-NLI dev/test sets are MTEB's
 
 
 # --- rows ------------------------------------------------------------------------------------------
