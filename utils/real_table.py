@@ -22,8 +22,9 @@ evaluation set (--decontaminate drop) and selects its checkpoint on KorSTS dev. 
         --passage_prefix "passage: " --output_json OUT/<row>/seed-S/retrieval.json   (first seed of a row)
 
 A run whose JSON exists is not run again, a trained one is only evaluated, one killed mid-training
-continues with --resume; runs go seed by seed (every row's first seed, then the second ones, ...), so a
-table cut short still has every row. The table (mean ± std over the seeds present, wall time of training)
+continues with --resume. Training and STS go seed by seed (every row's first seed, then the second ones,
+...), then retrieval on the first seeds, then the truncated (Matryoshka) evaluations, so a table cut short
+still has every row's STS. The table (mean ± std over the seeds present, wall time of training)
 is printed and written to OUT/real_table.md and OUT/real_table.json.
 """
 import argparse
@@ -63,7 +64,9 @@ ROWS = {
 }
 STS_SETS = ("korsts-test", "klue-sts-dev")
 RETRIEVAL_SETS = ("korquad-dev", "autorag")
-TRUNCATE = {"kosimcse-sup-matryoshka": (256, 128, 64), "zero-shot": (256, 128, 64)}
+# Matryoshka: the first seed of these rows is scored again at each truncated dimension, after every other run
+# (each retrieval pass costs minutes on a CPU): the Matryoshka row, and plain sup as its baseline.
+TRUNCATE = {"kosimcse-sup-matryoshka": (256, 128, 64), "kosimcse-sup": (256, 128, 64)}
 
 
 def run_logged(command, log_path):
@@ -100,29 +103,32 @@ class Table:
                 "--seed", str(seed), "--data_dir", a.data_dir, "--output_dir", out, "--overwrite_output_dir",
                 *(["--bf16"] if a.bf16 else []), *steps]
 
-    def eval_commands(self, row, seed, first_seed):
+    def eval_commands(self, row, seed, phase="sts"):
+        """{result file: command} of one phase: sts (every seed), retrieval (first seed), truncated (first seed
+        of the TRUNCATE rows: STS and retrieval at each dimension)."""
         out, a = self.run_dir(row, seed), self.a
         model = a.model if ROWS[row][0] == "zero-shot" else os.path.join(out, "best_model")
         pooling = ["--pooling", "mean"] if ROWS[row][0] == "zero-shot" else []
         base = [sys.executable, EVALUATION, "--model_dir", model, "--data_dir", a.data_dir, *pooling]
-        commands = {"sts.json": base + ["--dataset", *STS_SETS, "--protocol", "standard", "bmk",
-                                        "--output_json", os.path.join(out, "sts.json")]}
-        if ROWS[row][0] == "zero-shot":
-            commands["sts-query-prefix.json"] = base + ["--dataset", *STS_SETS, "--query_prefix", "query: ",
-                                                        "--output_json", os.path.join(out, "sts-query-prefix.json")]
-        if first_seed and not a.no_retrieval:
-            commands["retrieval.json"] = base + ["--task", "retrieval", "--dataset", *RETRIEVAL_SETS,
-                                                 "--query_prefix", "query: ", "--passage_prefix", "passage: ",
-                                                 "--output_json", os.path.join(out, "retrieval.json"),
-                                                 "--mteb_dir", os.path.join(out, "mteb")]
-        for dim in TRUNCATE.get(row, ()) if first_seed else ():
-            commands[f"sts-dim{dim}.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", str(dim),
-                                                     "--output_json", os.path.join(out, f"sts-dim{dim}.json")]
-            if not a.no_retrieval:
-                commands[f"retrieval-dim{dim}.json"] = base + [
-                    "--task", "retrieval", "--dataset", *RETRIEVAL_SETS, "--truncate_dim", str(dim),
-                    "--query_prefix", "query: ", "--passage_prefix", "passage: ",
-                    "--output_json", os.path.join(out, f"retrieval-dim{dim}.json")]
+        retrieval = ["--task", "retrieval", "--dataset", *RETRIEVAL_SETS, "--query_prefix", "query: ",
+                     "--passage_prefix", "passage: "]
+        commands = {}
+        if phase == "sts":
+            commands["sts.json"] = base + ["--dataset", *STS_SETS, "--protocol", "standard", "bmk",
+                                           "--output_json", os.path.join(out, "sts.json")]
+            if ROWS[row][0] == "zero-shot":
+                commands["sts-query-prefix.json"] = base + ["--dataset", *STS_SETS, "--query_prefix", "query: ",
+                                                            "--output_json", os.path.join(out, "sts-query-prefix.json")]
+        elif phase == "retrieval" and not a.no_retrieval:
+            commands["retrieval.json"] = base + retrieval + ["--output_json", os.path.join(out, "retrieval.json"),
+                                                             "--mteb_dir", os.path.join(out, "mteb")]
+        elif phase == "truncated":
+            for dim in TRUNCATE.get(row, ()):
+                commands[f"sts-dim{dim}.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", str(dim),
+                                                         "--output_json", os.path.join(out, f"sts-dim{dim}.json")]
+                if not a.no_retrieval:
+                    commands[f"retrieval-dim{dim}.json"] = base + retrieval + [
+                        "--truncate_dim", str(dim), "--output_json", os.path.join(out, f"retrieval-dim{dim}.json")]
         return commands
 
     def trained(self, row, seed):
@@ -131,6 +137,8 @@ class Table:
                                                 and not os.path.isdir(os.path.join(out, "checkpoint")))
 
     def run(self, rows, seeds):
+        """Phase 1, seed by seed: train every row and score it on STS (a later seed's model is then removed);
+        phase 2: retrieval on every row's first seed; phase 3: the truncated evaluations (TRUNCATE)."""
         plan = [(row, seed) for i, seed in enumerate(seeds) for row in rows if i < ROWS[row][4]]
         for n, (row, seed) in enumerate(plan, 1):
             out = self.run_dir(row, seed)
@@ -145,17 +153,25 @@ class Table:
                     continue
                 with open(os.path.join(out, "wall.json"), "w") as f:
                     json.dump({"train_seconds": round(seconds, 1)}, f)
-            for name, command in self.eval_commands(row, seed, seed == seeds[0]).items():
-                if os.path.isfile(os.path.join(out, name)):
-                    continue
-                print(f"{where}: {name}", flush=True)
-                code, _ = run_logged(command, os.path.join(out, "eval.log"))
-                if code:
-                    print(f"{where}: evaluation failed (exit {code}); see {out}/eval.log", flush=True)
+            self.evaluate(row, seed, self.eval_commands(row, seed, "sts"), where)
             if not self.a.keep_models and ROWS[row][0] != "zero-shot" and seed != seeds[0]:
                 shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)  # its numbers are in the JSON
                 for stage_dir in ("sup_model", "nli_model"):
                     shutil.rmtree(os.path.join(out, stage_dir), ignore_errors=True)
+        for phase in ("retrieval", "truncated"):
+            for row in rows:
+                if self.trained(row, seeds[0]) and os.path.isdir(self.run_dir(row, seeds[0])):
+                    self.evaluate(row, seeds[0], self.eval_commands(row, seeds[0], phase), f"{row} seed {seeds[0]}")
+
+    def evaluate(self, row, seed, commands, where):
+        out = self.run_dir(row, seed)
+        for name, command in commands.items():
+            if os.path.isfile(os.path.join(out, name)):
+                continue
+            print(f"{where}: {name}", flush=True)
+            code, _ = run_logged(command, os.path.join(out, "eval.log"))
+            if code:
+                print(f"{where}: evaluation failed (exit {code}); see {out}/eval.log", flush=True)
 
 
 def read_json(path):
@@ -255,8 +271,9 @@ def main(argv=None):
             print(f"{row} (seeds {' '.join(map(str, seeds))}): {ROWS[row][5]}")
             if ROWS[row][0] != "zero-shot":
                 print("  " + shlex.join(t.train_command(row, seeds[0])))
-            for command in t.eval_commands(row, seeds[0], True).values():
-                print("  " + shlex.join(command))
+            for phase in ("sts", "retrieval", "truncated"):
+                for command in t.eval_commands(row, seeds[0], phase).values():
+                    print("  " + shlex.join(command))
         return
     if not a.table_only:
         if not os.path.isdir(a.model):
