@@ -20,6 +20,12 @@
                   (--query_prefix) at the model's max length, exact cosine top 100 (faiss IndexFlatIP),
                   nDCG@10 (main), MRR@10, MAP@10, Recall@1/5/10/100 from pytrec_eval; --output_json rows,
                   --mteb_dir one <Task>.json per dataset in MTEB's result layout.
+  --task mine     hard negatives for the (anchor, positive) pairs of --pairs_file (KorNLI TSV / KLUE-NLI JSON:
+                  premise + entailment; or a headed anchor<TAB>positive TSV) against --corpus_file (default:
+                  the positives), with sentence-transformers' mine_hard_negatives filters (--range_min/max,
+                  --absolute_margin, --relative_margin, --max_score/--min_score, --num_negatives), exact cosine
+                  search; --output_file gets an anchor<TAB>positive<TAB>negative TSV, one row per negative, that
+                  train.py --mode sup --train_file reads as is (common/mining.py).
   --task cluster  seeded KMeans over sentence embeddings, printed as in the KoSBERT example, plus a
                   2-D PNG of the sentences coloured by cluster.
 
@@ -45,13 +51,14 @@ from common.encoding import encode
 from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
 from common.index import INDEX_DEFAULTS, INDEX_FILES, build_index, check_index_recipe, index_search, load_index
+from common.mining import format_counts, mine_from_embeddings, read_pairs, write_triplets
 from common.model_card import write_model_card
 from common.search import EXAMPLE_CORPUS, EXAMPLE_QUERIES, cluster, plot_clusters, print_search_results, semantic_search
 from common.retrieval import (evaluate_retrieval, format_retrieval_table, is_retrieval_dataset, load_retrieval,
                               mteb_result)
 from common.sts import evaluate_sts, format_table
 
-TASKS = ("sts", "search", "index", "cluster", "retrieval")
+TASKS = ("sts", "search", "index", "cluster", "retrieval", "mine")
 RETRIEVAL_DEFAULT = ["autorag", "korquad-dev"]
 
 
@@ -115,13 +122,28 @@ def parse_args(argv=None):
     p.add_argument("--nlist", type=int, default=None, help="index, ivf: k-means cells (default: 4*sqrt(count), at most count/39)")
     p.add_argument("--nprobe", type=int, default=None,
                    help=f"ivf: cells visited per query (default: {INDEX_DEFAULTS['nprobe']} at build; the index's value at search)")
+    p.add_argument("--pairs_file", default=None, help="mine: KorNLI TSV / KLUE-NLI JSON (premise, entailment "
+                   "hypothesis pairs) or a headed TSV of anchor, positive columns")
+    p.add_argument("--output_file", default=None, help="mine: the triplet TSV to write")
+    p.add_argument("--range_min", type=int, default=0, help="mine: skip the first N surviving candidates (default: 0)")
+    p.add_argument("--range_max", type=int, default=None, help="mine: consider surviving candidates of rank < N "
+                   "(default, as sentence-transformers: range_min + num_negatives + max positives per anchor, with "
+                   "10 x num_negatives when a margin or --max_score is set)")
+    p.add_argument("--absolute_margin", type=float, default=None, help="mine: drop a candidate when score + M > the "
+                   "positive's score")
+    p.add_argument("--relative_margin", type=float, default=None, help="mine: drop a candidate when score > "
+                   "positive - |positive| * M")
+    p.add_argument("--max_score", type=float, default=None, help="mine: drop candidates scoring above this")
+    p.add_argument("--min_score", type=float, default=None, help="mine: drop candidates scoring below this")
+    p.add_argument("--num_negatives", type=int, default=1, help="mine: negatives per (anchor, positive), each its "
+                   "own triplet row (default: %(default)s, SimCSE's one hard negative)")
     p.add_argument("--sentences_file", default=None,
                    help="cluster: one sentence per line (default: the example corpus + queries)")
     p.add_argument("--num_clusters", type=int, default=5)
     p.add_argument("--plot", default=None, help="cluster: PNG path (default: clusters.png beside --output_json, else ./clusters.png)")
     args = p.parse_args(argv)
     for name, least in (("batch_size", 1), ("top_k", 1), ("chunk_size", 1), ("num_clusters", 1), ("max_len", 2),
-                        ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("nlist", 1), ("nprobe", 1)):
+                        ("num_negatives", 1), ("range_max", 1), ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("nlist", 1), ("nprobe", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
             p.error(f"--{name} {value}: must be at least {least}")
@@ -131,6 +153,8 @@ def parse_args(argv=None):
                 "(corpus sentences); an old --prefix P is --query_prefix P --passage_prefix P")
     if "index" in args.task and not (args.corpus_file and args.index_dir):
         p.error("--task index needs --corpus_file and --index_dir")
+    if "mine" in args.task and not (args.pairs_file and args.output_file):
+        p.error("--task mine needs --pairs_file and --output_file")
     if "index" in args.task and "search" in args.task:
         p.error("--task index and search: build the index first, then search it with --task search --index_dir")
     names = args.dataset or []
@@ -222,6 +246,24 @@ def run_search(args, encoder, max_len, index=None):
     print_search_results(queries, results)
 
 
+def run_mine(args, encoder, max_len):
+    pairs = read_pairs(args.pairs_file)
+    if not pairs:
+        raise DataError(f"{args.pairs_file}: no (anchor, positive) pairs")
+    corpus = [l.strip() for _, l in iter_lines(args.corpus_file)] if args.corpus_file else None
+    embed = lambda prefix: lambda texts: encode(encoder, encoder.tokenizer, [prefix + t for t in texts], max_len,
+                                                args.batch_size, args.device)
+    try:
+        triplets, counts = mine_from_embeddings(
+            [a for a, _ in pairs], [p for _, p in pairs], corpus, embed(args.query_prefix or ""),
+            embed(args.passage_prefix or ""), args.range_min, args.range_max, args.absolute_margin,
+            args.relative_margin, args.max_score, args.min_score, args.num_negatives)
+    except ValueError as e:
+        sys.exit(f"error: --task mine: {e}")
+    write_triplets(args.output_file, triplets)
+    print(f"mine: {format_counts(counts)} -> {args.output_file}")
+
+
 def run_cluster(args, encoder, max_len):
     sentences = ([l.strip() for _, l in iter_lines(args.sentences_file)] if args.sentences_file
                  else EXAMPLE_CORPUS + EXAMPLE_QUERIES)
@@ -253,7 +295,7 @@ def main(argv=None):
         sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
-            "cluster": run_cluster, "retrieval": functools.partial(run_retrieval, datasets=retrieval)}
+            "cluster": run_cluster, "mine": run_mine, "retrieval": functools.partial(run_retrieval, datasets=retrieval)}
     rows = []
     for task in dict.fromkeys(args.task):  # in the order given, each once
         rows += runs[task](args, encoder, max_len) or []

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from common.data import DataError, TokenizedTexts, read_nli, read_sentences
+from common.data import DataError, TokenizedTexts, read_nli, read_sentences, read_triplets
 
 def nli_to_triplets(rows):
     """SimCSE's rule: one (premise, entailment, contradiction) per premise that has both.
@@ -27,6 +27,11 @@ def nli_to_triplets(rows):
 def load_triplets(paths, log=print):
     triplets = []
     for path in paths:
+        mined = read_triplets(path)  # an anchor/positive/negative TSV (--task mine): every row is a triplet
+        if mined is not None:
+            log(f"{path}: {len(mined):,} triplets (anchor, positive, negative rows)")
+            triplets.extend(mined)
+            continue
         rows, unlabeled = read_nli(path)
         found = nli_to_triplets(rows)
         note = f", {unlabeled:,} rows without a gold label skipped" if unlabeled else ""

@@ -163,6 +163,24 @@ def read_nli(path):
     return rows, unlabeled
 
 
+def read_triplets(path):
+    """(anchor, positive, negative) rows of a TSV whose header is exactly ``anchor<TAB>positive<TAB>negative``
+    (what evaluation.py --task mine writes, one row per mined negative), every row kept; None for any other
+    file, which is then read as NLI."""
+    if path.endswith(".json"):
+        return None
+    for _, line in iter_lines(path):
+        if line.split("\t") != ["anchor", "positive", "negative"]:
+            return None
+        break
+    triplets = []
+    for lineno, row in read_tsv(path, ["anchor", "positive", "negative"]):
+        if not all(s.strip() for s in row):
+            raise DataError(f"{path}:{lineno}: empty text in an anchor/positive/negative row")
+        triplets.append(tuple(row))
+    return triplets
+
+
 def read_sentences(path, max_samples=None, seed=42, log=print):
     """One sentence per line (blank lines ignored); optionally a seeded random subsample."""
     sentences = [line.strip() for _, line in iter_lines(path)]

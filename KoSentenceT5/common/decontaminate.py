@@ -23,7 +23,7 @@ import os
 import re
 import unicodedata
 
-from .data import DataError, iter_lines, read_nli, read_sts, resolve_path
+from .data import DataError, iter_lines, read_nli, read_sts, read_triplets, resolve_path
 
 MODES = ("warn", "drop", "fail")
 MIN_CHARS = 5
@@ -70,6 +70,8 @@ def sentences(path, kind):
         return [s for a, b, _ in read_sts(path) for s in (a, b)]
     if kind == "nli":
         return [s for a, b, _ in read_nli(path)[0] for s in (a, b)]
+    if kind == "triplets":
+        return [s for row in read_triplets(path) for s in row]
     if kind == "korquad":
         return list(_korquad(path))
     if kind == "autorag":
@@ -87,6 +89,8 @@ def file_kind(path):
     header = head.lstrip("\ufeff").split("\n", 1)[0]
     if "gold_label" in header:
         return "nli"
+    if header.rstrip("\r").split("\t") == ["anchor", "positive", "negative"]:
+        return "triplets"  # evaluation.py --task mine
     return "sts" if "score" in header or "label" in header and path.endswith(".csv") else "text"
 
 
@@ -168,7 +172,8 @@ def _filtered_copy(path, kind, contaminated, out_dir):
             kept = [line for line in lines if not (line.strip() and bad(line.strip()))]
         else:
             header = lines[0].split("\t")
-            cols = [header.index(c) for c in ("sentence1", "sentence2") if c in header]
+            cols = [header.index(c) for c in ("sentence1", "sentence2", "anchor", "positive", "negative")
+                    if c in header]
             kept = lines[:1] + [line for line in lines[1:]
                                 if not (line and bad(*(line.split("\t")[c] for c in cols
                                                        if c < len(line.split("\t")))))]
