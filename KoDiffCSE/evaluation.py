@@ -90,11 +90,13 @@ def parse_args(argv=None):
                    help="pooling of a folder without modules.json, in sentence-transformers' names: cls = the raw "
                         "[CLS] vector (train.py's cls_before_pooler), mean, pooler = the checkpoint's pooler_output")
     p.add_argument("--query_prefix", default=None,
-                   help="text put before every query and every sts/cluster sentence (e5: 'query: '; default: none, "
-                        "or the index's with --index_dir)")
+                   help="text put before every query and every sts/cluster sentence (e5: 'query: '; default: the "
+                        "folder's \"query\" prompt in config_sentence_transformers.json, else none, or the index's with "
+                        "--index_dir)")
     p.add_argument("--passage_prefix", default=None,
-                   help="text put before every corpus sentence of search and index (e5: 'passage: '; default: "
-                        "none, or the index's with --index_dir)")
+                   help="text put before every corpus sentence of search and index (e5: 'passage: '; default: the "
+                        "folder's \"passage\" prompt (utils/set_prompts.py records them), else none, or the index's "
+                        "with --index_dir)")
     p.add_argument("--prefix", help=argparse.SUPPRESS)  # replaced by the two above: refused with a pointer
     p.add_argument("--output_json", default=None, help="write the result rows here (sts and retrieval tasks)")
     p.add_argument("--mteb_dir", default=None, help="retrieval: write one <Task>.json per dataset here, in MTEB's "
@@ -294,6 +296,10 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512
+    for flag, name in (("query_prefix", "query"), ("passage_prefix", "passage")):  # the folder's prompts
+        if getattr(args, flag) is None and encoder.prompts.get(name) is not None:
+            setattr(args, flag, encoder.prompts[name])
+            print(f"--{flag} {encoder.prompts[name]!r}: the folder's {name!r} prompt")
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
             "cluster": run_cluster, "mine": run_mine, "retrieval": functools.partial(run_retrieval, datasets=retrieval)}
     rows = []

@@ -109,7 +109,7 @@ def gather_columns(embeddings, num_columns):
 
 
 def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dense=None,
-                                       dense_activation="tanh", normalize=False, matryoshka_dims=()):
+                                       dense_activation="tanh", normalize=False, matryoshka_dims=(), prompts=None):
     """modules.json + module configs in the classic layout that sentence-transformers 2.x to 6.x load:
     0 = the HF model in ``out_dir`` itself, 1_Pooling, [2_Dense (Linear + tanh|identity)], [Normalize].
     ``matryoshka_dims`` (a model trained with --matryoshka_dims): written, largest first, to
@@ -117,8 +117,9 @@ def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dens
     sentence-transformers ignores that key; it loads a folder truncated when the same file holds
     "truncate_dim" (SentenceTransformer._parse_model_config), or with SentenceTransformer(path, truncate_dim=D)."""
     if matryoshka_dims:
-        with open(os.path.join(out_dir, "config_sentence_transformers.json"), "w") as f:
-            json.dump({"matryoshka_dims": sorted(matryoshka_dims, reverse=True)}, f, indent=2)
+        update_st_config(out_dir, matryoshka_dims=sorted(matryoshka_dims, reverse=True))
+    if prompts:
+        update_st_config(out_dir, prompts=dict(prompts), default_prompt_name=None)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
@@ -149,6 +150,23 @@ def write_sentence_transformers_config(out_dir, dim, pooling_mode, max_len, dens
         os.makedirs(os.path.join(out_dir, f"{idx}_Normalize"), exist_ok=True)
     with open(os.path.join(out_dir, "modules.json"), "w") as f:
         json.dump(modules, f, indent=2)
+
+
+def update_st_config(folder, **keys):
+    """Merge ``keys`` into ``folder``/config_sentence_transformers.json (the keys already there are kept),
+    written atomically. ``prompts={"query": "query: ", "passage": "passage: "}`` is how sentence-transformers
+    records asymmetric prefixes: SentenceTransformer(folder).encode(q, prompt_name="query")."""
+    path = os.path.join(folder, "config_sentence_transformers.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    config.update(keys)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 @torch.no_grad()

@@ -62,11 +62,14 @@ class FolderEncoder(nn.Module):
         if os.path.isfile(config_file):
             with open(config_file) as f:
                 self.max_len = json.load(f).get("max_seq_length")
-        self.truncate_dim = truncate_dim
+        self.truncate_dim, self.prompts = truncate_dim, {}
         st_config = os.path.join(path, "config_sentence_transformers.json")
-        if truncate_dim is None and os.path.isfile(st_config):
+        if os.path.isfile(st_config):
             with open(st_config) as f:
-                self.truncate_dim = json.load(f).get("truncate_dim")
+                config = json.load(f)
+            self.prompts = config.get("prompts") or {}  # sentence-transformers' named prompts ("query", "passage")
+            if truncate_dim is None:
+                self.truncate_dim = config.get("truncate_dim")
         width = getattr(self.backbone.config, "d_model", None) or self.backbone.config.hidden_size
         width = self.heads[-1][0].out_features if len(self.heads) else width
         if self.truncate_dim is not None and not 0 < self.truncate_dim <= width:
