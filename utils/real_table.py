@@ -58,6 +58,8 @@ ROWS = {
     "kosimcse-sup-sts": ("ours", "KoSimCSE", "real-sup-sts.args", [], 1, "KoSimCSE sup -> STS"),
     "kosbert-nli-sts": ("ours", "KoSBERT", "real-nli-sts.args", [], 1, "KoSBERT NLI -> STS"),
     "kosimcse-unsup": ("ours", "KoSimCSE", "real-unsup.args", [], 1, "KoSimCSE unsup, 8k wiki sentences"),
+    "kosimcse-sup-mined": ("ours", "KoSimCSE", "real-sup.args", ["--train_file", "MINED"], 1,
+                           "KoSimCSE sup, hard negatives mined by the zero-shot model (not the contradictions)"),
     "kosimcse-sup-matryoshka": ("ours", "KoSimCSE", "real-sup.args",
                                 ["--matryoshka_dims", "384", "256", "128", "64"], 1,
                                 "KoSimCSE sup with Matryoshka 384/256/128/64"),
@@ -96,12 +98,32 @@ class Table:
             return [sys.executable, "bench/st_recipes.py", "--recipe", what, "--model", a.model, "--data_dir",
                     a.data_dir, "--seed", str(seed), "--output_dir", out, *recipe, "--max_len", "64",
                     *(["--bf16"] if a.bf16 else []), *steps]
+        extra = [self.mined() if flag == "MINED" else flag for flag in extra]
         resume = os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
         if resume:
             return [sys.executable, f"{what}/train.py", "--resume", out]
         return [sys.executable, f"{what}/train.py", f"@{what}/presets/{preset}", *extra, "--model", a.model,
                 "--seed", str(seed), "--data_dir", a.data_dir, "--output_dir", out, "--overwrite_output_dir",
                 *(["--bf16"] if a.bf16 else []), *steps]
+
+    def mined(self):
+        """The KLUE-NLI train (premise, entailment) pairs with one hard negative each, mined by the zero-shot
+        backbone (evaluation.py --task mine: ranks 10 and below, 5 % relative margin to the positive, as
+        sentence-transformers' docs advise against false negatives); mined once, kept in OUT/_mined/."""
+        path = os.path.join(self.a.out, "_mined", "klue_nli_train_mined.tsv")
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            command = [sys.executable, EVALUATION, "--model_dir", self.a.model, "--pooling", "mean", "--task", "mine",
+                       "--pairs_file", os.path.join(self.a.data_dir, "KLUE-NLI", "klue_nli_train.tsv"),
+                       "--query_prefix", "query: ", "--passage_prefix", "passage: ", "--range_min", "10",
+                       "--relative_margin", "0.05", "--num_negatives", "1", "--output_file", path]
+            if self.a.list:
+                return path
+            print("mining hard negatives for kosimcse-sup-mined", flush=True)
+            code, _ = run_logged(command, os.path.join(os.path.dirname(path), "mine.log"))
+            if code:
+                raise SystemExit(f"error: mining failed (exit {code}); see {os.path.dirname(path)}/mine.log")
+        return path
 
     def eval_commands(self, row, seed, phase="sts"):
         """{result file: command} of one phase: sts (every seed), retrieval (first seed), truncated (first seed
