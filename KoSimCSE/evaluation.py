@@ -9,22 +9,17 @@
   --task search   semantic search of queries against a corpus file, streamed in chunks so that a
                   1,000,000-sentence corpus needs memory for one chunk only; with --index_dir, against
                   an index built by --task index instead (the corpus is not encoded again).
-  --task index    encode a corpus file once into --index_dir: embeddings (.npy, float32 or float16),
-                  the sentences' byte offsets, a faiss index (flat = exact, hnsw, ivf) and
-                  index_meta.json. Chunks are saved atomically, so a killed build resumes where it
-                  stopped. Queries searched against the index must use the model, pooling, max_len
-                  and prefixes it was built with, or are refused.
+  --task index    encode a corpus file once into --index_dir (embeddings, line offsets, a faiss index: flat =
+                  exact, hnsw, ivf); a killed build resumes; searches must use the model, pooling, max_len
+                  and prefixes it was built with (common/index.py).
   --task retrieval  MTEB-style retrieval on --dataset korquad-dev (SQuADKorV1Retrieval), autorag
                   (AutoRAGRetrieval) or a BEIR-layout folder: passages (--passage_prefix) and queries
                   (--query_prefix) at the model's max length, exact cosine top 100 (faiss IndexFlatIP),
                   nDCG@10 (main), MRR@10, MAP@10, Recall@1/5/10/100 from pytrec_eval; --output_json rows,
                   --mteb_dir one <Task>.json per dataset in MTEB's result layout.
-  --task mine     hard negatives for the (anchor, positive) pairs of --pairs_file (KorNLI TSV / KLUE-NLI JSON:
-                  premise + entailment; or a headed anchor<TAB>positive TSV) against --corpus_file (default:
-                  the positives), with sentence-transformers' mine_hard_negatives filters (--range_min/max,
-                  --absolute_margin, --relative_margin, --max_score/--min_score, --num_negatives), exact cosine
-                  search; --output_file gets an anchor<TAB>positive<TAB>negative TSV, one row per negative, that
-                  train.py --mode sup --train_file reads as is (common/mining.py).
+  --task mine     hard negatives for the (anchor, positive) pairs of --pairs_file against --corpus_file,
+                  with sentence-transformers' mine_hard_negatives filters, written as a triplet TSV that
+                  train.py --mode sup reads (common/mining.py).
   --task cluster  seeded KMeans over sentence embeddings, printed as in the KoSBERT example, plus a
                   2-D PNG of the sentences coloured by cluster.
 
@@ -36,7 +31,7 @@ The model folder is read the way sentence-transformers reads it (modules.json: T
 Pooling -> [Dense] -> [Normalize]), so the embeddings here are the ones
 ``SentenceTransformer(folder).encode`` gives; a plain Hugging Face folder needs --pooling. Several tasks
 may be given (``--task sts search``): they run in that order on one loaded model. The work is done in
-common/ (sts.py, search.py, index.py, folder.py); this file is the command line.
+common/ (sts.py, search.py, index.py, retrieval.py, mining.py, folder.py); this file is the command line.
 """
 import argparse
 import functools
@@ -49,8 +44,8 @@ from common.data import DEFAULT_DATA_DIR, DataError, iter_lines, read_sts, resol
 from common.encoding import encode
 from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
-from common.index import INDEX_DEFAULTS, INDEX_FILES, build_index, check_index_recipe, index_search, load_index
-from common.mining import format_counts, mine_from_embeddings, read_pairs, write_triplets
+from common.index import INDEX_FILES, add_index_args, build_index, check_index_recipe, index_search, load_index
+from common.mining import add_mining_args, run_mine
 from common.model_card import write_model_card
 from common.search import EXAMPLE_CORPUS, EXAMPLE_QUERIES, cluster, plot_clusters, print_search_results, semantic_search
 from common.retrieval import (evaluate_retrieval, format_retrieval_table, is_retrieval_dataset, load_retrieval,
@@ -109,35 +104,8 @@ def parse_args(argv=None):
                    help="search/index: corpus lines encoded at a time; index: also the unit of resuming (default: %(default)s)")
     p.add_argument("--index_dir", default=None, help="index: folder to build the index in (a killed build "
                    "resumes there); search: answer from this index instead of streaming a corpus")
-    p.add_argument("--index_type", choices=("flat", "hnsw", "ivf"), default="flat",
-                   help="index: flat = exact (IndexFlatIP), hnsw (IndexHNSWFlat) or ivf (IndexIVFFlat) for "
-                        "approximate search; all by inner product over L2-normalised rows = cosine (default: %(default)s)")
-    p.add_argument("--index_dtype", choices=("float32", "float16"), default="float32",
-                   help="index: stored embeddings (and faiss vectors) in float32, or float16 for half the disk "
-                        "(default: %(default)s)")
-    p.add_argument("--hnsw_m", type=int, default=INDEX_DEFAULTS["hnsw_m"], help="index, hnsw: links per node (default: %(default)s)")
-    p.add_argument("--ef_construction", type=int, default=INDEX_DEFAULTS["ef_construction"],
-                   help="index, hnsw: candidates while building (default: %(default)s)")
-    p.add_argument("--ef_search", type=int, default=None,
-                   help=f"hnsw: candidates per query (default: {INDEX_DEFAULTS['ef_search']} at build; the index's value at search)")
-    p.add_argument("--nlist", type=int, default=None, help="index, ivf: k-means cells (default: 4*sqrt(count), at most count/39)")
-    p.add_argument("--nprobe", type=int, default=None,
-                   help=f"ivf: cells visited per query (default: {INDEX_DEFAULTS['nprobe']} at build; the index's value at search)")
-    p.add_argument("--pairs_file", default=None, help="mine: KorNLI TSV / KLUE-NLI JSON (premise, entailment "
-                   "hypothesis pairs) or a headed TSV of anchor, positive columns")
-    p.add_argument("--output_file", default=None, help="mine: the triplet TSV to write")
-    p.add_argument("--range_min", type=int, default=0, help="mine: skip the first N surviving candidates (default: 0)")
-    p.add_argument("--range_max", type=int, default=None, help="mine: consider surviving candidates of rank < N "
-                   "(default, as sentence-transformers: range_min + num_negatives + max positives per anchor, with "
-                   "10 x num_negatives when a margin or --max_score is set)")
-    p.add_argument("--absolute_margin", type=float, default=None, help="mine: drop a candidate when score + M > the "
-                   "positive's score")
-    p.add_argument("--relative_margin", type=float, default=None, help="mine: drop a candidate when score > "
-                   "positive - |positive| * M")
-    p.add_argument("--max_score", type=float, default=None, help="mine: drop candidates scoring above this")
-    p.add_argument("--min_score", type=float, default=None, help="mine: drop candidates scoring below this")
-    p.add_argument("--num_negatives", type=int, default=1, help="mine: negatives per (anchor, positive), each its "
-                   "own triplet row (default: %(default)s, SimCSE's one hard negative)")
+    add_index_args(p)
+    add_mining_args(p)
     p.add_argument("--sentences_file", default=None,
                    help="cluster: one sentence per line (default: the example corpus + queries)")
     p.add_argument("--num_clusters", type=int, default=5)
@@ -245,24 +213,6 @@ def run_search(args, encoder, max_len, index=None):
                                   args.top_k, args.chunk_size, max_len, args.batch_size, args.device,
                                   args.passage_prefix or "")
     print_search_results(queries, results)
-
-
-def run_mine(args, encoder, max_len):
-    pairs = read_pairs(args.pairs_file)
-    if not pairs:
-        raise DataError(f"{args.pairs_file}: no (anchor, positive) pairs")
-    corpus = [l.strip() for _, l in iter_lines(args.corpus_file)] if args.corpus_file else None
-    embed = lambda prefix: lambda texts: encode(encoder, encoder.tokenizer, [prefix + t for t in texts], max_len,
-                                                args.batch_size, args.device)
-    try:
-        triplets, counts = mine_from_embeddings(
-            [a for a, _ in pairs], [p for _, p in pairs], corpus, embed(args.query_prefix or ""),
-            embed(args.passage_prefix or ""), args.range_min, args.range_max, args.absolute_margin,
-            args.relative_margin, args.max_score, args.min_score, args.num_negatives)
-    except ValueError as e:
-        sys.exit(f"error: --task mine: {e}")
-    write_triplets(args.output_file, triplets)
-    print(f"mine: {format_counts(counts)} -> {args.output_file}")
 
 
 def run_cluster(args, encoder, max_len):

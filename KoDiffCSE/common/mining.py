@@ -21,10 +21,12 @@ The semantics follow sentence-transformers step by step:
 Triplets come out per distinct anchor (first-seen order), per positive, negatives in descending score.
 """
 import os
+import sys
 
 import numpy as np
 
 from .data import DataError, iter_lines, read_nli, read_tsv
+from .encoding import encode
 from .index import build_faiss_index
 
 TRIPLET_HEADER = ("anchor", "positive", "negative")
@@ -163,3 +165,41 @@ def format_counts(counts):
             + ", ".join(f"{k[8:]} {counts[k]:,}" for k in keys)
             + f"; {counts['triplets']:,} triplets mined, {counts['anchors_short_of_negatives']:,} anchors got fewer "
               f"negatives than asked")
+
+
+def add_mining_args(parser):
+    """evaluation.py's --task mine flags."""
+    p = parser
+    p.add_argument("--pairs_file", default=None, help="mine: KorNLI TSV / KLUE-NLI JSON (premise, entailment "
+                   "hypothesis pairs) or a headed TSV of anchor, positive columns")
+    p.add_argument("--output_file", default=None, help="mine: the triplet TSV to write")
+    p.add_argument("--range_min", type=int, default=0, help="mine: skip the first N surviving candidates (default: 0)")
+    p.add_argument("--range_max", type=int, default=None, help="mine: consider surviving candidates of rank < N "
+                   "(default, as sentence-transformers: range_min + num_negatives + max positives per anchor, with "
+                   "10 x num_negatives when a margin or --max_score is set)")
+    p.add_argument("--absolute_margin", type=float, default=None, help="mine: drop a candidate when score + M > the "
+                   "positive's score")
+    p.add_argument("--relative_margin", type=float, default=None, help="mine: drop a candidate when score > "
+                   "positive - |positive| * M")
+    p.add_argument("--max_score", type=float, default=None, help="mine: drop candidates scoring above this")
+    p.add_argument("--min_score", type=float, default=None, help="mine: drop candidates scoring below this")
+    p.add_argument("--num_negatives", type=int, default=1, help="mine: negatives per (anchor, positive), each its "
+                   "own triplet row (default: %(default)s, SimCSE's one hard negative)")
+
+
+def run_mine(args, encoder, max_len):
+    pairs = read_pairs(args.pairs_file)
+    if not pairs:
+        raise DataError(f"{args.pairs_file}: no (anchor, positive) pairs")
+    corpus = [l.strip() for _, l in iter_lines(args.corpus_file)] if args.corpus_file else None
+    embed = lambda prefix: lambda texts: encode(encoder, encoder.tokenizer, [prefix + t for t in texts], max_len,
+                                                args.batch_size, args.device)
+    try:
+        triplets, counts = mine_from_embeddings(
+            [a for a, _ in pairs], [p for _, p in pairs], corpus, embed(args.query_prefix or ""),
+            embed(args.passage_prefix or ""), args.range_min, args.range_max, args.absolute_margin,
+            args.relative_margin, args.max_score, args.min_score, args.num_negatives)
+    except ValueError as e:
+        sys.exit(f"error: --task mine: {e}")
+    write_triplets(args.output_file, triplets)
+    print(f"mine: {format_counts(counts)} -> {args.output_file}")

@@ -361,3 +361,22 @@ def index_search(encoder, tokenizer, queries, index, top_k=5, max_len=128, batch
     wanted = sorted({int(i) for row in ids for i in row})
     text = dict(zip(wanted, read_lines_at(index["meta"]["corpus"]["path"], index["offsets"][wanted])))
     return [[(float(s), int(i), text[int(i)]) for s, i in zip(srow, irow)] for srow, irow in zip(scores, ids)]
+
+
+def add_index_args(parser):
+    """evaluation.py's --task index / --task search --index_dir flags."""
+    p = parser
+    p.add_argument("--index_type", choices=("flat", "hnsw", "ivf"), default="flat",
+                   help="index: flat = exact (IndexFlatIP), hnsw (IndexHNSWFlat) or ivf (IndexIVFFlat) for "
+                        "approximate search; all by inner product over L2-normalised rows = cosine (default: %(default)s)")
+    p.add_argument("--index_dtype", choices=("float32", "float16"), default="float32",
+                   help="index: stored embeddings (and faiss vectors) in float32, or float16 for half the disk "
+                        "(default: %(default)s)")
+    p.add_argument("--hnsw_m", type=int, default=INDEX_DEFAULTS["hnsw_m"], help="index, hnsw: links per node (default: %(default)s)")
+    p.add_argument("--ef_construction", type=int, default=INDEX_DEFAULTS["ef_construction"],
+                   help="index, hnsw: candidates while building (default: %(default)s)")
+    p.add_argument("--ef_search", type=int, default=None,
+                   help=f"hnsw: candidates per query (default: {INDEX_DEFAULTS['ef_search']} at build; the index's value at search)")
+    p.add_argument("--nlist", type=int, default=None, help="index, ivf: k-means cells (default: 4*sqrt(count), at most count/39)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help=f"ivf: cells visited per query (default: {INDEX_DEFAULTS['nprobe']} at build; the index's value at search)")
