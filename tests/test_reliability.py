@@ -333,3 +333,90 @@ def test_evaluation_cli_a_bad_model_folder_is_one_error_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
     assert len(lines) == 1 and lines[0].startswith("error: cannot load model from "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- 4. --resume compares the flags and the training data with the run's --------------------------------
+
+def copied_data(synthetic_data, tmp_path):
+    import shutil
+    root = str(tmp_path / "data")
+    shutil.copytree(synthetic_data, root)
+    return root
+
+
+def interrupted_run(kosimcse, tiny_bert, data, tmp_path, *extra):
+    out = str(tmp_path / "run")
+    crash_after_first_checkpoint(kosimcse.train, cli(tiny_bert, data, out, *extra))
+    return out
+
+
+@pytest.mark.parametrize("flags, named", [(["--lr", "1e-4"], "--lr"), (["--max_steps", "9"], "--max_steps"),
+                                          (["--pooler", "mean", "--seed", "7"], "--pooler"),
+                                          (["--mode", "sup"], "--mode"), (["--no-mlp_only_train", "--temperature", "0.1"],
+                                                                           "--temperature")])
+def test_resume_refuses_changed_flags_in_one_line(kosimcse, tiny_bert, synthetic_data, tmp_path, capsys, flags, named):
+    out = interrupted_run(kosimcse, tiny_bert, synthetic_data, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(["--resume", out, *flags])
+    assert e.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: error: --resume {out}: ") or "error: --resume" in message
+    assert named in message and "may change on --resume" in message and "--device" in message
+    if "--seed" in flags:
+        assert "--seed 7 (was 42)" in message
+
+
+def test_resume_accepts_equal_flags_and_the_ones_that_may_change(kosimcse, tiny_bert, synthetic_data, tmp_path,
+                                                                 uninterrupted):
+    out = interrupted_run(kosimcse, tiny_bert, synthetic_data, tmp_path)
+    kosimcse.train.main(["--resume", out, "--max_steps", "6", "--batch_size", "8", "--device", "cpu",
+                         "--num_workers", "0", "--keep_checkpoint", "--output_dir", out])
+    assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
+    assert os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))  # --keep_checkpoint took effect
+    import contextlib
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        kosimcse.train.main(["--help"])
+    assert "--device, --num_workers, --keep_checkpoint" in " ".join(buffer.getvalue().split())
+
+
+@pytest.mark.parametrize("change", ["append", "shuffle", "truncate", "remove"])
+def test_resume_refuses_a_changed_training_file(kosimcse, tiny_bert, synthetic_data, tmp_path, change):
+    data = copied_data(synthetic_data, tmp_path)
+    out = interrupted_run(kosimcse, tiny_bert, data, tmp_path)
+    wiki = os.path.join(data, "wiki", "wiki_corpus.txt")
+    recorded = json.load(open(os.path.join(out, "args.json")))["data_fingerprints"]
+    assert list(recorded) == [wiki] and recorded[wiki]["size"] == os.path.getsize(wiki)
+    lines = open(wiki, encoding="utf-8").read().splitlines(keepends=True)
+    if change == "remove":
+        os.remove(wiki)
+    else:
+        changed = {"append": lines + ["새로운 문장 하나.\n"], "shuffle": lines[1:] + lines[:1],
+                   "truncate": lines[:-3]}[change]
+        open(wiki, "w", encoding="utf-8").write("".join(changed))
+    what = {"append": "has changed since the run started (", "truncate": "has changed since the run started (",
+            "shuffle": "(same size, different content)", "remove": "is missing"}[change]
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(["--resume", out])
+    message = str(e.value)
+    if change == "remove":  # the decontamination guard reads the files first
+        assert message == f"error: {wiki}: file not found (--train_file)"
+    else:
+        assert message.startswith(f"error: --resume {out}: the training file {wiki} ") and what in message
+    assert "\n" not in message
+    assert not os.path.exists(os.path.join(out, ".lock"))  # the lock was released
+
+
+def test_resume_fingerprints_the_decontaminated_copy_it_trains_on(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    data = copied_data(synthetic_data, tmp_path)
+    wiki = os.path.join(data, "wiki", "wiki_corpus.txt")
+    with open(wiki, "a", encoding="utf-8") as f:
+        f.write('"슈퍼맨" 셔츠를 입은 개가 뛴다.\n')  # a KorSTS dev sentence: dropped
+    out = interrupted_run(kosimcse, tiny_bert, data, tmp_path, "--decontaminate", "drop")
+    copy = os.path.join(out, "decontaminated", "wiki_corpus.txt")
+    assert list(json.load(open(os.path.join(out, "args.json")))["data_fingerprints"]) == [copy]
+    with open(copy, "a", encoding="utf-8") as f:
+        f.write("덧붙인 문장.\n")
+    with pytest.raises(SystemExit, match=rf"^error: --resume {out}: the training file {copy} has changed"):
+        kosimcse.train.main(["--resume", out])

@@ -6,6 +6,7 @@ Nothing here is specific to one method.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,13 +21,14 @@ from safetensors import SafetensorError
 from transformers import get_linear_schedule_with_warmup
 
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
-from .decontaminate import MODES as DECONTAMINATE_MODES, guard
+from .decontaminate import MODES as DECONTAMINATE_MODES, SOURCE_FLAGS, guard
 from .encoding import encode_tokenized
 from .files import check_device, one_line_errors, save_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
 
+RESUME_MAY_CHANGE = ("device", "num_workers", "keep_checkpoint")  # flags --resume lets differ from args.json
 RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
 METHOD = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method folder's name
 
@@ -53,6 +55,10 @@ class PresetParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(fromfile_prefix_chars="@", formatter_class=HelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)  # the last one parsed: see explicit_flags
+        return super().parse_known_args(args, namespace)
 
     def convert_arg_line_to_args(self, line):
         return line.split("#", 1)[0].split()
@@ -90,7 +96,9 @@ def add_run_args(p, **defaults):
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
     p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
                    help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
-                        "it was started with (only --device and --num_workers may change)")
+                        "and training data it was started with: other flags given with it must equal the recorded "
+                        "ones, except %s, which may change; a training file changed since the start is refused"
+                        % ", ".join("--" + f for f in RESUME_MAY_CHANGE))
     p.add_argument("--batch_size", type=int, default=64, help="global batch (all processes together)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
@@ -131,16 +139,45 @@ def add_run_args(p, **defaults):
     p.set_defaults(**defaults)
 
 
+def explicit_flags(p, argv):
+    """The destinations of the flags ``argv`` gives (a preset file's count as given), with their values."""
+    defaults, parser_defaults = {a: a.default for a in p._actions}, p._defaults
+    try:
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        p._defaults = {}
+        return vars(p.parse_known_args(argv)[0])
+    finally:
+        for a, default in defaults.items():
+            a.default = default
+        p._defaults = parser_defaults
+
+
 def finish_args(p, args, default_output_dir):
-    """Checks and derived values after parsing; with --resume, the arguments the run was started with."""
+    """Checks and derived values after parsing; with --resume, the arguments the run was started with
+    (flags given with it must equal them, except RESUME_MAY_CHANGE)."""
     if args.resume:
         saved = os.path.join(args.resume, "args.json")
         if not os.path.isfile(saved):
             p.error(f"--resume {args.resume}: no args.json there, so no run to resume")
-        with open(saved) as f:
-            for key, value in json.load(f).items():
-                if key not in ("device", "num_workers", "resume"):
-                    setattr(args, key, value)
+        try:
+            with open(saved, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--resume {args.resume}: cannot read {saved} ({e})")
+        given = explicit_flags(p, p.argv)
+        changed = [k for k, v in given.items() if k not in ("resume", *RESUME_MAY_CHANGE)
+                   and json.loads(json.dumps(v)) != recorded.get(k)]
+        if "output_dir" in changed and os.path.realpath(given["output_dir"]) == os.path.realpath(args.resume):
+            changed.remove("output_dir")
+        if changed:
+            p.error(f"--resume {args.resume}: " + ", ".join(f"--{k} {given[k]!r} (was {recorded[k]!r})"
+                                                            if k in recorded else f"--{k}" for k in changed)
+                    + " differ from the run's recorded flags; only " + ", ".join("--" + f for f in RESUME_MAY_CHANGE)
+                    + " may change on --resume (start a new run to change the others)")
+        for key, value in recorded.items():
+            if key not in ("device", "num_workers", "resume") and not (key in given and key in RESUME_MAY_CHANGE):
+                setattr(args, key, value)
         args.output_dir = args.resume
         check_device(p, args.device)
         return args
@@ -190,6 +227,41 @@ def check_run_args(p, args):
         p.error(f"--batch_size {args.batch_size}: contrastive training needs at least 2 examples per batch (with "
                 f"one, the InfoNCE loss is exactly 0 and nothing trains)")
     check_device(p, args.device)
+
+
+# --- the training data a run started with -------------------------------------------------------------
+
+def file_fingerprint(path):
+    """{"size", "sha256"} of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def check_data_fingerprints(args, source_names, resumed):
+    """Fingerprint the training files of ``source_names`` (the files the run reads: with --decontaminate drop,
+    its filtered copies). A new run records them as ``args.data_fingerprints`` (args.json); a resumed one
+    refuses, in one line, a file that is missing or differs from its recorded fingerprint (a run started
+    before fingerprints were recorded is not checked)."""
+    prints = {}
+    for flag in dict.fromkeys(SOURCE_FLAGS[n] for n in source_names if n in SOURCE_FLAGS):
+        value = getattr(args, flag, None)
+        for name in ([value] if isinstance(value, str) else value or []):
+            path = resolve_path(name, args.data_dir)
+            prints[path] = file_fingerprint(path) if os.path.isfile(path) else None
+    if not resumed:
+        args.data_fingerprints = prints
+        return
+    for path, recorded in (getattr(args, "data_fingerprints", None) or {}).items():
+        now = prints.get(path)
+        if now != recorded:
+            what = ("is missing" if now is None else f"has changed since the run started ({recorded['size']:,} -> "
+                    f"{now['size']:,} bytes)" if now["size"] != recorded["size"] else
+                    "has changed since the run started (same size, different content)")
+            raise SystemExit(f"error: --resume {args.output_dir}: the training file {path} {what}; restore it, or "
+                             f"start a new run to train on the new data")
 
 
 # --- the output folder ------------------------------------------------------------------------------
@@ -664,7 +736,7 @@ def load_or_exit(load, path, what="model", flag="--model"):
 
 def training_command(args):
     """The command line that reproduces a run (every flag of args.json, defaults included)."""
-    skip = ("resume", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers", "decontamination")
+    skip = ("resume", "data_fingerprints", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers", "decontamination")
     parts = [f"python {METHOD}/train.py"]
     for key, value in vars(args).items():
         if key in skip or value is None or value is False:
@@ -749,6 +821,12 @@ class Run:
                 self.lock.release()
             raise
         barrier(self.world)  # with drop, rank 0 has written the filtered copies
+        if self.rank == 0:  # the data a resumed run trains on must be the data it started with
+            try:
+                check_data_fingerprints(args, [n for s in self.plan for n in s.sources], self.state is not None)
+            except BaseException:
+                self.lock.release()
+                raise
         set_seed(args.seed + self.rank)  # per-rank dropout masks
         self.log = RunLog(os.path.join(args.output_dir, "train_log.jsonl"), self.rank)  # opened at its first record
         return self
