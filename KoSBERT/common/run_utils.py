@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
 from .decontaminate import MODES as DECONTAMINATE_MODES, SOURCE_FLAGS, guard
 from .encoding import encode_tokenized
-from .files import check_device, one_line_errors, save_atomic
+from .files import FolderLock, check_device, one_line_errors, save_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
@@ -280,41 +280,13 @@ def recover_interrupted_save(output_dir, stage_dirs=()):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-class RunLock:
-    """An exclusive lock on an output folder (output_dir/.lock, flock): a second run on a folder that a
-    live run holds is refused. The kernel drops the lock when its process exits, so a crashed or killed
-    run leaves no stale lock behind (its file, with the dead holder's pid, is simply taken over); a run
-    that ends removes the file, and the folder too if the run created it and left nothing in it."""
+class RunLock(FolderLock):
+    """An exclusive lock on an output folder (output_dir/.lock, see files.FolderLock): a second run on a
+    folder that a live run holds is refused."""
 
     def __init__(self, output_dir):
-        self.path, self.file, self.created = os.path.join(output_dir, ".lock"), None, not os.path.isdir(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        file = open(self.path, "a+")
-        try:
-            import fcntl
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): no lock
-            pass
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            raise SystemExit(f"error: {output_dir} is in use by a running training (pid {holder}); wait for it to "
-                             f"finish or choose another --output_dir") from None
-        file.seek(0)
-        file.truncate()
-        file.write(str(os.getpid()))
-        file.flush()
-        self.file = file
-
-    def release(self):
-        if self.file is not None:
-            os.remove(self.path)  # still holding the lock, so no other run is between check and removal
-            self.file.close()  # closing the descriptor releases the flock
-            self.file = None
-            folder = os.path.dirname(self.path)
-            if self.created and not os.listdir(folder):
-                os.rmdir(folder)
+        super().__init__(output_dir, lambda holder: f"error: {output_dir} is in use by a running training (pid "
+                                                    f"{holder}); wait for it to finish or choose another --output_dir")
 
 
 def check_output_dir(args, stage_dirs=()):
