@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
 from .decontaminate import MODES as DECONTAMINATE_MODES, SOURCE_FLAGS, guard
 from .encoding import encode_tokenized
-from .files import FolderLock, check_device, one_line_errors, save_atomic
+from .files import FolderLock, check_device, one_line_errors, save_atomic, save_json_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
@@ -734,11 +734,24 @@ def write_training_info(folder, args, stage, step, dev_metrics, files):
         json.dump(info, f, indent=2, ensure_ascii=False)
 
 
+def cap_saved_tokenizer(folder, max_len):
+    """Set the saved tokenizer's model_max_length to the model's ``max_len`` (its max_seq_length): the source's
+    may say 4096 or 1e30, and then ``tokenizer(text, truncation=True)`` in plain transformers (the model
+    card's usage code) would not stop where the position table ends."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["model_max_length"] = int(max_len)
+        save_json_atomic(path, config)
+
+
 def save_model(encoder, folder, tokenizer, args, stage, step, dev_metrics, files=()):
     """The encoder as a Hugging Face + sentence-transformers folder (max_seq_length: the model's own limit),
     with training.json and a model card (evaluation.write_model_card) that carries the dev row it was
     selected by; ``files``: the training data files, for the card."""
     encoder.save(folder, tokenizer, args.eval_max_len)
+    cap_saved_tokenizer(folder, args.eval_max_len)
     write_training_info(folder, args, stage, step, dev_metrics, list(files))
     dev_row = {"dataset": args.dev_file, "protocol": args.dev_protocol, "metrics": dev_metrics} if dev_metrics else None
     write_model_card(folder, [dev_row] if dev_row else [])
