@@ -3,6 +3,7 @@ result files written atomically, one line per error, flags checked once for ever
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -420,3 +421,72 @@ def test_resume_fingerprints_the_decontaminated_copy_it_trains_on(kosimcse, tiny
         f.write("덧붙인 문장.\n")
     with pytest.raises(SystemExit, match=rf"^error: --resume {out}: the training file {copy} has changed"):
         kosimcse.train.main(["--resume", out])
+
+
+# --- 9. messages that say what is wrong ------------------------------------------------------------------
+
+BOM = "\ufeff"
+
+
+def test_a_byte_order_mark_is_accepted_by_every_reader(kosimcse, tmp_path):
+    """Excel's "CSV UTF-8" export starts the file with a BOM: the header is still found, and the first
+    sentence does not carry it."""
+    data = kosimcse.data
+    sts_tsv = tmp_path / "sts.tsv"
+    sts_tsv.write_text(BOM + "genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2\n"
+                       "main\tf\t2020\t1\t3.5\t첫 문장.\t둘째 문장.\n", encoding="utf-8")
+    assert data.read_sts(str(sts_tsv)) == [("첫 문장.", "둘째 문장.", 3.5)]
+    sts_csv = tmp_path / "sts.csv"
+    sts_csv.write_text(BOM + "sentence1,sentence2,label\n하나.,둘.,4.2\n", encoding="utf-8")
+    assert data.read_sts(str(sts_csv)) == [("하나.", "둘.", 4.2)]
+    sts_json = tmp_path / "sts.json"
+    sts_json.write_text(BOM + json.dumps([{"guid": "g", "sentence1": "가.", "sentence2": "나.",
+                                           "labels": {"real-label": 1.5}}], ensure_ascii=False), encoding="utf-8")
+    assert data.read_sts(str(sts_json)) == [("가.", "나.", 1.5)]
+    nli_tsv = tmp_path / "nli.tsv"
+    nli_tsv.write_text(BOM + "sentence1\tsentence2\tgold_label\n전제.\t가설.\tentailment\n", encoding="utf-8")
+    assert data.read_nli(str(nli_tsv)) == ([("전제.", "가설.", "entailment")], 0)
+    nli_json = tmp_path / "nli.json"
+    nli_json.write_text(BOM + json.dumps([{"premise": "전제.", "hypothesis": "가설.", "gold_label": "neutral"}],
+                                         ensure_ascii=False), encoding="utf-8")
+    assert data.read_nli(str(nli_json)) == ([("전제.", "가설.", "neutral")], 0)
+    text = tmp_path / "wiki.txt"
+    text.write_text(BOM + "첫 줄의 문장.\n둘째 줄.\n", encoding="utf-8")
+    assert [line for _, line in data.iter_lines(str(text))] == ["첫 줄의 문장.", "둘째 줄."]
+    offsets, _ = kosimcse.index.corpus_offsets(str(text))  # the index reads lines at byte offsets
+    assert kosimcse.index.read_lines_at(str(text), offsets) == ["첫 줄의 문장.", "둘째 줄."]
+    assert kosimcse.decontaminate.sentences(str(nli_json), "nli") == ["전제.", "가설."]
+
+
+def test_a_directory_is_named_as_one(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    folder = tmp_path / "a_folder.tsv"
+    folder.mkdir()
+    for read in (kosimcse.data.read_sts, kosimcse.data.read_nli, lambda p: list(kosimcse.data.iter_lines(p)),
+                 kosimcse.files.require_file):
+        with pytest.raises(kosimcse.data.DataError, match=rf"^{folder}: is a directory, not a file$"):
+            read(str(folder))
+    with pytest.raises(SystemExit) as e:  # the command line: one line naming the flag
+        kosimcse.train.main(cli(tiny_bert, synthetic_data, str(tmp_path / "run"), "--train_file", str(folder)))
+    assert e.value.code == f"error: {folder}: is a directory, not a file (--train_file)"
+    with pytest.raises(kosimcse.data.DataError, match=rf"^{folder}: is a directory, not a file$"):
+        kosimcse.evaluation.main(["--model_dir", tiny_bert, "--pooling", "mean", "--task", "sts", "--data_dir",
+                                  synthetic_data, "--dataset", str(folder)])
+
+
+def test_the_nan_loss_message_names_only_what_exists(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--lr", "1e38"))  # NaN before anything is saved
+    message = str(e.value)
+    assert re.match(r"error: the loss was not finite \(NaN or inf\) in the steps up to \d+; stopping, nothing was "
+                    r"saved before it \(no evaluation or checkpoint yet\)\. Try a lower --lr", message)
+    assert os.path.join(out, "best_model") not in message and os.path.join(out, "checkpoint") not in message
+    exit_message = kosimcse.run_utils.nonfinite_loss_exit
+    os.makedirs(os.path.join(out, "sup_model"))
+    assert "kept in " + os.path.join(out, "sup_model") in str(exit_message(5, out, "sup_model"))
+    assert "nothing was saved" in str(exit_message(5, out))  # another stage's best model is not this one's
+    os.makedirs(os.path.join(out, "checkpoint"))
+    assert "nothing was saved" in str(exit_message(5, out))  # an empty folder is no checkpoint
+    open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
+    assert str(exit_message(5, out)).endswith(f"stopping, the last checkpoint in {os.path.join(out, 'checkpoint')}. "
+                                              f"Try a lower --lr, or --bf16 instead of --fp16.")

@@ -5,7 +5,7 @@ import sys
 import tempfile
 import traceback
 
-from .data import DataError
+from .data import DataError, not_a_file
 
 
 def fsync_dir(path):
@@ -43,7 +43,7 @@ def save_json_atomic(path, obj):
 def require_file(path):
     """DataError unless ``path`` is a non-empty file."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+        raise not_a_file(path)
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: file is empty")
 

@@ -756,10 +756,15 @@ def save_model(encoder, folder, tokenizer, args, stage, step, dev_metrics, files
     write_model_card(folder, [dev_row] if dev_row else [])
 
 
-def nonfinite_loss_exit(step, output_dir):
-    return SystemExit(f"error: the loss was not finite (NaN or inf) in the steps up to {step}; stopping. The best "
-                      f"model so far is kept in {os.path.join(output_dir, 'best_model')} and the last checkpoint "
-                      f"in {os.path.join(output_dir, 'checkpoint')}. Try a lower --lr, or --bf16 instead of --fp16.")
+def nonfinite_loss_exit(step, output_dir, best_dir="best_model"):
+    """The one-line stop of a NaN or infinite loss; it names the best model (output_dir/``best_dir``, the
+    stage's) and the checkpoint only where they exist."""
+    best, checkpoint = os.path.join(output_dir, best_dir), os.path.join(output_dir, "checkpoint")
+    kept = ([f"the best model so far is kept in {best}"] if os.path.isdir(best) else []) + (
+        [f"the last checkpoint in {checkpoint}"] if os.path.isfile(os.path.join(checkpoint, "state.pt")) else [])
+    kept = " and ".join(kept) if kept else "nothing was saved before it (no evaluation or checkpoint yet)"
+    return SystemExit(f"error: the loss was not finite (NaN or inf) in the steps up to {step}; stopping, "
+                      f"{kept}. Try a lower --lr, or --bf16 instead of --fp16.")
 
 
 def best_score_text(score):
