@@ -811,12 +811,12 @@ class Run:
                 self.lock.release()
             raise
         barrier(self.world)  # with drop, rank 0 has written the filtered copies
-        if self.rank == 0:  # the data a resumed run trains on must be the data it started with
-            try:
-                check_data_fingerprints(args, [n for s in self.plan for n in s.sources], self.state is not None)
-            except BaseException:
+        try:  # the data a resumed run trains on must be the data it started with (every rank: all stop alike)
+            check_data_fingerprints(args, [n for s in self.plan for n in s.sources], self.state is not None)
+        except BaseException:
+            if self.lock is not None:
                 self.lock.release()
-                raise
+            raise
         set_seed(args.seed + self.rank)  # per-rank dropout masks
         self.log = RunLog(os.path.join(args.output_dir, "train_log.jsonl"), self.rank)  # opened at its first record
         return self
