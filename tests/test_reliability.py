@@ -490,3 +490,22 @@ def test_the_nan_loss_message_names_only_what_exists(kosimcse, tiny_bert, synthe
     open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
     assert str(exit_message(5, out)).endswith(f"stopping, the last checkpoint in {os.path.join(out, 'checkpoint')}. "
                                               f"Try a lower --lr, or --bf16 instead of --fp16.")
+
+
+@pytest.mark.parametrize("folder", ["KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE"])
+def test_every_train_py_compares_resume_flags(folder, tmp_path, capsys):
+    """The check is in the parser (common/run_utils.finish_args), before anything loads: args.json as a run of
+    the folder records it, then --resume with the same, a changeable and a changed flag."""
+    from conftest import load_method
+    train = load_method(folder).train
+    out = str(tmp_path / "run")
+    args = train.parse_args(["--output_dir", out, "--device", "cpu"])
+    os.makedirs(out)
+    json.dump({k: v for k, v in vars(args).items() if k != "resume"}, open(os.path.join(out, "args.json"), "w"))
+    resumed = train.parse_args(["--resume", out, "--lr", str(args.lr), "--num_workers", "2", "--device", "cpu"])
+    assert (resumed.lr, resumed.num_workers, resumed.output_dir) == (args.lr, 2, out)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--resume", out, "--seed", str(args.seed + 1), "--eval_steps", "7"])
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--seed {args.seed + 1} (was {args.seed})" in line and f"--eval_steps 7 (was {args.eval_steps})" in line
