@@ -101,9 +101,8 @@ def parse_args(argv=None):
                    help="search/index: corpus lines encoded at a time; index: also the unit of resuming (default: %(default)s)")
     p.add_argument("--index_dir", default=None, help="index: folder to build the index in (a killed build "
                    "resumes there); search: answer from this index instead of streaming a corpus")
-    p.add_argument("--verify_corpus", action="store_true",
-                   help="search --index_dir: check the corpus sha256 whatever its size (by default only a corpus of "
-                        "at most 1 GiB is hashed; a larger one is checked by size and modification time)")
+    p.add_argument("--verify_corpus", action="store_true", help="search --index_dir: check the corpus sha256 "
+                   "whatever its size (by default only up to 1 GiB; a larger one by size and modification time)")
     p.add_argument("--index_type", choices=("flat", "hnsw", "ivf"), default="flat",
                    help="index: flat = exact (IndexFlatIP), hnsw (IndexHNSWFlat) or ivf (IndexIVFFlat) for "
                         "approximate search; all by inner product over L2-normalised rows = cosine (default: %(default)s)")
@@ -246,8 +245,7 @@ def main(argv=None):
     if "index" in args.task:  # bad input fails before the model is loaded
         require_file(args.corpus_file)
     elif "search" in args.task and args.index_dir:
-        index = load_index(args.index_dir, nprobe=args.nprobe, ef_search=args.ef_search,
-                           verify_corpus=args.verify_corpus or None)
+        index = load_index(args.index_dir, args.nprobe, args.ef_search, verify_corpus=args.verify_corpus or None)
     retrieval = ({name: load_retrieval(name, args.data_dir) for name in args.retrieval_datasets}
                  if "retrieval" in args.task else {})
     try:
