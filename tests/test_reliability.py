@@ -509,3 +509,22 @@ def test_every_train_py_compares_resume_flags(folder, tmp_path, capsys):
     assert e.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--seed {args.seed + 1} (was {args.seed})" in line and f"--eval_steps 7 (was {args.eval_steps})" in line
+
+
+def test_a_model_that_cannot_load_is_one_line(kosimcse, synthetic_data, tmp_path):
+    """A folder with weights but no tokenizer, and one whose config.json is not JSON: one line each, naming
+    the folder and --model (transformers' own messages run to several lines)."""
+    from transformers import BertConfig, BertModel
+    no_tokenizer, bad_config = tmp_path / "no_tokenizer", tmp_path / "bad_config"
+    BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(no_tokenizer)
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    for folder in (no_tokenizer, bad_config):
+        with pytest.raises(SystemExit) as e:
+            kosimcse.train.main(["--model", str(folder), "--data_dir", synthetic_data, "--mode", "unsup",
+                                 "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+        message = str(e.value)
+        assert message.startswith(f"error: cannot load model '{folder}': ") and "\n" not in message
+        assert message.endswith("; pass --model with a Hugging Face model folder (config.json, weights and tokenizer "
+                                "files) or a hub id reachable from this machine")

@@ -701,9 +701,9 @@ def load_or_exit(load, path, what="model", flag="--model"):
     try:
         return load(path)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load {what} '{path}': {e}\n"
-                         f"Pass {flag} with a Hugging Face model folder (config.json, weights and "
-                         f"tokenizer files) or a hub id reachable from this machine.") from None
+        raise SystemExit(f"error: cannot load {what} '{path}': {' '.join(str(e).split())}; pass {flag} with a "
+                         f"Hugging Face model folder (config.json, weights and tokenizer files) or a hub id "
+                         f"reachable from this machine") from None
 
 
 def training_command(args):
