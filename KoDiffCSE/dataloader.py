@@ -1,14 +1,10 @@
 """Readers, the tokenised training set and the masking of KoDiffCSE.
 
-Files (see data/README.md): wiki sentences, one per line, to train on; KorSTS TSVs (tab-separated with a
-header row and **no quoting**: many fields start with a raw ``"`` that a CSV reader would swallow) and
-KLUE-STS (the official dev JSON or the CSV export) for the dev and test scores. Every reader stops on a
-malformed row with a ``DataError`` naming the file, the line and the problem; nothing is dropped or
-altered silently.
-
-The masking that feeds the generator comes in the two forms of the originals: DiffCSE's dynamic BERT
-masking (``mask_tokens``, per batch) and BM-K's static [SEP] masking (``static_sep_masks``, once at load
-time).
+Files (see data/README.md): wiki sentences, one per line, to train on; KorSTS TSVs (no quoting: many fields
+start with a raw ``"``) and KLUE-STS (dev JSON or CSV export) for the dev and test scores. Every reader stops
+on a malformed row with a ``DataError`` naming the file, the line and the problem; nothing is dropped or
+altered silently. The masking that feeds the generator comes in the two forms of the originals: DiffCSE's
+dynamic BERT masking (``mask_tokens``, per batch) and BM-K's static [SEP] masking (``static_sep_masks``).
 """
 from typing import NamedTuple
 

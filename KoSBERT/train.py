@@ -141,7 +141,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
             run_ends = step == total_steps and stage == run.plan[-1] and not args.keep_checkpoint  # Run.__exit__
             save_now = (step % args.save_steps == 0 or boundary) and not run_ends
             if (step % args.logging_steps == 0 or evaluate_now or save_now) and not window.finite():
-                raise nonfinite_loss_exit(step, args.output_dir)  # the only GPU sync outside logging steps
+                raise nonfinite_loss_exit(step, args.output_dir, stage.best_dir)  # the only GPU sync outside logging steps
             if step % args.logging_steps == 0:
                 means = window.pop()
                 log.record({"stage": stage.name, "step": step, "epoch": epoch, **means,

@@ -236,7 +236,7 @@ def main(argv=None):
     if "index" in args.task:  # bad input fails before the model is loaded
         require_file(args.corpus_file)
     elif "search" in args.task and args.index_dir:
-        index = load_index(args.index_dir, nprobe=args.nprobe, ef_search=args.ef_search)
+        index = load_index(args.index_dir, args.nprobe, args.ef_search, verify_corpus=args.verify_corpus or None)
     retrieval = ({name: load_retrieval(name, args.data_dir) for name in args.retrieval_datasets}
                  if "retrieval" in args.task else {})
     try:

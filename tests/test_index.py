@@ -216,3 +216,63 @@ def test_bad_corpus_or_index_dir_errors(ev, tiny_bert, corpus, tmp_path, monkeyp
         sys.modules.pop("dataloader", None)
         sys.modules.update(saved)
     assert e.value.code == f"error: {missing}: file not found"
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("사과 바나나 과일.\n기차 역 승객.\n고양이 산책 함께.\n비 우산 구름.\n", encoding="utf-8")
+    return str(path)
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_refused(ev, tiny_bert, small_corpus, tmp_path, monkeypatch):
+    """cp -p / rsync -a can replace a corpus with one of the same size and time: below VERIFY_CORPUS_BELOW
+    (or with --verify_corpus) the sha256 is checked, so search never returns another line's text."""
+    index_dir = build(ev, tiny_bert, small_corpus, tmp_path / "idx")
+    ev.load_index(index_dir)  # unchanged: fine
+    stat = os.stat(small_corpus)
+    text = open(small_corpus, encoding="utf-8").read()
+    with open(small_corpus, "w", encoding="utf-8") as f:
+        f.write(text.replace("기차", "버스"))  # same byte length
+    os.utime(small_corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (os.stat(small_corpus).st_size, os.stat(small_corpus).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    refused = rf"^{small_corpus}: changed since {index_dir} was built \(same size and modification time, different sha256"
+    with pytest.raises(ev.DataError, match=refused):
+        ev.load_index(index_dir)
+    assert ev.load_index(index_dir, verify_corpus=False)["meta"]["count"] == 4  # asked not to read it
+    monkeypatch.setitem(ev.load_index.__globals__, "VERIFY_CORPUS_BELOW", 10)  # a "large" corpus: size + time only ...
+    assert ev.load_index(index_dir)["meta"]["count"] == 4
+    with pytest.raises(ev.DataError, match=refused):  # ... unless --verify_corpus
+        ev.load_index(index_dir, verify_corpus=True)
+    with pytest.raises(ev.DataError, match=refused):  # the command line's flag
+        ev.main(["--model_dir", tiny_bert, "--pooling", "mean", "--task", "search", "--index_dir", index_dir,
+                 "--queries", "기차", "--max_len", "32", "--verify_corpus"])
+
+
+def test_two_builds_on_one_index_dir_one_clean_refusal(ev, tiny_bert, small_corpus, tmp_path, capsys):
+    import subprocess
+    index_dir = str(tmp_path / "idx")
+    os.makedirs(index_dir)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({os.path.join(index_dir, '.lock')!r}, 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); f.truncate(); f.write('4242'); f.flush()\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            build(ev, tiny_bert, small_corpus, index_dir)
+        assert str(e.value.code) == (f"error: {index_dir} is in use by a running index build (pid 4242); wait for "
+                                     f"it to finish or choose another --index_dir")
+        assert sorted(os.listdir(index_dir)) == [".lock"]  # nothing of the refused build
+    finally:
+        holder.kill()
+        holder.wait()
+    build(ev, tiny_bert, small_corpus, index_dir)  # the holder is gone: its lock went with it
+    assert ev.load_index(index_dir)["meta"]["count"] == 4
+    assert not os.path.exists(os.path.join(index_dir, ".lock"))  # released (and removed) at the end
+    lock = ev.FolderLock(str(tmp_path / "idx2"), lambda pid: f"busy {pid}")  # in one process too
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path / 'idx2'} is in use by a running index build \(pid "
+                                         rf"{os.getpid()}\)"):
+        build(ev, tiny_bert, small_corpus, tmp_path / "idx2")
+    lock.release()
+    assert not os.path.exists(tmp_path / "idx2")  # created by the lock, left empty: removed

@@ -378,7 +378,8 @@ def test_missing_generator_names_the_generator_flag(dc, tiny_bert, synthetic_dat
         dc.train.main(["--model", tiny_bert, "--generator_name", missing, "--data_dir", synthetic_data,
                        "--output_dir", str(tmp_path / "out")])
     message = str(e.value)
-    assert message.startswith(f"error: cannot load the generator '{missing}': ") and "Pass --generator_name" in message
+    assert message.startswith(f"error: cannot load the generator '{missing}': ") and "; pass --generator_name" in message
+    assert "\n" not in message  # one line
     assert not os.path.exists(tmp_path / "out")
 
 

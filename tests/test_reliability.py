@@ -3,6 +3,7 @@ result files written atomically, one line per error, flags checked once for ever
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -333,3 +334,197 @@ def test_evaluation_cli_a_bad_model_folder_is_one_error_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
     assert len(lines) == 1 and lines[0].startswith("error: cannot load model from "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- 4. --resume compares the flags and the training data with the run's --------------------------------
+
+def copied_data(synthetic_data, tmp_path):
+    import shutil
+    root = str(tmp_path / "data")
+    shutil.copytree(synthetic_data, root)
+    return root
+
+
+def interrupted_run(kosimcse, tiny_bert, data, tmp_path, *extra):
+    out = str(tmp_path / "run")
+    crash_after_first_checkpoint(kosimcse.train, cli(tiny_bert, data, out, *extra))
+    return out
+
+
+@pytest.mark.parametrize("flags, named", [(["--lr", "1e-4"], "--lr"), (["--max_steps", "9"], "--max_steps"),
+                                          (["--pooler", "mean", "--seed", "7"], "--pooler"),
+                                          (["--mode", "sup"], "--mode"), (["--no-mlp_only_train", "--temperature", "0.1"],
+                                                                           "--temperature")])
+def test_resume_refuses_changed_flags_in_one_line(kosimcse, tiny_bert, synthetic_data, tmp_path, capsys, flags, named):
+    out = interrupted_run(kosimcse, tiny_bert, synthetic_data, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(["--resume", out, *flags])
+    assert e.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: error: --resume {out}: ") or "error: --resume" in message
+    assert named in message and "may change on --resume" in message and "--device" in message
+    if "--seed" in flags:
+        assert "--seed 7 (was 42)" in message
+
+
+def test_resume_accepts_equal_flags_and_the_ones_that_may_change(kosimcse, tiny_bert, synthetic_data, tmp_path,
+                                                                 uninterrupted):
+    out = interrupted_run(kosimcse, tiny_bert, synthetic_data, tmp_path)
+    kosimcse.train.main(["--resume", out, "--max_steps", "6", "--batch_size", "8", "--device", "cpu",
+                         "--num_workers", "0", "--keep_checkpoint", "--output_dir", out])
+    assert dev_scores(out)[-1] == pytest.approx(uninterrupted[-1], abs=1e-6)
+    assert os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))  # --keep_checkpoint took effect
+    import contextlib
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        kosimcse.train.main(["--help"])
+    assert "--device, --num_workers, --keep_checkpoint" in " ".join(buffer.getvalue().split())
+
+
+@pytest.mark.parametrize("change", ["append", "shuffle", "truncate", "remove"])
+def test_resume_refuses_a_changed_training_file(kosimcse, tiny_bert, synthetic_data, tmp_path, change):
+    data = copied_data(synthetic_data, tmp_path)
+    out = interrupted_run(kosimcse, tiny_bert, data, tmp_path)
+    wiki = os.path.join(data, "wiki", "wiki_corpus.txt")
+    recorded = json.load(open(os.path.join(out, "args.json")))["data_fingerprints"]
+    assert list(recorded) == [wiki] and recorded[wiki]["size"] == os.path.getsize(wiki)
+    lines = open(wiki, encoding="utf-8").read().splitlines(keepends=True)
+    if change == "remove":
+        os.remove(wiki)
+    else:
+        changed = {"append": lines + ["새로운 문장 하나.\n"], "shuffle": lines[1:] + lines[:1],
+                   "truncate": lines[:-3]}[change]
+        open(wiki, "w", encoding="utf-8").write("".join(changed))
+    what = {"append": "has changed since the run started (", "truncate": "has changed since the run started (",
+            "shuffle": "(same size, different content)", "remove": "is missing"}[change]
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(["--resume", out])
+    message = str(e.value)
+    if change == "remove":  # the decontamination guard reads the files first
+        assert message == f"error: {wiki}: file not found (--train_file)"
+    else:
+        assert message.startswith(f"error: --resume {out}: the training file {wiki} ") and what in message
+    assert "\n" not in message
+    assert not os.path.exists(os.path.join(out, ".lock"))  # the lock was released
+
+
+def test_resume_fingerprints_the_decontaminated_copy_it_trains_on(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    data = copied_data(synthetic_data, tmp_path)
+    wiki = os.path.join(data, "wiki", "wiki_corpus.txt")
+    with open(wiki, "a", encoding="utf-8") as f:
+        f.write('"슈퍼맨" 셔츠를 입은 개가 뛴다.\n')  # a KorSTS dev sentence: dropped
+    out = interrupted_run(kosimcse, tiny_bert, data, tmp_path, "--decontaminate", "drop")
+    copy = os.path.join(out, "decontaminated", "wiki_corpus.txt")
+    assert list(json.load(open(os.path.join(out, "args.json")))["data_fingerprints"]) == [copy]
+    with open(copy, "a", encoding="utf-8") as f:
+        f.write("덧붙인 문장.\n")
+    with pytest.raises(SystemExit, match=rf"^error: --resume {out}: the training file {copy} has changed"):
+        kosimcse.train.main(["--resume", out])
+
+
+# --- 9. messages that say what is wrong ------------------------------------------------------------------
+
+BOM = "\ufeff"
+
+
+def test_a_byte_order_mark_is_accepted_by_every_reader(kosimcse, tmp_path):
+    """Excel's "CSV UTF-8" export starts the file with a BOM: the header is still found, and the first
+    sentence does not carry it."""
+    data = kosimcse.data
+    sts_tsv = tmp_path / "sts.tsv"
+    sts_tsv.write_text(BOM + "genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2\n"
+                       "main\tf\t2020\t1\t3.5\t첫 문장.\t둘째 문장.\n", encoding="utf-8")
+    assert data.read_sts(str(sts_tsv)) == [("첫 문장.", "둘째 문장.", 3.5)]
+    sts_csv = tmp_path / "sts.csv"
+    sts_csv.write_text(BOM + "sentence1,sentence2,label\n하나.,둘.,4.2\n", encoding="utf-8")
+    assert data.read_sts(str(sts_csv)) == [("하나.", "둘.", 4.2)]
+    sts_json = tmp_path / "sts.json"
+    sts_json.write_text(BOM + json.dumps([{"guid": "g", "sentence1": "가.", "sentence2": "나.",
+                                           "labels": {"real-label": 1.5}}], ensure_ascii=False), encoding="utf-8")
+    assert data.read_sts(str(sts_json)) == [("가.", "나.", 1.5)]
+    nli_tsv = tmp_path / "nli.tsv"
+    nli_tsv.write_text(BOM + "sentence1\tsentence2\tgold_label\n전제.\t가설.\tentailment\n", encoding="utf-8")
+    assert data.read_nli(str(nli_tsv)) == ([("전제.", "가설.", "entailment")], 0)
+    nli_json = tmp_path / "nli.json"
+    nli_json.write_text(BOM + json.dumps([{"premise": "전제.", "hypothesis": "가설.", "gold_label": "neutral"}],
+                                         ensure_ascii=False), encoding="utf-8")
+    assert data.read_nli(str(nli_json)) == ([("전제.", "가설.", "neutral")], 0)
+    text = tmp_path / "wiki.txt"
+    text.write_text(BOM + "첫 줄의 문장.\n둘째 줄.\n", encoding="utf-8")
+    assert [line for _, line in data.iter_lines(str(text))] == ["첫 줄의 문장.", "둘째 줄."]
+    offsets, _ = kosimcse.index.corpus_offsets(str(text))  # the index reads lines at byte offsets
+    assert kosimcse.index.read_lines_at(str(text), offsets) == ["첫 줄의 문장.", "둘째 줄."]
+    assert kosimcse.decontaminate.sentences(str(nli_json), "nli") == ["전제.", "가설."]
+
+
+def test_a_directory_is_named_as_one(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    folder = tmp_path / "a_folder.tsv"
+    folder.mkdir()
+    for read in (kosimcse.data.read_sts, kosimcse.data.read_nli, lambda p: list(kosimcse.data.iter_lines(p)),
+                 kosimcse.files.require_file):
+        with pytest.raises(kosimcse.data.DataError, match=rf"^{folder}: is a directory, not a file$"):
+            read(str(folder))
+    with pytest.raises(SystemExit) as e:  # the command line: one line naming the flag
+        kosimcse.train.main(cli(tiny_bert, synthetic_data, str(tmp_path / "run"), "--train_file", str(folder)))
+    assert e.value.code == f"error: {folder}: is a directory, not a file (--train_file)"
+    with pytest.raises(kosimcse.data.DataError, match=rf"^{folder}: is a directory, not a file$"):
+        kosimcse.evaluation.main(["--model_dir", tiny_bert, "--pooling", "mean", "--task", "sts", "--data_dir",
+                                  synthetic_data, "--dataset", str(folder)])
+
+
+def test_the_nan_loss_message_names_only_what_exists(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--lr", "1e38"))  # NaN before anything is saved
+    message = str(e.value)
+    assert re.match(r"error: the loss was not finite \(NaN or inf\) in the steps up to \d+; stopping, nothing was "
+                    r"saved before it \(no evaluation or checkpoint yet\)\. Try a lower --lr", message)
+    assert os.path.join(out, "best_model") not in message and os.path.join(out, "checkpoint") not in message
+    exit_message = kosimcse.run_utils.nonfinite_loss_exit
+    os.makedirs(os.path.join(out, "sup_model"))
+    assert "kept in " + os.path.join(out, "sup_model") in str(exit_message(5, out, "sup_model"))
+    assert "nothing was saved" in str(exit_message(5, out))  # another stage's best model is not this one's
+    os.makedirs(os.path.join(out, "checkpoint"))
+    assert "nothing was saved" in str(exit_message(5, out))  # an empty folder is no checkpoint
+    open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
+    assert str(exit_message(5, out)).endswith(f"stopping, the last checkpoint in {os.path.join(out, 'checkpoint')}. "
+                                              f"Try a lower --lr, or --bf16 instead of --fp16.")
+
+
+@pytest.mark.parametrize("folder", ["KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE"])
+def test_every_train_py_compares_resume_flags(folder, tmp_path, capsys):
+    """The check is in the parser (common/run_utils.finish_args), before anything loads: args.json as a run of
+    the folder records it, then --resume with the same, a changeable and a changed flag."""
+    from conftest import load_method
+    train = load_method(folder).train
+    out = str(tmp_path / "run")
+    args = train.parse_args(["--output_dir", out, "--device", "cpu"])
+    os.makedirs(out)
+    json.dump({k: v for k, v in vars(args).items() if k != "resume"}, open(os.path.join(out, "args.json"), "w"))
+    resumed = train.parse_args(["--resume", out, "--lr", str(args.lr), "--num_workers", "2", "--device", "cpu"])
+    assert (resumed.lr, resumed.num_workers, resumed.output_dir) == (args.lr, 2, out)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--resume", out, "--seed", str(args.seed + 1), "--eval_steps", "7"])
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--seed {args.seed + 1} (was {args.seed})" in line and f"--eval_steps 7 (was {args.eval_steps})" in line
+
+
+def test_a_model_that_cannot_load_is_one_line(kosimcse, synthetic_data, tmp_path):
+    """A folder with weights but no tokenizer, and one whose config.json is not JSON: one line each, naming
+    the folder and --model (transformers' own messages run to several lines)."""
+    from transformers import BertConfig, BertModel
+    no_tokenizer, bad_config = tmp_path / "no_tokenizer", tmp_path / "bad_config"
+    BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(no_tokenizer)
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    for folder in (no_tokenizer, bad_config):
+        with pytest.raises(SystemExit) as e:
+            kosimcse.train.main(["--model", str(folder), "--data_dir", synthetic_data, "--mode", "unsup",
+                                 "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+        message = str(e.value)
+        assert message.startswith(f"error: cannot load model '{folder}': ") and "\n" not in message
+        assert message.endswith("; pass --model with a Hugging Face model folder (config.json, weights and tokenizer "
+                                "files) or a hub id reachable from this machine")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError
 from .encoding import encode
-from .files import fsync_dir, require_file, save_atomic, save_json_atomic
+from .files import FolderLock, fsync_dir, require_file, save_atomic, save_json_atomic
 
 
 INDEX_META = "index_meta.json"
@@ -32,6 +32,11 @@ INDEX_FILES = {"embeddings": "embeddings.npy", "offsets": "offsets.npy", "faiss"
 
 
 INDEX_FORMAT = 2  # 2: query_prefix and passage_prefix (1: one prefix for both)
+
+
+# load_index reads the whole corpus to check its sha256 when the corpus is at most this size (about 2 s a
+# GiB); a larger one is checked by size and modification time only, unless verify_corpus (--verify_corpus).
+VERIFY_CORPUS_BELOW = 1 << 30
 
 
 INDEX_DEFAULTS = {"hnsw_m": 32, "ef_construction": 40, "ef_search": 64, "nprobe": 16}
@@ -45,18 +50,20 @@ RECIPE_KEYS = ("model_fingerprint", "pooling", "dense_heads", "normalize", "trun
 def corpus_offsets(path):
     """(offsets, info) of a one-sentence-per-line file: the int64 byte offset of every non-blank line
     (the lines ``semantic_search`` reads, in its order) and {path, size, mtime_ns, sha256}. One pass
-    over the file; a line that is not UTF-8 stops with DataError naming the line."""
+    over the file; a line that is not UTF-8 stops with DataError naming the line. A UTF-8 byte order mark at
+    the start is skipped (the first offset is then 3), as ``iter_lines`` drops it."""
     require_file(path)
     stat, digest, offsets, pos = os.stat(path), hashlib.sha256(), [], 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             digest.update(raw)
+            bom = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
             try:
-                line = raw.decode("utf-8")
+                line = raw[bom:].decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if line.strip():
-                offsets.append(pos)
+                offsets.append(pos + bom)
             pos += len(raw)
     if not offsets:
         raise DataError(f"{path}: has no non-blank lines")
@@ -200,9 +207,20 @@ def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_typ
     a progress record, so a killed build rerun with the same flags resumes after its last saved
     chunk and ends byte-identical to an uninterrupted one. At the end the chunks are assembled into
     D/embeddings.npy (``dtype`` float32 or float16), the line offsets into D/offsets.npy, the faiss
-    index (``build_faiss_index``) into D/index.faiss, and D/index_meta.json is written last."""
+    index (``build_faiss_index``) into D/index.faiss, and D/index_meta.json is written last. The build holds
+    an exclusive lock on ``index_dir`` (D/.lock): a second build there while one runs is refused."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"index dtype {dtype!r}: float32 or float16")
+    if os.path.exists(index_dir) and not os.path.isdir(index_dir):
+        raise DataError(f"{index_dir}: is a file, not a folder (--index_dir)")
+    with FolderLock(index_dir, lambda holder: f"error: {index_dir} is in use by a running index build (pid {holder}); "
+                                              f"wait for it to finish or choose another --index_dir"):
+        return _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size,
+                            max_len, query_prefix, passage_prefix, batch_size, device, params, log)
+
+
+def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size, max_len,
+                 query_prefix, passage_prefix, batch_size, device, params, log):
     if os.path.isfile(os.path.join(index_dir, INDEX_META)):
         raise DataError(f"{index_dir}: already holds a complete index ({INDEX_META}); remove it or "
                         f"choose another --index_dir")
@@ -269,12 +287,14 @@ def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_typ
     return meta
 
 
-def load_index(index_dir, nprobe=None, ef_search=None):
+def load_index(index_dir, nprobe=None, ef_search=None, verify_corpus=None):
     """A complete index of ``build_index`` as a dict: ``meta`` (index_meta.json), ``embeddings``
     (memory-mapped), ``offsets`` (memory-mapped) and ``faiss`` (read with IO_FLAG_MMAP_IFC for
     flat/hnsw storage and IO_FLAG_MMAP for ivf lists: the vectors stay on disk). ``nprobe`` and
     ``ef_search`` override the build's values. DataError (one line) for anything incomplete or
-    inconsistent, and when the corpus file changed since the build."""
+    inconsistent, and when the corpus file changed since the build: a different size or modification time
+    always; a different sha256 (an edit that kept both, as ``cp -p`` or ``rsync -a`` can) whenever the corpus
+    is at most VERIFY_CORPUS_BELOW bytes or ``verify_corpus`` is true (``verify_corpus`` False: never read)."""
     import faiss
     meta_file = os.path.join(index_dir, INDEX_META)
     if not os.path.isdir(index_dir):
@@ -324,6 +344,14 @@ def load_index(index_dir, nprobe=None, ef_search=None):
     if (stat.st_size, stat.st_mtime_ns) != (corpus["size"], corpus["mtime_ns"]):
         raise DataError(f"{corpus['path']}: changed since {index_dir} was built (size/mtime differ from "
                         f"{INDEX_META}); rebuild the index")
+    if verify_corpus or (verify_corpus is None and stat.st_size <= VERIFY_CORPUS_BELOW):
+        digest = hashlib.sha256()
+        with open(corpus["path"], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != corpus["sha256"]:
+            raise DataError(f"{corpus['path']}: changed since {index_dir} was built (same size and modification "
+                            f"time, different sha256 from {INDEX_META}); rebuild the index")
     return {"dir": index_dir, "meta": meta, "embeddings": embeddings, "offsets": offsets, "faiss": index}
 
 
@@ -367,6 +395,8 @@ def index_search(encoder, tokenizer, queries, index, top_k=5, max_len=128, batch
 def add_index_args(parser):
     """evaluation.py's --task index / --task search --index_dir flags."""
     p = parser
+    p.add_argument("--verify_corpus", action="store_true", help="search --index_dir: check the corpus sha256 "
+                   "whatever its size (by default only up to 1 GiB; a larger one by size and modification time)")
     p.add_argument("--index_type", choices=("flat", "hnsw", "ivf"), default="flat",
                    help="index: flat = exact (IndexFlatIP), hnsw (IndexHNSWFlat) or ivf (IndexIVFFlat) for "
                         "approximate search; all by inner product over L2-normalised rows = cosine (default: %(default)s)")

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from common.data import DataError, iter_lines
+from common.data import DataError, iter_lines, not_a_file
 from common.encoding import encode
 from common.index import build_faiss_index
 
@@ -46,15 +46,15 @@ def doc_text(title, text):
 
 
 def _require(path):
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found (point --data_dir at a folder that has it)")
+    if not os.path.isfile(path):
+        raise not_a_file(path, " (point --data_dir at a folder that has it)")
 
 
 def read_korquad(path):
     """(corpus, queries, qrels) of KorQuAD 1.0 dev as SQuADKorV1Retrieval builds them."""
     _require(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None

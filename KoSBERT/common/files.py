@@ -6,7 +6,7 @@ import sys
 import tempfile
 import traceback
 
-from .data import DataError
+from .data import DataError, not_a_file
 
 
 def fsync_dir(path):
@@ -44,7 +44,7 @@ def save_json_atomic(path, obj):
 def require_file(path):
     """DataError unless ``path`` is a non-empty file."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+        raise not_a_file(path)
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: file is empty")
 
@@ -82,3 +82,47 @@ def check_device(parser, device):
             parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif kind.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         parser.error(f"--device {device}: MPS is not available on this machine")
+
+
+class FolderLock:
+    """An exclusive lock on a folder (folder/.lock, flock): a second holder while a live process holds it
+    is refused with SystemExit(``in_use(pid of the holder)``). The kernel drops the lock when its process
+    exits, so a crashed or killed holder leaves no stale lock behind (its file, with the dead holder's pid,
+    is simply taken over); ``release`` removes the file, and the folder too if the lock created it and
+    nothing else is in it."""
+
+    def __init__(self, folder, in_use):
+        self.path, self.file, self.created = os.path.join(folder, ".lock"), None, not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            import fcntl
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise SystemExit(in_use(holder)) from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        self.file = file
+
+    def release(self):
+        if self.file is not None:
+            os.remove(self.path)  # still holding the lock, so no other process is between check and removal
+            self.file.close()  # closing the descriptor releases the flock
+            self.file = None
+            folder = os.path.dirname(self.path)
+            if self.created and not os.listdir(folder):
+                os.rmdir(folder)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.release()
+        return False

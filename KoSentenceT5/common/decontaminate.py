@@ -23,7 +23,7 @@ import os
 import re
 import unicodedata
 
-from .data import DataError, iter_lines, read_nli, read_sts, read_triplets, resolve_path
+from .data import iter_lines, not_a_file, read_nli, read_sts, read_triplets, resolve_path
 
 MODES = ("warn", "drop", "fail")
 MIN_CHARS = 5
@@ -46,7 +46,7 @@ def normalize(sentence):
 
 
 def _korquad(path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)["data"]
     for article in data:
         for paragraph in article["paragraphs"]:
@@ -148,7 +148,7 @@ def _filtered_copy(path, kind, contaminated, out_dir):
     out = os.path.join(out_dir, os.path.basename(path))
     dropped = 0
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             items = json.load(f)
         keys = ("premise", "hypothesis") if kind == "nli" else ("sentence1", "sentence2")
         kept = [it for it in items if not bad(*(str(it.get(k, "")) for k in keys))]
@@ -203,7 +203,7 @@ def guard(args, source_names, rank=0, log=print):
         for name in ([value] if isinstance(value, str) else value or []):
             path = resolve_path(name, args.data_dir)
             if not os.path.isfile(path):
-                raise DataError(f"{path}: file not found (--{flag})")
+                raise not_a_file(path, flag=flag)
             files[path] = file_kind(path)
     report, contaminated = overlap_report(list(files.items()), args.data_dir, log if rank == 0 else lambda _: None)
     hits = {name: r for name, r in report.items() if r["normalized"]}

@@ -37,11 +37,21 @@ def resolve_path(path, data_dir):
     return os.path.join(data_dir, path)
 
 
+def not_a_file(path, hint="", flag=None):
+    """The DataError for a ``path`` that is not a readable file: a folder is named as one, anything else is
+    "file not found" followed by ``hint``; ``flag``, the flag that gave the path, is named in either case."""
+    named = f" (--{flag})" if flag else ""
+    if os.path.isdir(path):
+        return DataError(f"{path}: is a directory, not a file{named}")
+    return DataError(f"{path}: file not found{named or hint}")
+
+
 def iter_lines(path):
-    """Yield (line_number, text) for the non-blank lines of a UTF-8 file, newline stripped."""
+    """Yield (line_number, text) for the non-blank lines of a UTF-8 file, newline stripped; a UTF-8 byte
+    order mark at its start (Excel's "CSV UTF-8" export writes one) is dropped."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (fetch the data with `bash data/download.sh` "
-                        f"or point --data_dir at a folder that has it)")
+        raise not_a_file(path, " (fetch the data with `bash data/download.sh` or point --data_dir at a folder "
+                               "that has it)")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: file is empty")
     with open(path, "rb") as f:
@@ -52,6 +62,8 @@ def iter_lines(path):
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}: "
                                 f"{raw[max(0, e.start - 4):e.start + 4]!r})") from None
             line = line.rstrip("\r\n")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
             if line.strip():
                 yield lineno, line
 
@@ -103,7 +115,7 @@ def read_sts(path):
             rows.append((s1, s2, parse_score(str(label), where)))
     elif path.endswith(".csv"):
         list(iter_lines(path))  # same missing/empty/UTF-8 checks as the TSV readers
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte order mark is dropped
             reader = csv.DictReader(f)
             missing = {"sentence1", "sentence2", "label"} - set(reader.fieldnames or ())
             if missing:
@@ -123,7 +135,7 @@ def read_sts(path):
 
 def _read_json_list(path):
     list(iter_lines(path))  # missing / empty / UTF-8 checks with line numbers
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is dropped
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:

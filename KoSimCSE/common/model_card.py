@@ -24,6 +24,21 @@ def _pooling(folder):
     return "cls" if cfg.get("pooling_mode_cls_token") else "mean" if cfg.get("pooling_mode_mean_tokens") else "other"
 
 
+# Encoder-decoder families whose sentence encoder is the encoder alone: AutoModel would build the whole
+# model (with a decoder, random if the folder holds only the encoder) and its call needs decoder inputs.
+ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+def _encoder_class(folder):
+    """The transformers class the card's plain-transformers usage code loads the folder with."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return ENCODER_CLASSES.get(model_type, "AutoModel")
+
+
 def write_model_card(folder, rows=()):
     """README.md of a saved model folder in the sentence-transformers card layout: YAML front matter
     (library, pipeline tag, language, base model, datasets, metrics, model-index), then how it was trained,
@@ -97,6 +112,7 @@ def write_model_card(folder, rows=()):
     else:
         body += ["Not evaluated yet: `python <method>/evaluation.py --model_dir <this folder> --dataset korsts-test "
                  "korsts-dev klue-sts-dev --protocol standard bmk --output_json results.json` fills this in.", ""]
+    model_class = _encoder_class(folder)
     pool_code = ("embeddings = out.last_hidden_state[:, 0]" if pooling == "cls" else
                  "mask = batch['attention_mask'].unsqueeze(-1).float()\n"
                  "    embeddings = (out.last_hidden_state * mask).sum(1) / mask.sum(1)")
@@ -104,9 +120,9 @@ def write_model_card(folder, rows=()):
              "model = SentenceTransformer('path/to/this/folder')  # backend='onnx': pip install sentence-transformers[onnx]",
              "embeddings = model.encode(['한 남자가 음식을 먹는다.', '한 남자가 빵 한 조각을 먹는다.'])",
              "print(model.similarity(embeddings, embeddings))", "```", "", "```python", "import torch",
-             "from transformers import AutoModel, AutoTokenizer", "",
+             f"from transformers import {model_class}, AutoTokenizer", "",
              "tokenizer = AutoTokenizer.from_pretrained('path/to/this/folder')",
-             "model = AutoModel.from_pretrained('path/to/this/folder')",
+             f"model = {model_class}.from_pretrained('path/to/this/folder')",
              "batch = tokenizer(['한 남자가 음식을 먹는다.'], padding=True, truncation=True, return_tensors='pt')",
              "with torch.no_grad():", "    out = model(**batch)", f"    {pool_code}", "```", ""]
     if os.path.isdir(os.path.join(folder, "2_Dense")):

@@ -5,6 +5,7 @@ Nothing here is specific to one method.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -19,13 +20,14 @@ from safetensors import SafetensorError
 from transformers import get_linear_schedule_with_warmup
 
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
-from .decontaminate import MODES as DECONTAMINATE_MODES, guard
+from .decontaminate import MODES as DECONTAMINATE_MODES, SOURCE_FLAGS, guard
 from .encoding import encode_tokenized
-from .files import check_device, one_line_errors, save_atomic
+from .files import FolderLock, check_device, one_line_errors, save_atomic, save_json_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
 from .tokenizer import load_tokenizer
 
+RESUME_MAY_CHANGE = ("device", "num_workers", "keep_checkpoint")  # flags --resume lets differ from args.json
 RUN_FILES = ("args.json", "train_log.jsonl", "best_model", "checkpoint")
 METHOD = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method folder's name
 
@@ -52,6 +54,10 @@ class PresetParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(fromfile_prefix_chars="@", formatter_class=HelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)  # the last one parsed: see explicit_flags
+        return super().parse_known_args(args, namespace)
 
     def convert_arg_line_to_args(self, line):
         return line.split("#", 1)[0].split()
@@ -89,7 +95,9 @@ def add_run_args(p, **defaults):
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing over an earlier run")
     p.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
                    help="continue the interrupted run in OUTPUT_DIR from its last checkpoint, with the arguments "
-                        "it was started with (only --device and --num_workers may change)")
+                        "and training data it was started with: other flags given with it must equal the recorded "
+                        "ones, except %s, which may change; a training file changed since the start is refused"
+                        % ", ".join("--" + f for f in RESUME_MAY_CHANGE))
     p.add_argument("--batch_size", type=int, default=64, help="global batch (all processes together)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
@@ -130,16 +138,45 @@ def add_run_args(p, **defaults):
     p.set_defaults(**defaults)
 
 
+def explicit_flags(p, argv):
+    """The destinations of the flags ``argv`` gives (a preset file's count as given), with their values."""
+    defaults, parser_defaults = {a: a.default for a in p._actions}, p._defaults
+    try:
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        p._defaults = {}
+        return vars(p.parse_known_args(argv)[0])
+    finally:
+        for a, default in defaults.items():
+            a.default = default
+        p._defaults = parser_defaults
+
+
 def finish_args(p, args, default_output_dir):
-    """Checks and derived values after parsing; with --resume, the arguments the run was started with."""
+    """Checks and derived values after parsing; with --resume, the arguments the run was started with
+    (flags given with it must equal them, except RESUME_MAY_CHANGE)."""
     if args.resume:
         saved = os.path.join(args.resume, "args.json")
         if not os.path.isfile(saved):
             p.error(f"--resume {args.resume}: no args.json there, so no run to resume")
-        with open(saved) as f:
-            for key, value in json.load(f).items():
-                if key not in ("device", "num_workers", "resume"):
-                    setattr(args, key, value)
+        try:
+            with open(saved, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--resume {args.resume}: cannot read {saved} ({e})")
+        given = explicit_flags(p, p.argv)
+        changed = [k for k, v in given.items() if k not in ("resume", *RESUME_MAY_CHANGE)
+                   and json.loads(json.dumps(v)) != recorded.get(k)]
+        if "output_dir" in changed and os.path.realpath(given["output_dir"]) == os.path.realpath(args.resume):
+            changed.remove("output_dir")
+        if changed:
+            p.error(f"--resume {args.resume}: " + ", ".join(f"--{k} {given[k]!r} (was {recorded[k]!r})"
+                                                            if k in recorded else f"--{k}" for k in changed)
+                    + " differ from the run's recorded flags; only " + ", ".join("--" + f for f in RESUME_MAY_CHANGE)
+                    + " may change on --resume (start a new run to change the others)")
+        for key, value in recorded.items():
+            if key not in ("device", "num_workers", "resume") and not (key in given and key in RESUME_MAY_CHANGE):
+                setattr(args, key, value)
         args.output_dir = args.resume
         check_device(p, args.device)
         return args
@@ -191,6 +228,41 @@ def check_run_args(p, args):
     check_device(p, args.device)
 
 
+# --- the training data a run started with -------------------------------------------------------------
+
+def file_fingerprint(path):
+    """{"size", "sha256"} of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def check_data_fingerprints(args, source_names, resumed):
+    """Fingerprint the training files of ``source_names`` (the files the run reads: with --decontaminate drop,
+    its filtered copies). A new run records them as ``args.data_fingerprints`` (args.json); a resumed one
+    refuses, in one line, a file that is missing or differs from its recorded fingerprint (a run started
+    before fingerprints were recorded is not checked)."""
+    prints = {}
+    for flag in dict.fromkeys(SOURCE_FLAGS[n] for n in source_names if n in SOURCE_FLAGS):
+        value = getattr(args, flag, None)
+        for name in ([value] if isinstance(value, str) else value or []):
+            path = resolve_path(name, args.data_dir)
+            prints[path] = file_fingerprint(path) if os.path.isfile(path) else None
+    if not resumed:
+        args.data_fingerprints = prints
+        return
+    for path, recorded in (getattr(args, "data_fingerprints", None) or {}).items():
+        now = prints.get(path)
+        if now != recorded:
+            what = ("is missing" if now is None else f"has changed since the run started ({recorded['size']:,} -> "
+                    f"{now['size']:,} bytes)" if now["size"] != recorded["size"] else
+                    "has changed since the run started (same size, different content)")
+            raise SystemExit(f"error: --resume {args.output_dir}: the training file {path} {what}; restore it, or "
+                             f"start a new run to train on the new data")
+
+
 # --- the output folder ------------------------------------------------------------------------------
 
 def recover_interrupted_save(output_dir, stage_dirs=()):
@@ -207,41 +279,13 @@ def recover_interrupted_save(output_dir, stage_dirs=()):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-class RunLock:
-    """An exclusive lock on an output folder (output_dir/.lock, flock): a second run on a folder that a
-    live run holds is refused. The kernel drops the lock when its process exits, so a crashed or killed
-    run leaves no stale lock behind (its file, with the dead holder's pid, is simply taken over); a run
-    that ends removes the file, and the folder too if the run created it and left nothing in it."""
+class RunLock(FolderLock):
+    """An exclusive lock on an output folder (output_dir/.lock, see files.FolderLock): a second run on a
+    folder that a live run holds is refused."""
 
     def __init__(self, output_dir):
-        self.path, self.file, self.created = os.path.join(output_dir, ".lock"), None, not os.path.isdir(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        file = open(self.path, "a+")
-        try:
-            import fcntl
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): no lock
-            pass
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            raise SystemExit(f"error: {output_dir} is in use by a running training (pid {holder}); wait for it to "
-                             f"finish or choose another --output_dir") from None
-        file.seek(0)
-        file.truncate()
-        file.write(str(os.getpid()))
-        file.flush()
-        self.file = file
-
-    def release(self):
-        if self.file is not None:
-            os.remove(self.path)  # still holding the lock, so no other run is between check and removal
-            self.file.close()  # closing the descriptor releases the flock
-            self.file = None
-            folder = os.path.dirname(self.path)
-            if self.created and not os.listdir(folder):
-                os.rmdir(folder)
+        super().__init__(output_dir, lambda holder: f"error: {output_dir} is in use by a running training (pid "
+                                                    f"{holder}); wait for it to finish or choose another --output_dir")
 
 
 def check_output_dir(args, stage_dirs=()):
@@ -656,14 +700,14 @@ def load_or_exit(load, path, what="model", flag="--model"):
     try:
         return load(path)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load {what} '{path}': {e}\n"
-                         f"Pass {flag} with a Hugging Face model folder (config.json, weights and "
-                         f"tokenizer files) or a hub id reachable from this machine.") from None
+        raise SystemExit(f"error: cannot load {what} '{path}': {' '.join(str(e).split())}; pass {flag} with a "
+                         f"Hugging Face model folder (config.json, weights and tokenizer files) or a hub id "
+                         f"reachable from this machine") from None
 
 
 def training_command(args):
     """The command line that reproduces a run (every flag of args.json, defaults included)."""
-    skip = ("resume", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers", "decontamination")
+    skip = ("resume", "data_fingerprints", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers", "decontamination")
     parts = [f"python {METHOD}/train.py"]
     for key, value in vars(args).items():
         if key in skip or value is None or value is False:
@@ -689,20 +733,38 @@ def write_training_info(folder, args, stage, step, dev_metrics, files):
         json.dump(info, f, indent=2, ensure_ascii=False)
 
 
+def cap_saved_tokenizer(folder, max_len):
+    """Set the saved tokenizer's model_max_length to the model's ``max_len`` (its max_seq_length): the source's
+    may say 4096 or 1e30, and then ``tokenizer(text, truncation=True)`` in plain transformers (the model
+    card's usage code) would not stop where the position table ends."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["model_max_length"] = int(max_len)
+        save_json_atomic(path, config)
+
+
 def save_model(encoder, folder, tokenizer, args, stage, step, dev_metrics, files=()):
     """The encoder as a Hugging Face + sentence-transformers folder (max_seq_length: the model's own limit),
     with training.json and a model card (evaluation.write_model_card) that carries the dev row it was
     selected by; ``files``: the training data files, for the card."""
     encoder.save(folder, tokenizer, args.eval_max_len)
+    cap_saved_tokenizer(folder, args.eval_max_len)
     write_training_info(folder, args, stage, step, dev_metrics, list(files))
     dev_row = {"dataset": args.dev_file, "protocol": args.dev_protocol, "metrics": dev_metrics} if dev_metrics else None
     write_model_card(folder, [dev_row] if dev_row else [])
 
 
-def nonfinite_loss_exit(step, output_dir):
-    return SystemExit(f"error: the loss was not finite (NaN or inf) in the steps up to {step}; stopping. The best "
-                      f"model so far is kept in {os.path.join(output_dir, 'best_model')} and the last checkpoint "
-                      f"in {os.path.join(output_dir, 'checkpoint')}. Try a lower --lr, or --bf16 instead of --fp16.")
+def nonfinite_loss_exit(step, output_dir, best_dir="best_model"):
+    """The one-line stop of a NaN or infinite loss; it names the best model (output_dir/``best_dir``, the
+    stage's) and the checkpoint only where they exist."""
+    best, checkpoint = os.path.join(output_dir, best_dir), os.path.join(output_dir, "checkpoint")
+    kept = ([f"the best model so far is kept in {best}"] if os.path.isdir(best) else []) + (
+        [f"the last checkpoint in {checkpoint}"] if os.path.isfile(os.path.join(checkpoint, "state.pt")) else [])
+    kept = " and ".join(kept) if kept else "nothing was saved before it (no evaluation or checkpoint yet)"
+    return SystemExit(f"error: the loss was not finite (NaN or inf) in the steps up to {step}; stopping, "
+                      f"{kept}. Try a lower --lr, or --bf16 instead of --fp16.")
 
 
 def best_score_text(score):
@@ -748,6 +810,12 @@ class Run:
                 self.lock.release()
             raise
         barrier(self.world)  # with drop, rank 0 has written the filtered copies
+        try:  # the data a resumed run trains on must be the data it started with (every rank: all stop alike)
+            check_data_fingerprints(args, [n for s in self.plan for n in s.sources], self.state is not None)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         set_seed(args.seed + self.rank)  # per-rank dropout masks
         self.log = RunLog(os.path.join(args.output_dir, "train_log.jsonl"), self.rank)  # opened at its first record
         return self
