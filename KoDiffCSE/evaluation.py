@@ -201,6 +201,10 @@ def run_index(args, encoder, max_len):
 def run_search(args, encoder, max_len, index=None):
     queries = args.queries or ([l.strip() for _, l in iter_lines(args.queries_file)] if args.queries_file
                                else EXAMPLE_QUERIES)
+    if not any(q.strip() for q in queries):
+        raise DataError(f"{args.queries_file or '--queries'}: no query to search for (blank lines only)")
+    if index is None and args.corpus_file and next(iter_lines(args.corpus_file), None) is None:
+        raise DataError(f"{args.corpus_file}: no non-blank line to search in")  # as --task index refuses it
     if index is not None:  # the prefixes the index was built with, unless given
         query_prefix = index["meta"]["query_prefix"] if args.query_prefix is None else args.query_prefix
         passage_prefix = index["meta"]["passage_prefix"] if args.passage_prefix is None else args.passage_prefix

@@ -528,3 +528,44 @@ def test_a_model_that_cannot_load_is_one_line(kosimcse, synthetic_data, tmp_path
         assert message.startswith(f"error: cannot load model '{folder}': ") and "\n" not in message
         assert message.endswith("; pass --model with a Hugging Face model folder (config.json, weights and tokenizer "
                                 "files) or a hub id reachable from this machine")
+
+
+@pytest.mark.parametrize("folder", ["KoSimCSE", "KoSBERT", "KoDiffCSE"])
+def test_unusable_sentences_are_refused_with_their_line(folder, tmp_path):
+    """An empty, whitespace-only or NUL sentence in an STS or NLI row, a JSON null, or a NUL inside a text line
+    (training, corpus or query file) stops with `<file>:<line>: ...` instead of being encoded as [CLS][SEP]."""
+    from conftest import load_method
+    data = load_method(folder).data
+    header = "genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2\n"
+    cases = {
+        "blank.tsv": (header + "g\tf\t2020\t1\t3.0\t한 문장.\t다른 문장.\ng\tf\t2020\t2\t1.0\t   \t둘째.\n",
+                      data.read_sts, r"blank\.tsv:3: empty sentence"),
+        "nul.tsv": (header + "g\tf\t2020\t1\t3.0\t한 문장.\t\x00\x00\n", data.read_sts, r"nul\.tsv:2: NUL byte"),
+        "nli.tsv": ("sentence1\tsentence2\tgold_label\n전제.\t\t\tentailment\n".replace("\t\t\t", "\t \t"),
+                    lambda p: data.read_nli(p), r"nli\.tsv:2: empty sentence"),
+        "klue.json": ('[{"sentence1": "가", "sentence2": null, "labels": {"real-label": 1.0}}]', data.read_sts,
+                      r"klue\.json: item 0 .*: a sentence is None, not text"),
+        "lines.txt": ("첫 문장.\n둘째\x00 문장.\n", lambda p: data.read_sentences(p, log=lambda _: None),
+                      r"lines\.txt:2: NUL byte"),
+    }
+    for name, (text, read, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(data.DataError, match=message):
+            read(str(path))
+
+
+def test_search_refuses_a_corpus_or_queries_of_blank_lines(tiny_bert, tmp_path):
+    """Streaming search over a corpus of blank lines is one error line, as --task index is (it printed "Top 0")."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n", encoding="utf-8")
+    base = [sys.executable, os.path.join(ROOT, "KoSBERT", "evaluation.py"), "--model_dir", tiny_bert, "--pooling", "mean",
+            "--task", "search"]
+    for extra, message in ((["--corpus_file", str(blank)], f"error: {blank}: no non-blank line to search in"),
+                           (["--queries_file", str(blank)], "no query to search for")):
+        out = subprocess.run(base + extra, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+        assert out.returncode == 1 and len(errors) == 1 and message in errors[0], out.stderr

@@ -65,6 +65,8 @@ def iter_lines(path):
             line = line.rstrip("\r\n")
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
+            if "\x00" in line:
+                raise DataError(f"{path}:{lineno}: NUL byte in the text (a binary or corrupted file)")
             if line.strip():
                 yield lineno, line
 
@@ -99,6 +101,16 @@ def parse_score(value, where):
     return score
 
 
+def sentence(text, where):
+    """``text`` if it is a usable sentence; DataError naming ``where`` if it is not a string (a JSON null),
+    empty or only whitespace, or holds a NUL byte: such a row would be encoded as [CLS][SEP] and scored."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: a sentence is {text!r}, not text")
+    if not text.strip() or "\x00" in text:
+        raise DataError(f"{where}: empty sentence" if not text.strip() else f"{where}: NUL byte in a sentence")
+    return text
+
+
 def read_sts(path):
     """(sentence1, sentence2, score in 0-5) triples from KorSTS TSV, KLUE-STS CSV or KLUE-STS JSON.
 
@@ -113,7 +125,7 @@ def read_sts(path):
                 s1, s2, label = item["sentence1"], item["sentence2"], item["labels"]["real-label"]
             except (KeyError, TypeError) as e:
                 raise DataError(f"{where}: missing field {e}") from None
-            rows.append((s1, s2, parse_score(str(label), where)))
+            rows.append((sentence(s1, where), sentence(s2, where), parse_score(str(label), where)))
     elif path.endswith(".csv"):
         list(iter_lines(path))  # same missing/empty/UTF-8 checks as the TSV readers
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte order mark is dropped
@@ -125,10 +137,12 @@ def read_sts(path):
                 where = f"{path}:{reader.line_num}"
                 if None in row or None in row.values():
                     raise DataError(f"{where}: expected {len(reader.fieldnames)} comma-separated fields")
-                rows.append((row["sentence1"], row["sentence2"], parse_score(row["label"], where)))
+                rows.append((sentence(row["sentence1"], where), sentence(row["sentence2"], where),
+                             parse_score(row["label"], where)))
     else:
         for lineno, (score, s1, s2) in read_tsv(path, ["score", "sentence1", "sentence2"]):
-            rows.append((s1, s2, parse_score(score, f"{path}:{lineno}")))
+            where = f"{path}:{lineno}"
+            rows.append((sentence(s1, where), sentence(s2, where), parse_score(score, where)))
     if not rows:
         raise DataError(f"{path}: no rows after the header")
     return rows
@@ -165,13 +179,15 @@ def read_nli(path):
     else:
         records = ((f"{path}:{n}", r) for n, r in read_tsv(path, ["sentence1", "sentence2", "gold_label"]))
     for where, (premise, hypothesis, label) in records:
+        if not isinstance(label, str):
+            raise DataError(f"{where}: gold_label is {label!r}, not a label")
         label = label.strip()
         if label == "-":
             unlabeled += 1
             continue
         if label not in NLI_LABELS:
             raise DataError(f"{where}: unknown NLI label {label!r} (expected one of {', '.join(NLI_LABELS)})")
-        rows.append((premise, hypothesis, label))
+        rows.append((sentence(premise, where), sentence(hypothesis, where), label))
     return rows, unlabeled
 
 
