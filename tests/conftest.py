@@ -194,6 +194,21 @@ def torchrun(*args, nproc=2, timeout=180):
                            "--standalone", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def single_and_ddp(script, folder, model, tmp_path):
+    """Run tests/scripts/<script> on the method folder once in one process and once under 2-rank torchrun;
+    the two state dicts it saved (single process, DDP)."""
+    import subprocess
+    import torch
+    script, method = os.path.join(ROOT, "tests", "scripts", script), os.path.join(ROOT, folder)
+    single, double = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
+    run = subprocess.run([sys.executable, script, method, model, single], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(script, method, model, double)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(single), torch.load(double)
+
+
 def seq2seq_tokenizer(out_dir, specials, single):
     """A WordPiece tokenizer over the test corpus with T5- or BART-style special tokens."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import ROOT, load_method, sigkill_after_checkpoint, torchrun
+from conftest import ROOT, load_method, sigkill_after_checkpoint, single_and_ddp, torchrun
 
 TRAIN = os.path.join(ROOT, "KoSBERT", "train.py")
 
@@ -21,15 +20,7 @@ def kosbert():
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, tmp_path):
     """The SBERT losses are means over pairs, so DDP's gradient average over equal slices must equal one
     process on the whole batch: checked for the NLI softmax (classifier included) and STS regression."""
-    script = os.path.join(ROOT, "tests", "scripts", "kosbert_ddp_step.py")
-    method = os.path.join(ROOT, "KoSBERT")
-    single, double = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    run = subprocess.run([sys.executable, script, method, tiny_bert_no_dropout, single], capture_output=True,
-                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    run = torchrun(script, method, tiny_bert_no_dropout, double)
-    assert run.returncode == 0, run.stderr[-3000:]
-    a, b = torch.load(single), torch.load(double)
+    a, b = single_and_ddp("kosbert_ddp_step.py", "KoSBERT", tiny_bert_no_dropout, tmp_path)
     for source in ("nli", "sts"):
         assert b[source]["loss"].item() == pytest.approx(a[source]["loss"].item(), abs=1e-5)
         assert a[source]["grads"].keys() == b[source]["grads"].keys() and len(a[source]["grads"]) > 20

@@ -7,8 +7,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, load_method, torchrun
+from conftest import load_method, single_and_ddp
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 
@@ -270,15 +268,7 @@ def test_gradient_caching_keeps_the_new_objectives_exact(kosimcse, tiny_bert_no_
 def test_ddp_step_equals_single_process_with_new_objectives(tiny_bert_no_dropout, tmp_path):
     """cosent / angle rank pairs across the whole batch and InfoNCE's negatives span it: gathered across 2
     gloo ranks (with Matryoshka and gradient caching on), loss and gradients equal one process's."""
-    script = os.path.join(ROOT, "tests", "scripts", "objectives_ddp_step.py")
-    method = os.path.join(ROOT, "KoSimCSE")
-    single, double = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    run = subprocess.run([sys.executable, script, method, tiny_bert_no_dropout, single], capture_output=True,
-                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    run = torchrun(script, method, tiny_bert_no_dropout, double)
-    assert run.returncode == 0, run.stderr[-3000:]
-    a, b = torch.load(single), torch.load(double)
+    a, b = single_and_ddp("objectives_ddp_step.py", "KoSimCSE", tiny_bert_no_dropout, tmp_path)
     for case in ("cosent", "angle", "infonce"):
         assert b[case]["loss"].item() == pytest.approx(a[case]["loss"].item(), abs=1e-5), case
         assert a[case]["grads"].keys() == b[case]["grads"].keys() and len(a[case]["grads"]) > 20
