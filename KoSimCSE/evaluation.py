@@ -194,7 +194,8 @@ def run_index(args, encoder, max_len):
                        args.batch_size, args.device, params)
     size = sum(os.path.getsize(os.path.join(args.index_dir, f)) for f in INDEX_FILES.values())
     print(f"index: {meta['count']:,} sentences x {meta['dim']} ({meta['dtype']}) -> {args.index_dir} "
-          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s)")
+          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s); "
+          f"{meta['truncated']:,} distinct sentences cut at --max_len {max_len}")
 
 
 def run_search(args, encoder, max_len, index=None):
@@ -213,9 +214,12 @@ def run_search(args, encoder, max_len, index=None):
                                args.device)
     else:
         corpus = args.corpus_file or EXAMPLE_CORPUS
+        stats = {}
         results = semantic_search(encoder, encoder.tokenizer, [(args.query_prefix or "") + q for q in queries], corpus,
                                   args.top_k, args.chunk_size, max_len, args.batch_size, args.device,
-                                  args.passage_prefix or "")
+                                  args.passage_prefix or "", stats)
+        print(f"search: {stats['truncated']:,} of {stats['sentences']:,} corpus sentences cut at --max_len {max_len}",
+              file=sys.stderr)
     print_search_results(queries, results)
 
 

@@ -276,3 +276,15 @@ def test_two_builds_on_one_index_dir_one_clean_refusal(ev, tiny_bert, small_corp
         build(ev, tiny_bert, small_corpus, tmp_path / "idx2")
     lock.release()
     assert not os.path.exists(tmp_path / "idx2")  # created by the lock, left empty: removed
+
+
+def test_search_and_index_count_the_corpus_lines_they_cut(ev, tiny_bert, tmp_path, capsys):
+    """Like the STS task, streaming search (on stderr) and the index (its summary and index_meta.json) say how many
+    corpus sentences were cut at --max_len."""
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("사과 바나나.\n" + " ".join(["기차 역 승객 표 출발"] * 30) + "\n고양이.\n", encoding="utf-8")
+    ev.main(["--model_dir", tiny_bert, "--pooling", "mean", "--task", "search", "--corpus_file", str(corpus),
+             "--queries", "사과", "--max_len", "16"])
+    assert "search: 1 of 3 corpus sentences cut at --max_len 16" in capsys.readouterr().err
+    build(ev, tiny_bert, str(corpus), tmp_path / "idx", "--max_len", "16")
+    assert "1 distinct sentences cut at --max_len 16" in capsys.readouterr().out

@@ -187,10 +187,12 @@ def _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progres
                 line = f.readline().decode("utf-8").strip()
                 if line:
                     chunk.append(prefix + line)
+            stats = {}
             emb = torch.nn.functional.normalize(torch.from_numpy(
-                encode(encoder, tokenizer, chunk, recipe["max_len"], batch_size, device)), dim=-1).numpy()
+                encode(encoder, tokenizer, chunk, recipe["max_len"], batch_size, device, stats=stats)), dim=-1).numpy()
             save_atomic(paths[i], lambda out: np.save(out, emb.astype(dtype)))
             progress["chunks_done"] = i + 1
+            progress["truncated"] = progress.get("truncated", 0) + stats["truncated"]  # distinct lines cut
             save_json_atomic(os.path.join(chunks_dir, "progress.json"), progress)
             bar.update(len(chunk))
     return paths
@@ -253,7 +255,7 @@ def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_ty
         if missing:
             raise DataError(f"{progress_file}: records {previous['chunks_done']} chunks but {missing[0]} is "
                             f"missing; delete {chunks_dir} to start over")
-        progress["chunks_done"] = previous["chunks_done"]
+        progress["chunks_done"], progress["truncated"] = previous["chunks_done"], previous.get("truncated", 0)
         log(f"{chunks_dir}: resuming after {previous['chunks_done']} of {-(-len(offsets) // chunk_size)} chunks "
             f"({min(len(offsets), previous['chunks_done'] * chunk_size):,} sentences already encoded)")
     paths = _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progress, recipe, chunk_size,
@@ -277,7 +279,7 @@ def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_ty
     faiss_start = time.time()
     index_info = write_faiss_index(index_dir, np.load(emb_path, mmap_mode="r"), index_type, dtype, params)
     meta = {"format": INDEX_FORMAT, **recipe, "normalized": "l2 (inner product = cosine)", "dtype": dtype,
-            "dim": int(dim), "count": len(offsets), "chunk_size": chunk_size, "batch_size": batch_size,
+            "dim": int(dim), "count": len(offsets), "truncated": progress.get("truncated", 0), "chunk_size": chunk_size, "batch_size": batch_size,
             "device": progress["device"], "corpus": corpus, "index": index_info, "files": INDEX_FILES,
             "encode_seconds": round(encode_seconds, 1), "faiss_seconds": round(time.time() - faiss_start, 1),
             "build_seconds": round(time.time() - start_time, 1),

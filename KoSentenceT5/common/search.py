@@ -34,13 +34,14 @@ def _corpus_chunks(corpus, chunk_size):
 
 
 def semantic_search(embed, tokenizer, queries, corpus, top_k=5, chunk_size=20_000, max_len=128,
-                    batch_size=64, device="cpu", passage_prefix=""):
+                    batch_size=64, device="cpu", passage_prefix="", stats=None):
     """Top-k corpus sentences by cosine for each query: a list (per query) of (score, index, sentence).
 
     ``corpus`` is a list of sentences or the path of a one-sentence-per-line file; a file is read and
     encoded ``chunk_size`` lines at a time, keeping only the running top-k, and the winning lines
     are read back at the end, so memory does not grow with the corpus. Corpus sentences are encoded as
-    ``passage_prefix`` + sentence (queries as given) and returned without it.
+    ``passage_prefix`` + sentence (queries as given) and returned without it. ``stats`` (a dict), if
+    given, receives the number of corpus sentences and of those cut at ``max_len`` tokens.
     """
     q = torch.nn.functional.normalize(torch.from_numpy(
         encode(embed, tokenizer, queries, max_len, batch_size, device)), dim=-1)
@@ -48,8 +49,13 @@ def semantic_search(embed, tokenizer, queries, corpus, top_k=5, chunk_size=20_00
     total = len(corpus) if isinstance(corpus, list) else sum(1 for _ in iter_lines(corpus))
     with tqdm(total=total, desc="search", unit="sent", disable=total <= chunk_size) as bar:
         for chunk in _corpus_chunks(corpus, chunk_size):
-            c = torch.nn.functional.normalize(torch.from_numpy(
-                encode(embed, tokenizer, [passage_prefix + s for s in chunk], max_len, batch_size, device)), dim=-1)
+            chunk_stats = {}
+            c = torch.nn.functional.normalize(torch.from_numpy(encode(
+                embed, tokenizer, [passage_prefix + s for s in chunk], max_len, batch_size, device, stats=chunk_stats)),
+                dim=-1)
+            if stats is not None:
+                stats["sentences"] = stats.get("sentences", 0) + len(chunk)
+                stats["truncated"] = stats.get("truncated", 0) + chunk_stats["truncated"]
             scores, ids = (q @ c.T).topk(min(top_k, len(chunk)), dim=1)
             best_scores = torch.cat([best_scores, scores], dim=1)
             best_ids = torch.cat([best_ids, ids + seen], dim=1)
