@@ -145,7 +145,7 @@ def worker_faiss(index_dir, source_dir, kind, dtype):
     meta["index"] = ev.write_faiss_index(index_dir, np.load(emb_path, mmap_mode="r"), kind, dtype)
     meta.update(dtype=dtype, faiss_seconds=round(time.time() - start, 1),
                 note=f"faiss index built from the embeddings of {source_dir} by bench/index_scale.py")
-    ev._save_json_atomic(os.path.join(index_dir, ev.INDEX_META), meta)
+    ev.save_json_atomic(os.path.join(index_dir, ev.INDEX_META), meta)
     print(json.dumps({"faiss_seconds": meta["faiss_seconds"], "index": meta["index"]}))
 
 
@@ -166,7 +166,7 @@ def worker_search(index_dir, model, queries_file, out_file, max_len, sweep):
     model_seconds = time.time() - t
     t = time.time()
     index = ev.load_index(index_dir)
-    ev.check_index_recipe(index, model, encoder, max_len, "")
+    ev.check_index_recipe(index, model, encoder, max_len, "", "")
     load_seconds = time.time() - t
     tok = encoder.tokenizer
 
