@@ -157,7 +157,6 @@ def percentiles(times):
 
 def worker_search(index_dir, model, queries_file, out_file, max_len, sweep):
     """Job: load the index, time queries, save the top-10 ids of every query (for recall)."""
-    import numpy as np
     import torch
     ev = _evaluation()
     queries = [line.strip() for line in open(queries_file, encoding="utf-8")]
