@@ -2,7 +2,7 @@
 # Train -> evaluate -> search with every method, then print the 8-number KorSTS table.
 #
 #   bash run_example.sh                  quick preset: short real runs of every method row on small pretrained
-#                                        backbones, CPU-sized, offline-capable (9 min offline on a quiet
+#                                        backbones, CPU-sized, offline-capable (5-9 min offline on a
 #                                        2-core CPU with native bf16; slower in fp32)
 #   PRESET=paper bash run_example.sh     the published rows with their presets (GPU, full KorNLI train files:
 #                                        bash data/download.sh); see utils/paper_table.py for seeds
