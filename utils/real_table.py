@@ -106,6 +106,11 @@ class Table:
                 "--seed", str(seed), "--data_dir", a.data_dir, "--output_dir", out, "--overwrite_output_dir",
                 *(["--bf16"] if a.bf16 else []), *steps]
 
+    def width(self):
+        """The backbone's embedding width (config.json's hidden_size or d_model)."""
+        config = read_json(os.path.join(self.a.model, "config.json")) or {}
+        return config.get("hidden_size") or config.get("d_model") or 0
+
     def mined(self):
         """The KLUE-NLI train (premise, entailment) pairs with one hard negative each, mined by the zero-shot
         backbone (evaluation.py --task mine: ranks 10 and below, 5 % relative margin to the positive, as
@@ -145,7 +150,7 @@ class Table:
             commands["retrieval.json"] = base + retrieval + ["--output_json", os.path.join(out, "retrieval.json"),
                                                              "--mteb_dir", os.path.join(out, "mteb")]
         elif phase == "truncated":
-            for dim in TRUNCATE.get(row, ()):
+            for dim in (d for d in TRUNCATE.get(row, ()) if d < self.width()):  # narrower than the model only
                 commands[f"sts-dim{dim}.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", str(dim),
                                                          "--output_json", os.path.join(out, f"sts-dim{dim}.json")]
                 if not a.no_retrieval:
