@@ -89,10 +89,11 @@ def main(argv=None):
     trainer.train()
     seconds = time.time() - start
     model.save(os.path.join(a.output_dir, "best_model"))
-    with open(os.path.join(a.output_dir, "st_run.json"), "w") as f:
-        json.dump({"recipe": a.recipe, "train_seconds": round(seconds, 1), "examples": len(train),
-                   "best_metric": trainer.state.best_metric, "global_step": trainer.state.global_step,
-                   "args": vars(a)}, f, indent=2)
+    info = {"recipe": a.recipe, "train_seconds": round(seconds, 1), "examples": len(train),
+            "best_metric": trainer.state.best_metric, "global_step": trainer.state.global_step, "args": vars(a)}
+    with open(os.path.join(a.output_dir, "st_run.json.tmp"), "w") as f:  # renamed into place: never torn
+        json.dump(info, f, indent=2)
+    os.replace(os.path.join(a.output_dir, "st_run.json.tmp"), os.path.join(a.output_dir, "st_run.json"))
     import shutil
     shutil.rmtree(os.path.join(a.output_dir, "trainer"), ignore_errors=True)  # checkpoints: the best is saved
     print(f"trained in {seconds:.0f} s; best dev cosine Spearman {trainer.state.best_metric}")

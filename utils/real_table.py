@@ -71,6 +71,18 @@ RETRIEVAL_SETS = ("korquad-dev", "autorag")
 TRUNCATE = {"kosimcse-sup-matryoshka": (256, 128, 64), "kosimcse-sup": (256, 128, 64)}
 
 
+def write_atomic(path, text):
+    """Write ``path`` through a temporary file renamed into place: a kill or a full disk leaves the old file or
+    none, never a torn one (which would read as a finished run)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        sys.exit(f"error: could not write {path}: {e.strerror or e}; the runs so far are kept, rerun to continue")
+
+
 def run_logged(command, log_path):
     """Run ``command`` with its output appended to log_path; (return code, seconds)."""
     start = time.time()
@@ -160,8 +172,8 @@ class Table:
 
     def trained(self, row, seed):
         out = self.run_dir(row, seed)
-        return ROWS[row][0] == "zero-shot" or (os.path.isfile(os.path.join(out, "best_model", "config.json"))
-                                                and not os.path.isdir(os.path.join(out, "checkpoint")))
+        # wall.json is written (atomically) only once the training process has exited cleanly
+        return ROWS[row][0] == "zero-shot" or os.path.isfile(os.path.join(out, "wall.json"))
 
     def run(self, rows, seeds):
         """Phase 1, seed by seed: train every row and score it on STS (a later seed's model is then removed);
@@ -178,8 +190,7 @@ class Table:
                 if code:
                     print(f"{where}: training failed (exit {code}); see {out}/train.log", flush=True)
                     continue
-                with open(os.path.join(out, "wall.json"), "w") as f:
-                    json.dump({"train_seconds": round(seconds, 1)}, f)
+                write_atomic(os.path.join(out, "wall.json"), json.dumps({"train_seconds": round(seconds, 1)}))
             self.evaluate(row, seed, self.eval_commands(row, seed, "sts"), where)
             if not self.a.keep_models and ROWS[row][0] != "zero-shot" and seed != seeds[0]:
                 shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)  # its numbers are in the JSON
@@ -310,10 +321,9 @@ def main(argv=None):
     text = markdown(table, a)
     print(text)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "real_table.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(a.out, "real_table.json"), "w") as f:
-        json.dump({"model": a.model, "data_dir": a.data_dir, "bf16": a.bf16, "rows": table}, f, indent=2)
+    write_atomic(os.path.join(a.out, "real_table.md"), text + "\n")
+    write_atomic(os.path.join(a.out, "real_table.json"),
+                 json.dumps({"model": a.model, "data_dir": a.data_dir, "bf16": a.bf16, "rows": table}, indent=2))
 
 
 if __name__ == "__main__":

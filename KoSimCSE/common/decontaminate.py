@@ -94,8 +94,9 @@ def file_kind(path):
 
 
 def evaluation_index(data_dir, log=print):
-    """{normalised sentence: [evaluation set names]} of every evaluation set present under data_dir."""
-    index = {}
+    """({normalised sentence: [evaluation set names]}, {sentence as given: {set names}}) of every evaluation set
+    present under data_dir, each file read once."""
+    index, exact = {}, {}
     for name, (rel, kind) in EVALUATION_SETS.items():
         path = os.path.join(data_dir, rel)
         if not os.path.isfile(path):
@@ -106,22 +107,17 @@ def evaluation_index(data_dir, log=print):
             log(f"decontamination: {name} skipped ({e})")
             continue
         for s in found:
+            exact.setdefault(s, set()).add(name)
             key = normalize(s)
             if len(key) >= MIN_CHARS and name not in index.setdefault(key, []):
                 index[key].append(name)
-    return index
+    return index, exact
 
 
 def overlap_report(train_files, data_dir, log=print):
     """(report, contaminated keys) for ``train_files`` [(path, kind)]: report = {evaluation set: {"exact":
     training sentences equal as given, "normalized": equal after normalize, "examples": up to 3}}."""
-    index = evaluation_index(data_dir, log)
-    exact_index = {}
-    for name, (rel, kind) in EVALUATION_SETS.items():
-        path = os.path.join(data_dir, rel)
-        if os.path.isfile(path) and kind in ("sts", "nli"):
-            for s in sentences(path, kind):
-                exact_index.setdefault(s, set()).add(name)
+    index, exact_index = evaluation_index(data_dir, log)
     report = {name: {"exact": 0, "normalized": 0, "examples": []} for name in EVALUATION_SETS
               if os.path.isfile(os.path.join(data_dir, EVALUATION_SETS[name][0]))}
     contaminated, seen = set(), set()
