@@ -75,9 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=256,
                    help="encoding batch size, and the correlation batch of the bmk protocol (BM-K: 256)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed of the bmk protocol; KMeans seed")
-    p.add_argument("--truncate_dim", type=int, default=None,
+    p.add_argument("--truncate_dim", type=int, nargs="+", default=None,
                    help="keep the first D dimensions of every embedding (a Matryoshka model; sentence-transformers' "
-                        "truncate_dim), for every task (default: the folder's own truncate_dim, else all)")
+                        "truncate_dim), for every task (default: the folder's own truncate_dim, else all); several "
+                        "(sts and retrieval only): each task scored at each D from one encoding, a row per D")
     p.add_argument("--max_len", type=int, default=None,
                    help="max tokens per sentence (default: max_seq_length of the folder, else 512)")
     p.add_argument("--pooling", choices=("cls", "mean", "pooler"), default=None,
@@ -117,6 +118,11 @@ def parse_args(argv=None):
         if value is not None and value < least:
             p.error(f"--{name} {value}: must be at least {least}")
     check_device(p, args.device)
+    if args.truncate_dim and min(args.truncate_dim) < 1:
+        p.error(f"--truncate_dim {min(args.truncate_dim)}: must be at least 1")
+    if args.truncate_dim and len(args.truncate_dim) > 1 and set(args.task) - {"sts", "retrieval"}:
+        p.error("several --truncate_dim values are for --task sts and retrieval; index, search, cluster and mine "
+                "take one")
     if args.prefix is not None:
         p.error("--prefix was split in two: --query_prefix (queries, sts and cluster sentences) and --passage_prefix "
                 "(corpus sentences); an old --prefix P is --query_prefix P --passage_prefix P")
@@ -177,10 +183,13 @@ def run_retrieval(args, encoder, max_len, datasets):
         metrics, info = evaluate_retrieval(encoder, encoder.tokenizer, corpus, queries, qrels, max_len,
                                            args.batch_size, args.device, query_prefix, passage_prefix)
         rows.append({"model": args.model_dir.rstrip("/"), "task": "retrieval", "dataset": name, "mteb_task": task,
-                     "query_prefix": query_prefix, "passage_prefix": passage_prefix, **info, "metrics": metrics})
-        if args.mteb_dir:
-            os.makedirs(args.mteb_dir, exist_ok=True)
-            save_json_atomic(os.path.join(args.mteb_dir, f"{task}.json"),
+                     "query_prefix": query_prefix, "passage_prefix": passage_prefix, **info,
+                     "truncate_dim": encoder.truncate_dim, "metrics": metrics})
+        if args.mteb_dir:  # several --truncate_dim values: one folder per dimension
+            mteb_dir = (os.path.join(args.mteb_dir, f"dim{encoder.truncate_dim}") if len(args.truncate_dim or ()) > 1
+                        else args.mteb_dir)
+            os.makedirs(mteb_dir, exist_ok=True)
+            save_json_atomic(os.path.join(mteb_dir, f"{task}.json"),
                              mteb_result(task, metrics, info["evaluation_time"], revision))
     print(format_retrieval_table(rows))
     return rows
@@ -248,8 +257,11 @@ def main(argv=None):
     retrieval = ({name: load_retrieval(name, args.data_dir) for name in args.retrieval_datasets}
                  if "retrieval" in args.task else {})
     try:
-        encoder = FolderEncoder(args.model_dir, pooling=args.pooling, truncate_dim=args.truncate_dim)
+        encoder = FolderEncoder(args.model_dir, pooling=args.pooling)
         encoder = encoder.to(args.device).eval()
+        dims = args.truncate_dim or [encoder.truncate_dim]  # given, else the folder's own (None: all)
+        for dim in dims:
+            encoder.set_truncate_dim(dim)  # a dim wider than the model fails here, before any work
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load model from {args.model_dir}: {' '.join(str(e).split())}")  # one line
     max_len = args.max_len or encoder.max_len or 512
@@ -260,8 +272,13 @@ def main(argv=None):
     runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
             "cluster": run_cluster, "mine": run_mine, "retrieval": functools.partial(run_retrieval, datasets=retrieval)}
     rows = []
-    for task in dict.fromkeys(args.task):  # in the order given, each once
-        rows += runs[task](args, encoder, max_len) or []
+    encoder.cache = {} if len(dims) > 1 else None  # several dims: every batch is encoded once, at full width
+    for dim in dims:
+        encoder.set_truncate_dim(dim)
+        if len(dims) > 1:
+            print(f"--truncate_dim {dim}:")
+        for task in dict.fromkeys(args.task):  # in the order given, each once
+            rows += runs[task](args, encoder, max_len) or []
     if args.output_json and ("sts" in args.task or "retrieval" in args.task):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)

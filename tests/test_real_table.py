@@ -19,6 +19,7 @@ def test_two_step_table_end_to_end_and_resumes(tiny_bert, tmp_path, monkeypatch)
     os.makedirs(os.path.join(data, "KLUE-NLI"))
     shutil.copy(os.path.join(data, "KorNLI", "nli.train.ko.tsv"), os.path.join(data, "KLUE-NLI", "klue_nli_train.tsv"))
     out = str(tmp_path / "table")
+    monkeypatch.setattr(rt, "TRUNCATE", {"kosimcse-sup": (16, 8, 64)})  # 64: wider than the tiny model, skipped
     argv = ["--model", tiny_bert, "--data_dir", data, "--out", out, "--rows", "kosimcse-sup", "kosbert-sts",
             "st-sts", "--seeds", "1", "--max_steps", "2", "--no_retrieval", "--no-bf16"]
     printed = io.StringIO()
@@ -33,6 +34,10 @@ def test_two_step_table_end_to_end_and_resumes(tiny_bert, tmp_path, monkeypatch)
         assert rows[row]["seeds"] == [1], row
         assert -100 <= metrics["korsts-test/standard/cosine_spearman"]["mean"] <= 100
         assert metrics["train_seconds"]["mean"] > 0
+    truncated = rows["kosimcse-sup"]["metrics"]  # one STS pass scored at 16 and 8 dimensions
+    assert {"sts-dim16/korsts-test/cosine_spearman", "sts-dim8/korsts-test/cosine_spearman"} <= truncated.keys()
+    assert not any("dim64" in key for key in truncated)
+    assert truncated["sts-dim8/korsts-test/cosine_spearman"]["n"] == 1
     with open(os.path.join(out, "kosimcse-sup", "seed-1", "best_model", "training.json")) as f:
         info = json.load(f)
     assert info["decontamination"]["mode"] == "drop"  # every table row trains decontaminated

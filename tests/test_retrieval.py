@@ -150,3 +150,39 @@ def test_real_retrieval_sets_match_mteb_counts(ret):
     assert all(len(rel) == 1 and set(rel) <= corpus.keys() for rel in qrels.values())
     lengths = [len(t) for t in corpus.values()]  # MTEB's stats: avg 823.6, min 7, max 2484
     assert (round(sum(lengths) / len(lengths), 1), min(lengths), max(lengths)) == (823.6, 7, 2484)
+
+
+def test_several_truncate_dims_score_from_one_encoding(kosimcse, tiny_bert, synthetic_data, tmp_path, monkeypatch):
+    """--truncate_dim 32 16 4: a row per dimension for sts and retrieval, each equal to a run with that one
+    dimension, while the backbone encodes every batch once (the truncations reuse the full-width embeddings)."""
+    ev = kosimcse.evaluation
+    folder = write_beir(str(tmp_path / "beir"))
+    common = ["--model_dir", tiny_bert, "--pooling", "mean", "--task", "sts", "retrieval", "--data_dir", synthetic_data,
+              "--dataset", "korsts-test", folder, "--max_len", "16", "--device", "cpu"]
+    calls = []
+
+    class Counting(ev.FolderEncoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.backbone.register_forward_hook(lambda *_: calls.append(1))
+
+    monkeypatch.setattr(ev, "FolderEncoder", Counting)
+    single = {}
+    for dim in (32, 16, 4):
+        out = str(tmp_path / f"dim{dim}.json")
+        ev.main(common + ["--truncate_dim", str(dim), "--output_json", out])
+        single[dim] = json.load(open(out))
+    per_run = len(calls) // 3
+    calls.clear()
+    out, mteb_dir = str(tmp_path / "all.json"), str(tmp_path / "mteb")
+    ev.main(common + ["--truncate_dim", "32", "16", "4", "--output_json", out, "--mteb_dir", mteb_dir])
+    assert len(calls) == per_run  # one encoding for three dimensions
+    rows = json.load(open(out))
+    assert [r["truncate_dim"] for r in rows] == [32, 32, 16, 16, 4, 4]
+    for dim in (32, 16, 4):
+        mine = [r for r in rows if r["truncate_dim"] == dim]
+        assert [r["metrics"] for r in mine] == pytest.approx([r["metrics"] for r in single[dim]], abs=1e-6)
+        assert os.path.isfile(os.path.join(mteb_dir, f"dim{dim}", "beir.json"))
+    assert rows[0]["metrics"] != pytest.approx(rows[4]["metrics"], abs=1e-3)  # 4 dimensions do score differently
+    with pytest.raises(SystemExit):  # several dims are for sts and retrieval only
+        ev.parse_args(["--model_dir", "x", "--task", "search", "--truncate_dim", "8", "4"])

@@ -66,8 +66,9 @@ ROWS = {
 }
 STS_SETS = ("korsts-test", "klue-sts-dev")
 RETRIEVAL_SETS = ("korquad-dev", "autorag")
-# Matryoshka: the first seed of these rows is scored again at each truncated dimension, after every other run
-# (each retrieval pass costs minutes on a CPU): the Matryoshka row, and plain sup as its baseline.
+# Matryoshka: the first seed of these rows is also scored at each truncated dimension (only those narrower than
+# the backbone): the Matryoshka row, and plain sup as its baseline. Retrieval at every dimension comes from the
+# retrieval pass's one encoding (evaluation.py --truncate_dim W D1 D2 ...), STS from one more short pass.
 TRUNCATE = {"kosimcse-sup-matryoshka": (256, 128, 64), "kosimcse-sup": (256, 128, 64)}
 
 
@@ -152,6 +153,7 @@ class Table:
         retrieval = ["--task", "retrieval", "--dataset", *RETRIEVAL_SETS, "--query_prefix", "query: ",
                      "--passage_prefix", "passage: "]
         commands = {}
+        narrow = [d for d in TRUNCATE.get(row, ()) if d < self.width()]  # dimensions narrower than the model only
         if phase == "sts":
             commands["sts.json"] = base + ["--dataset", *STS_SETS, "--protocol", "standard", "bmk",
                                            "--output_json", os.path.join(out, "sts.json")]
@@ -159,15 +161,12 @@ class Table:
                 commands["sts-query-prefix.json"] = base + ["--dataset", *STS_SETS, "--query_prefix", "query: ",
                                                             "--output_json", os.path.join(out, "sts-query-prefix.json")]
         elif phase == "retrieval" and not a.no_retrieval:
-            commands["retrieval.json"] = base + retrieval + ["--output_json", os.path.join(out, "retrieval.json"),
-                                                             "--mteb_dir", os.path.join(out, "mteb")]
-        elif phase == "truncated":
-            for dim in (d for d in TRUNCATE.get(row, ()) if d < self.width()):  # narrower than the model only
-                commands[f"sts-dim{dim}.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", str(dim),
-                                                         "--output_json", os.path.join(out, f"sts-dim{dim}.json")]
-                if not a.no_retrieval:
-                    commands[f"retrieval-dim{dim}.json"] = base + retrieval + [
-                        "--truncate_dim", str(dim), "--output_json", os.path.join(out, f"retrieval-dim{dim}.json")]
+            dims = ["--truncate_dim", *map(str, [self.width(), *narrow])] if narrow else []
+            commands["retrieval.json"] = base + retrieval + dims + [
+                "--output_json", os.path.join(out, "retrieval.json"), "--mteb_dir", os.path.join(out, "mteb")]
+        elif phase == "truncated" and narrow:
+            commands["sts-dims.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", *map(str, narrow),
+                                                "--output_json", os.path.join(out, "sts-dims.json")]
         return commands
 
     def trained(self, row, seed):
@@ -204,7 +203,10 @@ class Table:
     def evaluate(self, row, seed, commands, where):
         out = self.run_dir(row, seed)
         for name, command in commands.items():
-            if os.path.isfile(os.path.join(out, name)):
+            dims = command[command.index("--truncate_dim") + 1:] if name == "sts-dims.json" else []
+            done = dims and all(os.path.isfile(os.path.join(out, f"sts-dim{d}.json"))
+                                for d in dims[:dims.index("--output_json")])  # one file per dimension (before)
+            if done or os.path.isfile(os.path.join(out, name)):
                 continue
             print(f"{where}: {name}", flush=True)
             code, _ = run_logged(command, os.path.join(out, "eval.log"))
@@ -229,7 +231,19 @@ def mean_std(values):
     return mean, std, len(values)
 
 
+def result_key(name, row, width):
+    """The table key of one result row of file ``name``: retrieval, retrieval-dimD, sts-dimD, sts-query-prefix."""
+    base = "retrieval" if name.startswith("retrieval") else name[:-5]
+    dim = row.get("truncate_dim") or (int(name[:-5].rsplit("dim", 1)[1]) if "-dim" in name and "dims" not in name
+                                      else None)
+    if dim and dim < width:
+        return f"{base.split('-dim')[0]}-dim{dim}"
+    return base
+
+
 def collect(a, rows, seeds):
+    config = read_json(os.path.join(a.model, "config.json")) or {}
+    width = config.get("hidden_size") or config.get("d_model") or 0
     table = {}
     for row in rows:
         entry = {"description": ROWS[row][5], "seeds": []}
@@ -247,14 +261,17 @@ def collect(a, rows, seeds):
             wall = read_json(os.path.join(out, "wall.json")) or read_json(os.path.join(out, "st_run.json")) or {}
             if "train_seconds" in wall:
                 values.setdefault("train_seconds", []).append(wall["train_seconds"])
-            for name in os.listdir(out):
+            found = {}  # one value per key and run, whichever file holds it (sts-dims.json or older sts-dimD.json)
+            for name in sorted(os.listdir(out)):
                 if name.startswith("retrieval") and name.endswith(".json"):
                     for r in read_json(os.path.join(out, name)) or []:
-                        values.setdefault(f"{name[:-5]}/{r['dataset']}/ndcg_at_10", []).append(r["metrics"]["ndcg_at_10"])
+                        found[f"{result_key(name, r, width)}/{r['dataset']}/ndcg_at_10"] = r["metrics"]["ndcg_at_10"]
                 elif name.startswith("sts-") and name.endswith(".json"):
                     for r in read_json(os.path.join(out, name)) or []:
-                        values.setdefault(f"{name[:-5]}/{r['dataset']}/cosine_spearman", []).append(
-                            r["metrics"]["cosine_spearman"])
+                        found[f"{result_key(name, r, width)}/{r['dataset']}/cosine_spearman"] = \
+                            r["metrics"]["cosine_spearman"]
+            for key, value in found.items():
+                values.setdefault(key, []).append(value)
         entry["metrics"] = {k: dict(zip(("mean", "std", "n"), mean_std(v))) for k, v in values.items()}
         table[row] = entry
     return table

@@ -70,11 +70,25 @@ class FolderEncoder(nn.Module):
             if truncate_dim is None:
                 self.truncate_dim = config.get("truncate_dim")
         width = getattr(self.backbone.config, "d_model", None) or self.backbone.config.hidden_size
-        width = self.heads[-1][0].out_features if len(self.heads) else width
-        if self.truncate_dim is not None and not 0 < self.truncate_dim <= width:
-            raise ValueError(f"truncate_dim {self.truncate_dim}: the embeddings of {path} have {width} dimensions")
+        self.width, self.path = self.heads[-1][0].out_features if len(self.heads) else width, path
+        self.set_truncate_dim(self.truncate_dim)
+        # {batch key: full-width embeddings}, or None: with a dict, a batch encoded once is not encoded again, so
+        # one encoding serves several truncate_dim values (evaluation.py --truncate_dim D1 D2 ...)
+        self.cache = None
+
+    def set_truncate_dim(self, dim):
+        """Keep the first ``dim`` dimensions from now on (None: all); a dim wider than the model is a ValueError."""
+        if dim is not None and not 0 < dim <= self.width:
+            raise ValueError(f"truncate_dim {dim}: the embeddings of {self.path} have {self.width} dimensions")
+        self.truncate_dim = dim
 
     def forward(self, input_ids, attention_mask):
+        key = None
+        if self.cache is not None:  # the exact batch (ids, mask, shape) seen before: its full-width embeddings
+            key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
+            if key in self.cache:
+                emb = self.cache[key]
+                return emb[:, :self.truncate_dim] if self.truncate_dim else emb
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state
         if self.pooling == "mean":
@@ -87,6 +101,8 @@ class FolderEncoder(nn.Module):
         for head in self.heads:
             emb = head(emb)
         emb = nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+        if key is not None:
+            self.cache[key] = emb.detach()
         return emb[:, :self.truncate_dim] if self.truncate_dim else emb
 
 
