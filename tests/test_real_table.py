@@ -41,7 +41,44 @@ def test_two_step_table_end_to_end_and_resumes(tiny_bert, tmp_path, monkeypatch)
     with open(os.path.join(out, "kosimcse-sup", "seed-1", "best_model", "training.json")) as f:
         info = json.load(f)
     assert info["decontamination"]["mode"] == "drop"  # every table row trains decontaminated
+    with open(os.path.join(out, "kosimcse-sup", "seed-1", "wall.json")) as f:
+        wall = json.load(f)
+    assert wall["train_seconds"] > 0 and "other_cpu_seconds" in wall
     again = io.StringIO()
     with contextlib.redirect_stdout(again):
         rt.main(argv)
     assert ": train" not in again.getvalue() and ".json" not in again.getvalue().split("| row |")[0]
+
+
+def test_time_column_leaves_out_runs_that_shared_the_cpu(tmp_path):
+    """A run during which other processes took >= 10 % of its wall time in CPU keeps its scores but not its time."""
+    import argparse
+    out = tmp_path / "table"
+    for seed, other in ((1, 5.0), (2, 50.0), (3, None)):
+        run = out / "kosbert-sts" / f"seed-{seed}"
+        run.mkdir(parents=True)
+        metrics = {"cosine_spearman": 80.0 + seed, "avg": 70.0}
+        (run / "sts.json").write_text(json.dumps([{"dataset": "korsts-test", "protocol": "standard", "metrics": metrics}]))
+        (run / "wall.json").write_text(json.dumps({"train_seconds": 100.0 * seed, "other_cpu_seconds": other}))
+    a = argparse.Namespace(out=str(out), model=str(tmp_path))
+    entry = rt.collect(a, ["kosbert-sts"], [1, 2, 3])["kosbert-sts"]
+    assert entry["seeds"] == [1, 2, 3] and entry["contended_seeds"] == [2]
+    assert entry["metrics"]["korsts-test/standard/cosine_spearman"]["mean"] == 82.0
+    assert entry["metrics"]["train_seconds"]["mean"] == 200.0  # seeds 1 and 3: (100 + 300) / 2
+    assert "seed 2 shared the CPU: left out" in rt.markdown({"kosbert-sts": entry}, argparse.Namespace(
+        model="m", data_dir="d", bf16=True))
+
+
+def test_run_logged_counts_other_processes_cpu(tmp_path):
+    """run_logged's third figure: CPU seconds the rest of the machine used while the command ran (a process
+    burning CPU beside a sleeping command shows; the command's own CPU is not counted)."""
+    import subprocess
+    burn = "import time\nt = time.time()\nwhile time.time() - t < {}: pass"
+    burner = subprocess.Popen([sys.executable, "-c", burn.format(3)])
+    try:
+        code, seconds, other = rt.run_logged([sys.executable, "-c", "import time; time.sleep(2)"], str(tmp_path / "log"))
+    finally:
+        burner.wait()
+    assert code == 0 and seconds >= 2
+    if other is not None:  # Linux: the burner had at least a third of a core for 2 s, even on a loaded machine
+        assert other >= 0.6

@@ -25,12 +25,15 @@ A run whose JSON exists is not run again, a trained one is only evaluated, one k
 continues with --resume. Training and STS go seed by seed (every row's first seed, then the second ones,
 ...), then retrieval on the first seeds, then the truncated (Matryoshka) evaluations, so a table cut short
 still has every row's STS. The table (mean ± std over the seeds present, wall time of training)
-is printed and written to OUT/real_table.md and OUT/real_table.json.
+is printed and written to OUT/real_table.md and OUT/real_table.json. Each run's wall.json holds its wall time
+and the CPU seconds other processes took meanwhile (/proc/stat): a run that shared the cores is kept for its
+scores but left out of the time column.
 """
 import argparse
 import json
 import math
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -65,6 +68,7 @@ ROWS = {
                                 "KoSimCSE sup with Matryoshka 384/256/128/64"),
 }
 STS_SETS = ("korsts-test", "klue-sts-dev")
+CONTENDED = 0.1  # a run's wall time is left out of "train s" when other processes took more CPU s than this x it
 RETRIEVAL_SETS = ("korquad-dev", "autorag")
 # Matryoshka: the first seed of these rows is also scored at each truncated dimension (only those narrower than
 # the backbone): the Matryoshka row, and plain sup as its baseline. Retrieval at every dimension comes from the
@@ -84,14 +88,29 @@ def write_atomic(path, text):
         sys.exit(f"error: could not write {path}: {e.strerror or e}; the runs so far are kept, rerun to continue")
 
 
+def cpu_busy_seconds():
+    """CPU seconds the whole machine has been busy since boot (all cores, /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def run_logged(command, log_path):
-    """Run ``command`` with its output appended to log_path; (return code, seconds)."""
-    start = time.time()
+    """Run ``command`` with its output appended to log_path; (return code, seconds, CPU seconds that other
+    processes took meanwhile -- a wall time is a speed figure only when that is small -- or None)."""
+    start, busy = time.time(), cpu_busy_seconds()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "a") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
         code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    return code, time.time() - start
+    after, used = cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
+    other = None if busy is None or after is None else round(max(0.0, after - busy - own), 1)
+    return code, time.time() - start, other
 
 
 class Table:
@@ -138,7 +157,7 @@ class Table:
             if self.a.list:
                 return path
             print("mining hard negatives for kosimcse-sup-mined", flush=True)
-            code, _ = run_logged(command, os.path.join(os.path.dirname(path), "mine.log"))
+            code, _, _ = run_logged(command, os.path.join(os.path.dirname(path), "mine.log"))
             if code:
                 raise SystemExit(f"error: mining failed (exit {code}); see {os.path.dirname(path)}/mine.log")
         return path
@@ -185,11 +204,12 @@ class Table:
             if not self.trained(row, seed):
                 command = self.train_command(row, seed)
                 print(f"{where}: train ({'resume' if '--resume' in command else 'new'})", flush=True)
-                code, seconds = run_logged(command, os.path.join(out, "train.log"))
+                code, seconds, other = run_logged(command, os.path.join(out, "train.log"))
                 if code:
                     print(f"{where}: training failed (exit {code}); see {out}/train.log", flush=True)
                     continue
-                write_atomic(os.path.join(out, "wall.json"), json.dumps({"train_seconds": round(seconds, 1)}))
+                write_atomic(os.path.join(out, "wall.json"), json.dumps({"train_seconds": round(seconds, 1),
+                                                                         "other_cpu_seconds": other}))
             self.evaluate(row, seed, self.eval_commands(row, seed, "sts"), where)
             if not self.a.keep_models and ROWS[row][0] != "zero-shot" and seed != seeds[0]:
                 shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)  # its numbers are in the JSON
@@ -209,7 +229,7 @@ class Table:
             if done or os.path.isfile(os.path.join(out, name)):
                 continue
             print(f"{where}: {name}", flush=True)
-            code, _ = run_logged(command, os.path.join(out, "eval.log"))
+            code, _, _ = run_logged(command, os.path.join(out, "eval.log"))
             if code:
                 print(f"{where}: evaluation failed (exit {code}); see {out}/eval.log", flush=True)
 
@@ -259,8 +279,11 @@ def collect(a, rows, seeds):
                     r["metrics"]["cosine_spearman"])
                 values.setdefault(f"{r['dataset']}/{r['protocol']}/avg", []).append(r["metrics"]["avg"])
             wall = read_json(os.path.join(out, "wall.json")) or read_json(os.path.join(out, "st_run.json")) or {}
-            if "train_seconds" in wall:
-                values.setdefault("train_seconds", []).append(wall["train_seconds"])
+            if "train_seconds" in wall:  # a speed figure only if other processes took < 10 % of a core meanwhile
+                if wall.get("contended") or (wall.get("other_cpu_seconds") or 0) > CONTENDED * wall["train_seconds"]:
+                    entry.setdefault("contended_seeds", []).append(seed)
+                else:
+                    values.setdefault("train_seconds", []).append(wall["train_seconds"])
             found = {}  # one value per key and run, whichever file holds it (sts-dims.json or older sts-dimD.json)
             for name in sorted(os.listdir(out)):
                 if name.startswith("retrieval") and name.endswith(".json"):
@@ -287,7 +310,8 @@ def fmt(m, scale=1.0, digits=2):
 def markdown(table, a):
     lines = [f"Backbone `{a.model}`, data `{a.data_dir}`, bf16 {'on' if a.bf16 else 'off'}; KorSTS test and KLUE-STS "
              "dev cosine Spearman x100 (standard protocol), nDCG@10 x100 of the first seed (e5 prefixes), "
-             "mean ± std over the seeds listed.", "",
+             "mean ± std over the seeds listed; train s: wall time of the training process, over the seeds "
+             "during which other processes took under 10 % of its time in CPU.", "",
              "| row | seeds | KorSTS test cosS | KorSTS test AVG | KLUE-STS dev cosS | KorQuAD nDCG@10 | AutoRAG nDCG@10 "
              "| train s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row, e in table.items():
@@ -296,7 +320,9 @@ def markdown(table, a):
                      f"{fmt(m.get('korsts-test/standard/cosine_spearman'))} | {fmt(m.get('korsts-test/standard/avg'))} | "
                      f"{fmt(m.get('klue-sts-dev/standard/cosine_spearman'))} | "
                      f"{fmt(m.get('retrieval/korquad-dev/ndcg_at_10'), 100)} | "
-                     f"{fmt(m.get('retrieval/autorag/ndcg_at_10'), 100)} | {fmt(m.get('train_seconds'), 1, 0)} |")
+                     f"{fmt(m.get('retrieval/autorag/ndcg_at_10'), 100)} | {fmt(m.get('train_seconds'), 1, 0)}"
+                     + (f" (seed {','.join(map(str, e['contended_seeds']))} shared the CPU: left out)"
+                        if e.get("contended_seeds") else "") + " |")
     extra = [(row, k, v) for row, e in table.items() for k, v in e["metrics"].items() if "dim" in k or "prefix" in k]
     if extra:
         lines += ["", "| row | evaluation | value |", "|---|---|---:|"]
