@@ -186,3 +186,18 @@ def test_several_truncate_dims_score_from_one_encoding(kosimcse, tiny_bert, synt
     assert rows[0]["metrics"] != pytest.approx(rows[4]["metrics"], abs=1e-3)  # 4 dimensions do score differently
     with pytest.raises(SystemExit):  # several dims are for sts and retrieval only
         ev.parse_args(["--model_dir", "x", "--task", "search", "--truncate_dim", "8", "4"])
+
+
+def test_retrieval_speed_bench_runs_and_agrees_with_sentence_transformers(tiny_bert, tmp_path):
+    """bench/retrieval_speed.py on a BEIR folder: both encoders timed, and their embeddings the same texts' (cos 1)."""
+    pytest.importorskip("sentence_transformers")
+    folder = write_beir(str(tmp_path / "beir"))
+    out = str(tmp_path / "speed.json")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "retrieval_speed.py"), "--model", tiny_bert,
+                        "--data_dir", str(tmp_path), "--dataset", folder, "--output_json", out],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.load(open(out))
+    assert result["passages"] == result["queries"] == len(TOPICS)
+    assert result["median_seconds"]["ours"] > 0 and result["median_seconds"]["st"] > 0
+    assert min(result["mean_cosine_ours_vs_st"]) > 0.9999
