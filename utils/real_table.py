@@ -139,9 +139,7 @@ class Table:
                 *(["--bf16"] if a.bf16 else []), *steps]
 
     def width(self):
-        """The backbone's embedding width (config.json's hidden_size or d_model)."""
-        config = read_json(os.path.join(self.a.model, "config.json")) or {}
-        return config.get("hidden_size") or config.get("d_model") or 0
+        return model_width(self.a.model)
 
     def mined(self):
         """The KLUE-NLI train (premise, entailment) pairs with one hard negative each, mined by the zero-shot
@@ -183,7 +181,8 @@ class Table:
             dims = ["--truncate_dim", *map(str, [self.width(), *narrow])] if narrow else []
             commands["retrieval.json"] = base + retrieval + dims + [
                 "--output_json", os.path.join(out, "retrieval.json"), "--mteb_dir", os.path.join(out, "mteb")]
-        elif phase == "truncated" and narrow:
+        elif phase == "truncated" and narrow and not all(  # older runs wrote one sts-dimD.json per dimension
+                os.path.isfile(os.path.join(out, f"sts-dim{d}.json")) for d in narrow):
             commands["sts-dims.json"] = base + ["--dataset", *STS_SETS, "--truncate_dim", *map(str, narrow),
                                                 "--output_json", os.path.join(out, "sts-dims.json")]
         return commands
@@ -223,10 +222,7 @@ class Table:
     def evaluate(self, row, seed, commands, where):
         out = self.run_dir(row, seed)
         for name, command in commands.items():
-            dims = command[command.index("--truncate_dim") + 1:] if name == "sts-dims.json" else []
-            done = dims and all(os.path.isfile(os.path.join(out, f"sts-dim{d}.json"))
-                                for d in dims[:dims.index("--output_json")])  # one file per dimension (before)
-            if done or os.path.isfile(os.path.join(out, name)):
+            if os.path.isfile(os.path.join(out, name)):
                 continue
             print(f"{where}: {name}", flush=True)
             code, _, _ = run_logged(command, os.path.join(out, "eval.log"))
@@ -261,9 +257,14 @@ def result_key(name, row, width):
     return base
 
 
+def model_width(model):
+    """The backbone's embedding width (config.json's hidden_size or d_model; 0 if unknown)."""
+    config = read_json(os.path.join(model, "config.json")) or {}
+    return config.get("hidden_size") or config.get("d_model") or 0
+
+
 def collect(a, rows, seeds):
-    config = read_json(os.path.join(a.model, "config.json")) or {}
-    width = config.get("hidden_size") or config.get("d_model") or 0
+    width = model_width(a.model)
     table = {}
     for row in rows:
         entry = {"description": ROWS[row][5], "seeds": []}
