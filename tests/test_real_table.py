@@ -82,3 +82,31 @@ def test_run_logged_counts_other_processes_cpu(tmp_path):
     assert code == 0 and seconds >= 2
     if other is not None:  # Linux: the burner had at least a third of a core for 2 s, even on a loaded machine
         assert other >= 0.6
+
+
+def test_truncated_table_pivots_first_seed_by_width(tmp_path):
+    """The truncated table: one line per width, the full width's STS taken from the first seed (not the mean of
+    three seeds, which the truncated widths do not have), retrieval at each width from the one retrieval.json."""
+    import argparse
+    out = tmp_path / "table"
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 384}))
+
+    def sts(value, dim=None):
+        return [{"dataset": d, "protocol": "standard", "truncate_dim": dim,
+                 "metrics": {"cosine_spearman": value + i, "avg": 70.0}} for i, d in enumerate(rt.STS_SETS)]
+    for seed, value in ((1, 80.0), (2, 90.0)):
+        run = out / "kosimcse-sup" / f"seed-{seed}"
+        run.mkdir(parents=True)
+        (run / "sts.json").write_text(json.dumps(sts(value)))
+    run = out / "kosimcse-sup" / "seed-1"
+    (run / "sts-dims.json").write_text(json.dumps(sts(70.0, 128) + sts(60.0, 64)))
+    (run / "retrieval.json").write_text(json.dumps([
+        {"dataset": d, "truncate_dim": w, "metrics": {"ndcg_at_10": w / 1000 + i / 100}}
+        for w in (384, 128, 64) for i, d in enumerate(rt.RETRIEVAL_SETS)]))
+    a = argparse.Namespace(out=str(out), model=str(tmp_path), data_dir="d", bf16=True)
+    table = rt.collect(a, ["kosimcse-sup"], [1, 2, 3])
+    assert table["kosimcse-sup"]["metrics"]["korsts-test/standard/cosine_spearman"]["mean"] == 85.0
+    text = rt.markdown(table, a)
+    assert "| kosimcse-sup | full | 80.00 | 81.00 | 38.40 | 39.40 |" in text
+    assert "| kosimcse-sup | 128 | 70.00 | 71.00 | 12.80 | 13.80 |" in text
+    assert "| kosimcse-sup | 64 | 60.00 | 61.00 | 6.40 | 7.40 |" in text

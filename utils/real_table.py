@@ -296,7 +296,7 @@ def collect(a, rows, seeds):
                             r["metrics"]["cosine_spearman"]
             for key, value in found.items():
                 values.setdefault(key, []).append(value)
-        entry["metrics"] = {k: dict(zip(("mean", "std", "n"), mean_std(v))) for k, v in values.items()}
+        entry["metrics"] = {k: dict(zip(("mean", "std", "n"), mean_std(v)), values=v) for k, v in values.items()}
         table[row] = entry
     return table
 
@@ -324,10 +324,27 @@ def markdown(table, a):
                      f"{fmt(m.get('retrieval/autorag/ndcg_at_10'), 100)} | {fmt(m.get('train_seconds'), 1, 0)}"
                      + (f" (seed {','.join(map(str, e['contended_seeds']))} shared the CPU: left out)"
                         if e.get("contended_seeds") else "") + " |")
-    extra = [(row, k, v) for row, e in table.items() for k, v in e["metrics"].items() if "dim" in k or "prefix" in k]
-    if extra:
+    truncated = [(row, e["metrics"]) for row, e in table.items() if any("-dim" in k for k in e["metrics"])]
+    if truncated:  # one line per row and width: the full width from the main keys, then each -dimD key
+        lines += ["", "Truncated embeddings (first seed; `--truncate_dim D` at evaluation):", "",
+                  "| row | dimensions | KorSTS test cosS | KLUE-STS dev cosS | KorQuAD nDCG@10 | AutoRAG nDCG@10 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row, m in truncated:
+            dims = sorted({int(k.split("/")[0].rsplit("-dim", 1)[1]) for k in m if "-dim" in k.split("/")[0]},
+                          reverse=True)
+            for dim in [None, *dims]:
+                sts, ret = ("sts", "retrieval") if dim is None else (f"sts-dim{dim}", f"retrieval-dim{dim}")
+                if dim is None:  # the full width: the first seed's value, like the truncated ones
+                    sts_k = [m.get(f"{s}/standard/cosine_spearman") for s in STS_SETS]
+                    sts_k = [x and {"mean": x["values"][0], "std": None} for x in sts_k]
+                else:
+                    sts_k = [m.get(f"{sts}/{s}/cosine_spearman") for s in STS_SETS]
+                lines.append(f"| {row} | {dim or 'full'} | {fmt(sts_k[0])} | {fmt(sts_k[1])} | "
+                             + " | ".join(fmt(m.get(f"{ret}/{s}/ndcg_at_10"), 100) for s in RETRIEVAL_SETS) + " |")
+    prefixed = [(row, k, v) for row, e in table.items() for k, v in e["metrics"].items() if "prefix" in k]
+    if prefixed:
         lines += ["", "| row | evaluation | value |", "|---|---|---:|"]
-        lines += [f"| {row} | {k} | {fmt(v, 100 if 'ndcg' in k else 1)} |" for row, k, v in extra]
+        lines += [f"| {row} | {k} | {fmt(v)} |" for row, k, v in prefixed]
     return "\n".join(lines)
 
 
