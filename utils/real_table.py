@@ -333,14 +333,14 @@ def markdown(table, a):
             dims = sorted({int(k.split("/")[0].rsplit("-dim", 1)[1]) for k in m if "-dim" in k.split("/")[0]},
                           reverse=True)
             for dim in [None, *dims]:
-                sts, ret = ("sts", "retrieval") if dim is None else (f"sts-dim{dim}", f"retrieval-dim{dim}")
-                if dim is None:  # the full width: the first seed's value, like the truncated ones
-                    sts_k = [m.get(f"{s}/standard/cosine_spearman") for s in STS_SETS]
-                    sts_k = [x and {"mean": x["values"][0], "std": None} for x in sts_k]
+                if dim is None:  # the full width: the first seed's STS value, like the truncated ones
+                    sts = [m.get(f"{s}/standard/cosine_spearman") for s in STS_SETS]
+                    sts = [x and {"mean": x["values"][0], "std": None} for x in sts]
                 else:
-                    sts_k = [m.get(f"{sts}/{s}/cosine_spearman") for s in STS_SETS]
-                lines.append(f"| {row} | {dim or 'full'} | {fmt(sts_k[0])} | {fmt(sts_k[1])} | "
-                             + " | ".join(fmt(m.get(f"{ret}/{s}/ndcg_at_10"), 100) for s in RETRIEVAL_SETS) + " |")
+                    sts = [m.get(f"sts-dim{dim}/{s}/cosine_spearman") for s in STS_SETS]
+                ret = [m.get(f"retrieval{f'-dim{dim}' if dim else ''}/{s}/ndcg_at_10") for s in RETRIEVAL_SETS]
+                lines.append(f"| {row} | {dim or 'full'} | " + " | ".join(map(fmt, sts)) + " | "
+                             + " | ".join(fmt(x, 100) for x in ret) + " |")
     prefixed = [(row, k, v) for row, e in table.items() for k, v in e["metrics"].items() if "prefix" in k]
     if prefixed:
         lines += ["", "| row | evaluation | value |", "|---|---|---:|"]
