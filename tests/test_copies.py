@@ -119,3 +119,14 @@ def test_unguarded_lists_cross_folder_repeats_the_checker_does_not_guard(tmp_pat
     report = ("2 pairs\nD1 KoSBERT/a.py:2-10 ~ KoSimCSE/a.py:1-9\n"  # the marked copy of f: guarded
               "D2 KoSBERT/a.py:13-21 ~ KoSimCSE/a.py:12-20\n")     # h repeats g unmarked
     assert check_copies.unguarded_pairs(report, str(tmp_path)) == ["D2 KoSBERT/a.py:13-21 ~ KoSimCSE/a.py:12-20"]
+
+
+def test_without_pyflakes_the_checker_says_what_to_install():
+    """One line naming the install command, not a ModuleNotFoundError traceback."""
+    import subprocess
+    script = os.path.join(ROOT, "utils", "check_copies.py")
+    hide = ("import runpy, sys; sys.modules['pyflakes'] = None; sys.argv = [sys.argv[1]]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", hide, script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == "error: utils/check_copies.py needs pyflakes: pip install -r requirements-dev.txt"

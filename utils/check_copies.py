@@ -308,6 +308,10 @@ def main():
         rows = unguarded_pairs(report)
         print("\n".join(rows + [f"{len(rows)} cross-folder pair(s) not guarded by the copy check"]))
         sys.exit(1 if rows else 0)
+    try:
+        import pyflakes  # noqa: F401  (the undefined-name check below)
+    except ImportError:
+        sys.exit("error: utils/check_copies.py needs pyflakes: pip install -r requirements-dev.txt")
     if args.fix:
         check(fix=True)
     problems = check()
