@@ -99,12 +99,13 @@ class DiffCSEDataset(torch.utils.data.Dataset):
 
 
 def build_diffcse_dataset(paths, tokenizer, max_len, max_samples=None, seed=42, static_sep_ratio=None, log=print,
-                          unk_to_sep=False):
+                          unk_to_sep=False, prefix=""):
     """Sentence-per-line files, tokenised once (``max_samples``: a seeded random subset of each file).
     With ``static_sep_ratio``, also two fixed masked views of every sentence (``static_sep_masks``, seeds
-    seed and seed + 1; ``unk_to_sep``: BM-K's handling of the special tokens inside a sentence)."""
+    seed and seed + 1; ``unk_to_sep``: BM-K's handling of the special tokens inside a sentence; ``prefix``:
+    --query_prefix, before every sentence)."""
     texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
-    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc="tokenize sentences")
+    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc="tokenize sentences", prefix=prefix)
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "
             f"--max_len {max_len} tokens and were truncated")

@@ -77,7 +77,7 @@ def build_source(name, args, tokenizer, rank, world, log):
     static_sep_ratio = args.masking_ratio if args.masking == "static_sep" else None
     dataset = build_diffcse_dataset([resolve_path(p, args.data_dir) for p in args.train_file], tokenizer, args.max_len,
                                     args.max_train_samples, args.seed, static_sep_ratio, log=log,
-                                    unk_to_sep=args.unk_to_sep)
+                                    unk_to_sep=args.unk_to_sep, prefix=args.query_prefix)
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
                   ColumnCollator(tokenizer.pad_token_id), args.train_file)
 

@@ -74,7 +74,7 @@ def build_source(name, args, tokenizer, rank, world, log):
     if args.max_train_samples is not None and args.max_train_samples < len(pairs):
         pairs = random.Random(args.seed).sample(pairs, args.max_train_samples)
         log(f"using {len(pairs):,} {name} pairs (--max_train_samples)")
-    dataset = PairDataset(tokenizer, pairs, args.max_len, desc=f"tokenize {name} pairs")
+    dataset = PairDataset(tokenizer, pairs, args.max_len, desc=f"tokenize {name} pairs", prefix=args.query_prefix)
     if dataset.tokenized.num_truncated:
         log(f"{dataset.tokenized.num_truncated:,} of {len(dataset.tokenized):,} {name} sentences were longer "
             f"than --max_len {args.max_len} tokens and were truncated")

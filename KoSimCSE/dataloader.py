@@ -58,10 +58,11 @@ class ContrastiveDataset(torch.utils.data.Dataset):
         return tuple(self.tokenized[i * k + j] for j in range(k)) * self.views
 
 
-def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None, seed=42, log=print):
+def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None, seed=42, log=print, prefix=""):
     """The training set of SimCSE, tokenised once. kind "sup": NLI triplets by SimCSE's rule (entailment =
     positive, contradiction = hard negative); "unsup": sentence-per-line files, each sentence twice.
-    ``max_samples``: a seeded random subset of triplets / sentences."""
+    ``max_samples``: a seeded random subset of triplets / sentences; ``prefix`` (--query_prefix) goes before
+    every sentence (NLI and wiki sentences are symmetric text)."""
     if kind == "sup":
         rows = load_triplets(paths, log=log)
         if max_samples is not None and max_samples < len(rows):
@@ -70,7 +71,7 @@ def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None,
         texts = [s for triplet in rows for s in triplet]
     else:
         texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
-    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc=f"tokenize {kind}")
+    tokenized = TokenizedTexts(tokenizer, texts, max_len, desc=f"tokenize {kind}", prefix=prefix)
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "
             f"--max_len {max_len} tokens and were truncated")

@@ -83,11 +83,12 @@ def build_source(name, args, tokenizer, rank, world, log):
     --sts_batch_size, the last partial one kept in a single process."""
     if name == "sts":
         pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir), log=log)
-        dataset = PairDataset(tokenizer, pairs, args.max_len, desc="tokenize sts pairs")
+        dataset = PairDataset(tokenizer, pairs, args.max_len, desc="tokenize sts pairs", prefix=args.query_prefix)
         plan = BatchPlan(len(dataset), args.sts_batch_size, args.seed, rank, world, drop_last=False)
         return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.float), [args.sts_file])
     dataset = build_contrastive_dataset(name, [resolve_path(p, args.data_dir) for p in args.train_file], tokenizer,
-                                        args.max_len, args.max_train_samples, args.seed, log=log)
+                                        args.max_len, args.max_train_samples, args.seed, log=log,
+                                        prefix=args.query_prefix)
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
                   ColumnCollator(tokenizer.pad_token_id), args.train_file)
 

@@ -226,17 +226,18 @@ class TokenizedTexts:
 
     A million wiki sentences take ~100 MB this way instead of several GB as padded tensors or
     Python lists. Texts longer than ``max_len`` tokens are truncated (special tokens kept) and
-    counted in ``num_truncated``.
+    counted in ``num_truncated``. ``prefix`` (a prompt such as e5's "query: ") goes before every text and
+    counts towards ``max_len``.
     """
 
-    def __init__(self, tokenizer, texts, max_len, desc="tokenize", chunk_size=10_000):
+    def __init__(self, tokenizer, texts, max_len, desc="tokenize", chunk_size=10_000, prefix=""):
         if max_len <= tokenizer.num_special_tokens_to_add(pair=False):
             raise ValueError(f"--max_len {max_len} leaves no room for tokens besides the special ones")
         pieces, self.num_truncated = [], 0
         for start in tqdm(range(0, len(texts), chunk_size), desc=desc, unit_scale=chunk_size,
                           disable=desc is None or len(texts) <= chunk_size):
             # Overflow rows mark the texts that truncation cut; only each text's first row is kept.
-            enc = tokenizer(list(texts[start:start + chunk_size]), truncation=True, max_length=max_len,
+            enc = tokenizer([prefix + t for t in texts[start:start + chunk_size]], truncation=True, max_length=max_len,
                             return_overflowing_tokens=True, return_attention_mask=False,
                             return_token_type_ids=False)
             rows = {}
@@ -315,10 +316,12 @@ def load_sts_pairs(path, log=print):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Sentence pairs tokenised once: item i is (ids of sentence1, ids of sentence2, target)."""
+    """Sentence pairs tokenised once: item i is (ids of sentence1, ids of sentence2, target); ``prefix`` goes
+    before both sentences (a symmetric task: e5's "query: " on both sides)."""
 
-    def __init__(self, tokenizer, pairs, max_len, desc="tokenize pairs"):
-        self.tokenized = TokenizedTexts(tokenizer, [s for a, b, _ in pairs for s in (a, b)], max_len, desc=desc)
+    def __init__(self, tokenizer, pairs, max_len, desc="tokenize pairs", prefix=""):
+        self.tokenized = TokenizedTexts(tokenizer, [s for a, b, _ in pairs for s in (a, b)], max_len, desc=desc,
+                                        prefix=prefix)
         self.targets = [target for _, _, target in pairs]
 
     def __len__(self):

@@ -103,6 +103,11 @@ def write_model_card(folder, rows=()):
         body += ["## Training", "", f"- data: {', '.join(info['train_files']) or '-'}",
                  f"- checkpoint selected on {info['dev_file']} ({info['dev_protocol']} protocol) at step "
                  f"{info['step']} of stage {info['stage']}", "", "```bash", info["command"], "```", ""]
+    if info.get("merge"):
+        merge = info["merge"]
+        body += ["## Merge", "", f"Merged with its base, every parameter (1 - {merge['alpha']:g}) x base + "
+                 f"{merge['alpha']:g} x fine-tuned (`utils/merge.py`): base `{merge['base']}`, fine-tuned "
+                 f"`{merge['finetuned']}`" + (f"; {merge['dense_head']}" if merge.get("dense_head") else "") + ".", ""]
     body += ["## Results (x100)", ""]
     if rows:
         body += ["| dataset | protocol | AVG | " + " | ".join(METRICS) + " |",

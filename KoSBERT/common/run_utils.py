@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 
@@ -22,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .data import DEFAULT_DATA_DIR, TokenizedTexts, read_sts, resolve_path
 from .decontaminate import MODES as DECONTAMINATE_MODES, SOURCE_FLAGS, guard
-from .encoding import encode_tokenized
+from .encoding import encode_tokenized, update_st_config
 from .files import FolderLock, check_device, one_line_errors, save_atomic, save_json_atomic
 from .model_card import write_model_card
 from .sts import bmk_metrics, sts_metrics
@@ -99,6 +100,13 @@ def add_run_args(p, **defaults):
                         "and training data it was started with: other flags given with it must equal the recorded "
                         "ones, except %s, which may change; a training file changed since the start is refused"
                         % ", ".join("--" + f for f in RESUME_MAY_CHANGE))
+    p.add_argument("--query_prefix", default="",
+                   help='prompt before every training and dev sentence of the symmetric tasks (NLI, STS, wiki '
+                        'sentences; e5: "query: "), recorded as the saved folder\'s "query" prompt, which '
+                        'evaluation.py and SentenceTransformer.encode(prompt_name="query") then apply')
+    p.add_argument("--passage_prefix", default="",
+                   help='recorded as the saved folder\'s "passage" prompt (e5: "passage: "), which evaluation.py '
+                        'puts before corpus texts (retrieval, search, index)')
     p.add_argument("--batch_size", type=int, default=64, help="global batch (all processes together)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
@@ -674,10 +682,11 @@ class DevEvaluator:
     pairs (BM-K's selection score), "standard" computes them over the whole set."""
 
     def __init__(self, dev_file, data_dir, tokenizer, max_len, batch_size, device, amp_dtype, protocol="standard",
-                 bmk_batch=256, seed=42, log=print):
+                 bmk_batch=256, seed=42, log=print, prefix=""):
         path = resolve_path(dev_file, data_dir)
         self.pairs = read_sts(path)
-        self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], max_len)
+        self.tokenized = TokenizedTexts(tokenizer, [p[0] for p in self.pairs] + [p[1] for p in self.pairs], max_len,
+                                        prefix=prefix)
         log(f"{path}: {len(self.pairs):,} dev pairs, {self.tokenized.num_truncated} of {len(self.tokenized):,} "
             f"sentences truncated at {max_len} tokens")
         self.gold = np.array([p[2] for p in self.pairs])
@@ -711,15 +720,15 @@ def training_command(args):
     skip = ("resume", "data_fingerprints", "eval_max_len", "output_dir", "overwrite_output_dir", "device", "num_workers", "decontamination")
     parts = [f"python {METHOD}/train.py"]
     for key, value in vars(args).items():
-        if key in skip or value is None or value is False:
+        if key in skip or value is None or value is False or value == "":
             continue
         flag = f"--{key}"
         if value is True:
             parts.append(flag)
         elif isinstance(value, (list, tuple)):
-            parts.append(f"{flag} " + " ".join(str(v) for v in value))
+            parts.append(f"{flag} " + " ".join(shlex.quote(str(v)) for v in value))
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " \\\n    ".join(parts)
 
 
@@ -752,6 +761,10 @@ def save_model(encoder, folder, tokenizer, args, stage, step, dev_metrics, files
     selected by; ``files``: the training data files, for the card."""
     encoder.save(folder, tokenizer, args.eval_max_len)
     cap_saved_tokenizer(folder, args.eval_max_len)
+    prompts = {name: prefix for name, prefix in (("query", args.query_prefix), ("passage", args.passage_prefix))
+               if prefix}
+    if prompts:  # trained with them: evaluation.py and SentenceTransformer.encode(prompt_name=...) apply them
+        update_st_config(folder, prompts=prompts, default_prompt_name=None)
     write_training_info(folder, args, stage, step, dev_metrics, list(files))
     dev_row = {"dataset": args.dev_file, "protocol": args.dev_protocol, "metrics": dev_metrics} if dev_metrics else None
     write_model_card(folder, [dev_row] if dev_row else [])
@@ -830,7 +843,7 @@ class Run:
         if self.rank == 0:
             evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
                                     args.device, autocast_dtype(args), args.dev_protocol, args.batch_size, args.seed,
-                                    self.log)
+                                    self.log, prefix=args.query_prefix)
             if self.state is not None:
                 truncate_log(self.log.path, [s.name for s in self.plan], self.state["stage"], self.state["step"])
             else:
