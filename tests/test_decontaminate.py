@@ -55,7 +55,8 @@ def test_normalisation(kosimcse):
 
 def test_warn_reports_each_evaluation_set(kosimcse, data, tmp_path):
     args, report, lines = guard(kosimcse, data, "warn", tmp_path)
-    assert report["KorSTS test"] == {"exact": 0, "normalized": 1, "examples": ["고양이 한마리가 창가에서  졸고 있다!"]}
+    assert report["KorSTS test"] == {"exact": 0, "normalized": 1, "ngram": 0,
+                                     "examples": ["고양이 한마리가 창가에서  졸고 있다!"]}
     assert report["KLUE-NLI dev"]["exact"] == report["KLUE-NLI dev"]["normalized"] == 1
     assert report["KorSTS dev"]["normalized"] == 0
     assert args.train_file == ["train/nli.tsv"]  # warn trains on the files as given
@@ -107,3 +108,37 @@ def test_finds_the_overlap_of_the_real_klue_nli_train_file(kosimcse, tmp_path):
     args, report, _ = guard(kosimcse, SHARED_DATA, "warn", tmp_path, files=("KLUE-NLI/klue_nli_train.tsv",))
     assert report["KLUE-NLI dev"]["normalized"] >= 1 and report["KLUE-STS dev"]["normalized"] >= 1
     assert sum(r["normalized"] for r in report.values()) < 50
+
+
+PARAGRAPH = ("세종은 조선의 제4대 국왕으로 훈민정음을 창제하였다. 그는 집현전을 설치하여 학자들을 길렀고, 측우기와 "
+             "해시계 같은 과학 기구의 발명을 장려하였다. 재위 기간 동안 농업과 의학 서적이 많이 편찬되었다.")
+
+
+@pytest.fixture
+def korquad(data):
+    """``data`` plus a KorQuAD dev file whose one context is PARAGRAPH, and a wiki file that holds one of its
+    sentences inside a longer line (no sentence equals an evaluation sentence: only the passage check sees it)."""
+    write(f"{data}/KorQuAD/KorQuAD_v1.0_dev.json", json.dumps({"version": "KorQuAD_v1.0_dev", "data": [{
+        "title": "세종", "paragraphs": [{"context": PARAGRAPH, "qas": [
+            {"id": "q1", "question": "훈민정음을 만든 왕은?", "answers": [{"text": "세종", "answer_start": 0}]}]}]}]},
+        ensure_ascii=False))
+    planted = "역사책에 따르면 그는 집현전을 설치하여 학자들을 길렀고, 측우기와 해시계를 만들었다."  # 24 of PARAGRAPH's
+    write(f"{data}/train/ict.txt", f"위키 문장 하나.\n{planted}\n집현전은 경복궁 안에 있었다.\n위키 문장 둘.\n")
+    return data, planted
+
+
+def test_passage_level_check_finds_a_planted_korquad_paragraph(kosimcse, korquad, tmp_path):
+    """warn reports it (ngram count), drop trains without it, fail stops with one line naming KorQuAD dev; a short
+    shared phrase ("집현전은", under 20 characters) is no hit."""
+    data, planted = korquad
+    args, report, lines = guard(kosimcse, data, "warn", tmp_path, source="unsup", files=("train/ict.txt",))
+    assert report["KorQuAD dev"]["ngram"] == 1 and report["KorQuAD dev"]["normalized"] == 0
+    assert report["KorQuAD dev"]["examples"] == [planted]
+    assert any("share a 20-character run with a passage or query of KorQuAD dev" in line for line in lines)
+    args, _, _ = guard(kosimcse, data, "drop", tmp_path, source="unsup", files=("train/ict.txt",))
+    assert kosimcse.data.read_sentences(args.train_file[0]) == ["위키 문장 하나.", "집현전은 경복궁 안에 있었다.",
+                                                                "위키 문장 둘."]
+    with pytest.raises(SystemExit) as e:
+        guard(kosimcse, data, "fail", tmp_path, source="unsup", files=("train/ict.txt",))
+    assert str(e.value).startswith("error: 1 training sentence(s) share a 20-character run with a passage or query "
+                                   "of the evaluation set KorQuAD dev") and "\n" not in str(e.value)

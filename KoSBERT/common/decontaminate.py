@@ -9,6 +9,13 @@ not a letter or a digit (whitespace, punctuation, symbols) removed, so "한 남�
 "한 남자가  기타를 친다" match. A sentence that normalises to fewer than MIN_CHARS characters is never
 counted (one word such as "네" is no leak).
 
+Passage level: the retrieval sets' passages are whole Wikipedia paragraphs (KorQuAD) and document pages
+(AutoRAG), which a training sentence taken from the same source contains without equalling. So a training
+sentence also counts when it shares a run of NGRAM normalised characters with a KorQuAD context or question or
+an AutoRAG page or query (the "ngram" count of those sets). NGRAM = 20 (about six Korean words): on the first
+300k wiki sentences 1,631 share a 13-character run with the two sets, 864 a 20-character run, 719 a 30-character
+run; KorSTS train shares no 20-character run with them, KLUE-NLI train 9 sentences.
+
 --decontaminate decides what a run does with the overlap it reports (per evaluation set, printed and
 written into training.json and the model card):
   warn  (default) train on the data as given. Published recipes stay reproducible: KorNLI's SNLI part and
@@ -27,6 +34,8 @@ from .data import iter_lines, not_a_file, read_nli, read_sts, read_triplets, res
 
 MODES = ("warn", "drop", "fail")
 MIN_CHARS = 5
+NGRAM = 20  # characters of normalised text: the passage-level check (see the module docstring)
+PASSAGE_SETS = ("KorQuAD dev", "AutoRAG")  # the sets checked at the passage level
 # name -> (path under --data_dir, kind); a set whose file is absent is skipped (and said so).
 EVALUATION_SETS = {
     "KorSTS dev": ("KorSTS/sts-dev.tsv", "sts"),
@@ -115,26 +124,70 @@ def evaluation_index(data_dir, log=print):
     return index, exact
 
 
+class NgramIndex:
+    """Every NGRAM-character run of the normalised passages and queries of the retrieval sets (PASSAGE_SETS)
+    under data_dir, with the sets it comes from. ``sets_of(key)``: the sets sharing a run with the normalised
+    text ``key`` (empty when it is shorter than NGRAM or shares none)."""
+
+    def __init__(self, data_dir, n=NGRAM, log=print):
+        self.n, self.runs = n, {}
+        for name in PASSAGE_SETS:
+            rel, kind = EVALUATION_SETS[name]
+            path = os.path.join(data_dir, rel)
+            if not os.path.isfile(path):
+                continue
+            try:
+                found = sentences(path, kind)
+            except ImportError as e:  # AutoRAG needs pyarrow
+                log(f"decontamination: {name} skipped ({e})")
+                continue
+            for text in found:
+                key = normalize(text)
+                for i in range(len(key) - n + 1):
+                    self.runs.setdefault(key[i:i + n], set()).add(name)
+
+    def sets_of(self, key):
+        found = set()
+        for i in range(len(key) - self.n + 1):
+            names = self.runs.get(key[i:i + self.n])
+            if names:
+                found |= names
+        return found
+
+
 def overlap_report(train_files, data_dir, log=print):
     """(report, contaminated keys) for ``train_files`` [(path, kind)]: report = {evaluation set: {"exact":
-    training sentences equal as given, "normalized": equal after normalize, "examples": up to 3}}."""
+    training sentences equal as given, "normalized": equal after normalize, "ngram": sharing an NGRAM-character
+    run with a passage or query of the set (retrieval sets only, sentences not already counted as equal),
+    "examples": up to 3}}."""
     index, exact_index = evaluation_index(data_dir, log)
-    report = {name: {"exact": 0, "normalized": 0, "examples": []} for name in EVALUATION_SETS
+    runs = NgramIndex(data_dir, log=log)
+    report = {name: {"exact": 0, "normalized": 0, "ngram": 0, "examples": []} for name in EVALUATION_SETS
               if os.path.isfile(os.path.join(data_dir, EVALUATION_SETS[name][0]))}
     contaminated, seen = set(), set()
     for path, kind in train_files:
         for s in sentences(path, kind):
             key = normalize(s)
-            if key in seen or key not in index:
+            if key in seen:
                 continue
             seen.add(key)
-            contaminated.add(key)
-            for name in index[key]:
-                entry = report[name]
-                entry["normalized"] += 1
-                entry["exact"] += name in exact_index.get(s, ())
-                if len(entry["examples"]) < 3:
-                    entry["examples"].append(s)
+            if key in index:
+                contaminated.add(key)
+                for name in index[key]:
+                    entry = report[name]
+                    entry["normalized"] += 1
+                    entry["exact"] += name in exact_index.get(s, ())
+                    if len(entry["examples"]) < 3:
+                        entry["examples"].append(s)
+                continue
+            names = runs.sets_of(key) if runs.runs else ()
+            if names:
+                contaminated.add(key)
+                for name in names:
+                    entry = report[name]
+                    entry["ngram"] += 1
+                    if len(entry["examples"]) < 3:
+                        entry["examples"].append(s)
     return report, contaminated
 
 
@@ -202,7 +255,7 @@ def guard(args, source_names, rank=0, log=print):
                 raise not_a_file(path, flag=flag)
             files[path] = file_kind(path)
     report, contaminated = overlap_report(list(files.items()), args.data_dir, log if rank == 0 else lambda _: None)
-    hits = {name: r for name, r in report.items() if r["normalized"]}
+    hits = {name: r for name, r in report.items() if r["normalized"] or r["ngram"]}
     args.decontamination = {"mode": args.decontaminate, "normalization": "NFKC, casefold, letters and digits only",
                             "evaluation_sets": report}
     if rank == 0:
@@ -210,13 +263,19 @@ def guard(args, source_names, rank=0, log=print):
         if not hits:
             log(f"decontamination: no training sentence occurs in the evaluation sets ({checked})")
         for name, r in hits.items():
-            log(f"decontamination: {r['normalized']:,} training sentence(s) occur in {name} ({r['exact']:,} exactly, "
-                f"the rest after normalisation), e.g. {r['examples'][0]!r}")
+            if r["normalized"]:
+                log(f"decontamination: {r['normalized']:,} training sentence(s) occur in {name} ({r['exact']:,} "
+                    f"exactly, the rest after normalisation), e.g. {r['examples'][0]!r}")
+            if r["ngram"]:
+                log(f"decontamination: {r['ngram']:,} training sentence(s) share a {NGRAM}-character run with a passage "
+                    f"or query of {name}, e.g. {r['examples'][-1]!r}")
     if hits and args.decontaminate == "fail":
         name = next(iter(hits))
-        raise SystemExit(f"error: {hits[name]['normalized']:,} training sentence(s) occur in the evaluation set {name} "
-                         f"(e.g. {hits[name]['examples'][0]!r}); --decontaminate drop trains without them, warn "
-                         f"trains anyway")
+        r = hits[name]
+        what = (f"{r['normalized']:,} training sentence(s) occur in" if r["normalized"] else
+                f"{r['ngram']:,} training sentence(s) share a {NGRAM}-character run with a passage or query of")
+        raise SystemExit(f"error: {what} the evaluation set {name} (e.g. {r['examples'][0]!r}); --decontaminate drop "
+                         f"trains without them, warn trains anyway")
     if hits and args.decontaminate == "drop":
         out_dir = os.path.join(args.output_dir, "decontaminated")
         os.makedirs(out_dir, exist_ok=True)
