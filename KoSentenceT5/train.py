@@ -35,7 +35,7 @@ from model import (ARCHS, BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
 # Copied from KoSimCSE/train.py:COLUMNS
-COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, hard negative) / (s, s)
+COLUMNS = {"sup": 3, "unsup": 2, "pairs": 2, "pairs+negative": 3}
 
 
 # --- the method: SimCSE's step on a T5 / BART encoder ----------------------------------------------------
@@ -44,9 +44,10 @@ COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, ha
 def training_step(model, source, batch, args, world):
     """One batch of ``source`` -> (loss to backpropagate, {name: value to log}).
 
-    sup / unsup: the batch holds every column of B examples in one (k*B, L) tensor, column after column
+    sup / unsup / pairs: the batch holds every column of B examples in one (k*B, L) tensor, column after column
     (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
-    twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
+    twice; the two dropout masks make the two views), pairs k = 2 (query, passage) or 3 ("pairs+negative").
+    All k*B sentences go through the encoder in one call.
     sts (multitask, sup_sts): B KorSTS pairs as (2B, L) plus ``labels`` = score / 5, for --sts_loss (see
     sts_objective). --matryoshka_dims sums either loss over the truncated dimensions (matryoshka_loss)."""
     dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
@@ -78,9 +79,10 @@ def stages(args):
 
 # Copied from KoSimCSE/train.py:build_source
 def build_source(name, args, tokenizer, rank, world, log):
-    """sup: NLI triplets; unsup: wiki sentences, twice each (see build_contrastive_dataset) -- full batches
-    only, as every anchor needs its B - 1 in-batch negatives. sts: KorSTS pairs (--sts_file) in batches of
-    --sts_batch_size, the last partial one kept in a single process."""
+    """sup: NLI triplets; unsup: wiki sentences, twice each; pairs: (query, passage[, negative]) rows, named
+    "pairs+negative" when they have a negative (see build_contrastive_dataset) -- full batches only, as every
+    anchor needs its B - 1 in-batch negatives. sts: KorSTS pairs (--sts_file) in batches of --sts_batch_size,
+    the last partial one kept in a single process."""
     if name == "sts":
         pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir), log=log)
         dataset = PairDataset(tokenizer, pairs, args.max_len, desc="tokenize sts pairs", prefix=args.query_prefix)
@@ -88,7 +90,10 @@ def build_source(name, args, tokenizer, rank, world, log):
         return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.float), [args.sts_file])
     dataset = build_contrastive_dataset(name, [resolve_path(p, args.data_dir) for p in args.train_file], tokenizer,
                                         args.max_len, args.max_train_samples, args.seed, log=log,
-                                        prefix=args.query_prefix)
+                                        prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+                                        passage_max_len=getattr(args, "passage_max_len", None))
+    if name == "pairs" and dataset.num_columns == 3:
+        name = "pairs+negative"
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
                   ColumnCollator(tokenizer.pad_token_id), args.train_file)
 

@@ -1,15 +1,22 @@
 """Train KoSimCSE: SimCSE on Korean, supervised (NLI triplets with hard negatives), unsupervised (wiki
-sentences, dropout as the only augmentation), or multitask (supervised SimCSE + KorSTS cosine regression,
-joint or one after the other).
+sentences, dropout as the only augmentation), multitask (supervised SimCSE + KorSTS cosine regression,
+joint or one after the other), or pairs ((query, passage) rows with in-batch negatives, for search).
 
     python KoSimCSE/train.py @KoSimCSE/presets/sup.args --model klue/bert-base       # one process
     torchrun --nproc_per_node 4 KoSimCSE/train.py @KoSimCSE/presets/sup.args         # 4 GPUs, same global batch
     python KoSimCSE/train.py --resume output/kosimcse-sup                            # continue a killed run
     python KoSimCSE/train.py --mode unsup --model klue/bert-base --lr 1e-5           # flags override a preset
+    python KoSimCSE/train.py --mode pairs --train_file data/ict/train.tsv --model intfloat/multilingual-e5-small
 
 --mode M starts from the preset presets/M.args (sup: BM-K's KoSimCSE command; unsup: SimCSE's unsupervised
-recipe; multitask, sup_sts: see those files); flags after it win. Presets are plain files of flags, one
+recipe; multitask, sup_sts, pairs: see those files); flags after it win. Presets are plain files of flags, one
 published setting each: see presets/.
+
+pairs: --train_file holds anchor<TAB>positive[<TAB>negative] TSVs (data/make_ict.py writes one; evaluation.py
+--task mine adds mined negatives) or BEIR folders (queries.jsonl, corpus.jsonl, qrels/train.tsv). Queries take
+--query_prefix and --max_len, passages (positives and negatives) --passage_prefix and --passage_max_len. The loss
+is sup's InfoNCE (every other passage of the global batch is a negative; --infonce_directions both makes it
+symmetric); --mini_batch_size and torchrun work as in sup.
 
 Where things are: the step is ``training_step`` below; the loss ``contrastive_loss`` and the poolers
 (``SentenceEncoder.embed``) are in model.py; the data is read in dataloader.py; ``fit`` (the loop) and
@@ -37,8 +44,10 @@ from model import (BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, POOLERS
                    contrastive_loss, matryoshka_loss, sts_objective)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
-COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, hard negative) / (s, s)
+MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args",
+                "pairs": "pairs.args"}
+# sentences per example: (anchor, positive, hard negative) / (s, s) / (query, passage[, negative passage])
+COLUMNS = {"sup": 3, "unsup": 2, "pairs": 2, "pairs+negative": 3}
 
 
 # --- the method --------------------------------------------------------------------------------------
@@ -46,9 +55,10 @@ COLUMNS = {"sup": 3, "unsup": 2}  # sentences per example: (anchor, positive, ha
 def training_step(model, source, batch, args, world):
     """One batch of ``source`` -> (loss to backpropagate, {name: value to log}).
 
-    sup / unsup: the batch holds every column of B examples in one (k*B, L) tensor, column after column
+    sup / unsup / pairs: the batch holds every column of B examples in one (k*B, L) tensor, column after column
     (see ColumnCollator): sup k = 3 (anchor, entailment, contradiction), unsup k = 2 (the same sentence
-    twice; the two dropout masks make the two views). All k*B sentences go through the encoder in one call.
+    twice; the two dropout masks make the two views), pairs k = 2 (query, passage) or 3 ("pairs+negative").
+    All k*B sentences go through the encoder in one call.
     sts (multitask, sup_sts): B KorSTS pairs as (2B, L) plus ``labels`` = score / 5, for --sts_loss (see
     sts_objective). --matryoshka_dims sums either loss over the truncated dimensions (matryoshka_loss)."""
     dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
@@ -78,9 +88,10 @@ def stages(args):
 
 
 def build_source(name, args, tokenizer, rank, world, log):
-    """sup: NLI triplets; unsup: wiki sentences, twice each (see build_contrastive_dataset) -- full batches
-    only, as every anchor needs its B - 1 in-batch negatives. sts: KorSTS pairs (--sts_file) in batches of
-    --sts_batch_size, the last partial one kept in a single process."""
+    """sup: NLI triplets; unsup: wiki sentences, twice each; pairs: (query, passage[, negative]) rows, named
+    "pairs+negative" when they have a negative (see build_contrastive_dataset) -- full batches only, as every
+    anchor needs its B - 1 in-batch negatives. sts: KorSTS pairs (--sts_file) in batches of --sts_batch_size,
+    the last partial one kept in a single process."""
     if name == "sts":
         pairs = load_sts_pairs(resolve_path(args.sts_file, args.data_dir), log=log)
         dataset = PairDataset(tokenizer, pairs, args.max_len, desc="tokenize sts pairs", prefix=args.query_prefix)
@@ -88,7 +99,10 @@ def build_source(name, args, tokenizer, rank, world, log):
         return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.float), [args.sts_file])
     dataset = build_contrastive_dataset(name, [resolve_path(p, args.data_dir) for p in args.train_file], tokenizer,
                                         args.max_len, args.max_train_samples, args.seed, log=log,
-                                        prefix=args.query_prefix)
+                                        prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+                                        passage_max_len=getattr(args, "passage_max_len", None))
+    if name == "pairs" and dataset.num_columns == 3:
+        name = "pairs+negative"
     return Source(name, dataset, BatchPlan(len(dataset), args.batch_size, args.seed, rank, world),
                   ColumnCollator(tokenizer.pad_token_id), args.train_file)
 
@@ -186,8 +200,11 @@ def parse_args(argv=None):
                    help="sup / unsup SimCSE, multitask (sup + STS regression, joint) or sup_sts (sup, then STS "
                         "regression); the run starts from the flags of presets/<mode>.args")
     p.add_argument("--train_file", nargs="+", default=None,
-                   help="sup: NLI files (KorNLI TSV or KLUE-NLI JSON); unsup: sentence-per-line files. Relative "
-                        "paths are tried as given, then under --data_dir")
+                   help="sup: NLI files (KorNLI TSV or KLUE-NLI JSON); unsup: sentence-per-line files; pairs: "
+                        "anchor/positive[/negative] TSVs or BEIR folders. Relative paths are tried as given, then "
+                        "under --data_dir")
+    p.add_argument("--passage_max_len", type=int, default=256,
+                   help="pairs: max tokens per passage (positives and negatives; --max_len limits the queries)")
     p.add_argument("--pooler", choices=POOLERS, default="cls_before_pooler",
                    help="sentence vector: cls_before_pooler (raw [CLS]), cls ([CLS] + MLP), mean, pooler")
     p.add_argument("--mlp_only_train", action=argparse.BooleanOptionalAction, default=False,

@@ -116,3 +116,91 @@ def test_merge_refuses_two_architectures(prompted_run, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "different architectures" in r.stderr, r.stderr
     assert not os.path.exists(str(tmp_path / "o" / "alpha-0.5"))
+
+
+# --- pairs training --------------------------------------------------------------------------------------
+
+def write_pairs_inputs(root):
+    """A pairs TSV (with negatives) and a BEIR folder with a train split, from the synthetic topics."""
+    from conftest import TOPICS
+    os.makedirs(os.path.join(root, "beir", "qrels"), exist_ok=True)
+    rows, queries, corpus, qrels = [], [], [], []
+    for t, words in enumerate(TOPICS * 4):
+        query = f"{words[t % 6]} {words[(t + 1) % 6]}"
+        passage = " ".join(words[(t + i) % 6] for i in range(5)) + " 그리고 정말"
+        negative = " ".join(TOPICS[(t + 3) % len(TOPICS)][:4])
+        rows.append(f"{query}\t{passage}\t{negative}\n")
+        queries.append(json.dumps({"_id": f"q{t}", "text": query}, ensure_ascii=False) + "\n")
+        corpus.append(json.dumps({"_id": f"d{t}", "title": "", "text": passage}, ensure_ascii=False) + "\n")
+        qrels.append(f"q{t}\td{t}\t1\n")
+    open(os.path.join(root, "pairs.tsv"), "w").write("anchor\tpositive\tnegative\n" + "".join(rows))
+    open(os.path.join(root, "beir", "queries.jsonl"), "w").write("".join(queries))
+    open(os.path.join(root, "beir", "corpus.jsonl"), "w").write("".join(corpus))
+    open(os.path.join(root, "beir", "qrels", "train.tsv"), "w").write("query-id\tcorpus-id\tscore\n" + "".join(qrels))
+    return os.path.join(root, "pairs.tsv"), os.path.join(root, "beir")
+
+
+@pytest.mark.parametrize("which", ["tsv", "beir"])
+def test_pairs_training_runs_from_tsv_and_beir(which, kosimcse, tiny_bert, synthetic_data, tmp_path):
+    tsv, beir = write_pairs_inputs(str(tmp_path))
+    out = str(tmp_path / "run")
+    kosimcse.train.main(["--mode", "pairs", "--model", tiny_bert, "--data_dir", synthetic_data, "--train_file",
+                         tsv if which == "tsv" else beir, "--output_dir", out, "--batch_size", "8", "--max_len", "16",
+                         "--passage_max_len", "32", "--max_steps", "2", "--eval_steps", "2", "--seed", "0",
+                         "--decontaminate", "warn", "--logging_steps", "1"])
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    losses = {e["step"]: e["loss"] for e in log if "loss" in e}
+    assert sorted(losses) == [1, 2] and all(0 < v < 10 for v in losses.values())
+    assert [e["stage"] for e in log if "loss" in e] == ["pairs"] * 2
+    best = os.path.join(out, "best_model")
+    prompts = json.load(open(os.path.join(best, "config_sentence_transformers.json")))["prompts"]
+    assert prompts == {"query": "query: ", "passage": "passage: "}  # from presets/pairs.args
+    training = json.load(open(os.path.join(best, "training.json")))
+    assert training["mode"] == "pairs"
+
+
+def test_pairs_batch_carries_both_prefixes_and_lengths(kosimcse, tiny_bert, tmp_path):
+    """Queries get the query prefix and --max_len, passages the passage prefix and --passage_max_len."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tsv, _ = write_pairs_inputs(str(tmp_path))
+    dataset = kosimcse.dataloader.build_contrastive_dataset(
+        "pairs", [tsv], tokenizer, 6, prefix="query: ", passage_prefix="passage: ", passage_max_len=12,
+        log=lambda *_: None)
+    assert dataset.num_columns == 3 and len(dataset) == 32
+    q_ids = tokenizer("query:", add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer("passage:", add_special_tokens=False)["input_ids"]
+    for query, positive, negative in (dataset[i] for i in range(len(dataset))):
+        assert list(query[1:1 + len(q_ids)]) == q_ids and len(query) <= 6
+        for passage in (positive, negative):
+            assert list(passage[1:1 + len(p_ids)]) == p_ids and len(passage) <= 12
+    assert max(len(dataset[i][1]) for i in range(len(dataset))) > 6  # passages were not cut at the query limit
+
+
+@pytest.mark.parametrize("content, message", [
+    ("anchor\tpositive\n질문\n", "pairs.tsv:2: 1 tab-separated field(s), the header has 2"),
+    ("anchor\tpositive\n질문\t \n", "pairs.tsv:2: the positive is empty"),
+    ("query\tpassage\n질문\t답\n", "pairs.tsv:1: the header must be anchor<TAB>positive"),
+    ("anchor\tpositive\n", "pairs.tsv: a header and no pairs"),
+])
+def test_bad_pairs_file_is_one_line(content, message, kosimcse, tiny_bert, synthetic_data, tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(["--mode", "pairs", "--model", tiny_bert, "--data_dir", synthetic_data, "--train_file",
+                             str(path), "--output_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_beir_folder_without_train_qrels_is_one_line(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    _, beir = write_pairs_inputs(str(tmp_path))
+    os.remove(os.path.join(beir, "qrels", "train.tsv"))
+    with pytest.raises(SystemExit) as e:
+        kosimcse.train.main(["--mode", "pairs", "--model", tiny_bert, "--data_dir", synthetic_data, "--train_file",
+                             beir, "--output_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    assert "no qrels/train.tsv" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def kosimcse():
+    return load_method("KoSimCSE")

@@ -209,6 +209,37 @@ def read_triplets(path):
     return triplets
 
 
+PAIR_HEADERS = (["anchor", "positive"], ["anchor", "positive", "negative"])
+
+
+def read_pairs(path):
+    """(anchor, positive) or (anchor, positive, negative) rows of a TSV whose header is ``anchor<TAB>positive``
+    (data/make_ict.py) or ``anchor<TAB>positive<TAB>negative`` (evaluation.py --task mine), with quoting off.
+    A row with another number of fields or an empty text is refused with its line."""
+    lines = iter_lines(path)
+    for lineno, header in lines:
+        header = header.split("\t")
+        if header not in PAIR_HEADERS:
+            raise DataError(f"{path}:{lineno}: the header must be anchor<TAB>positive or "
+                            f"anchor<TAB>positive<TAB>negative, not {chr(9).join(header)!r}")
+        break
+    else:
+        raise DataError(f"{path}: file is empty")
+    rows = []
+    for lineno, line in lines:
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated field(s), the header has {len(header)} "
+                            f"({', '.join(header)})")
+        for name, text in zip(header, fields):
+            if not text.strip():
+                raise DataError(f"{path}:{lineno}: the {name} is empty")
+        rows.append(tuple(fields))
+    if not rows:
+        raise DataError(f"{path}: a header and no pairs")
+    return rows
+
+
 def read_sentences(path, max_samples=None, seed=42, log=print):
     """One sentence per line (blank lines ignored); optionally a seeded random subsample."""
     sentences = [line.strip() for _, line in iter_lines(path)]

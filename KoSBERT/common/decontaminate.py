@@ -30,7 +30,8 @@ import os
 import re
 import unicodedata
 
-from .data import iter_lines, not_a_file, read_nli, read_sts, read_triplets, resolve_path
+from .data import PAIR_HEADERS, iter_lines, not_a_file, read_nli, read_pairs, read_sts, resolve_path
+from .retrieval import read_beir_pairs
 
 MODES = ("warn", "drop", "fail")
 MIN_CHARS = 5
@@ -79,8 +80,10 @@ def sentences(path, kind):
         return [s for a, b, _ in read_sts(path) for s in (a, b)]
     if kind == "nli":
         return [s for a, b, _ in read_nli(path)[0] for s in (a, b)]
-    if kind == "triplets":
-        return [s for row in read_triplets(path) for s in row]
+    if kind == "pairs":
+        return [s for row in read_pairs(path) for s in row]
+    if kind == "beir":
+        return [s for row in read_beir_pairs(path) for s in row]
     if kind == "korquad":
         return list(_korquad(path))
     if kind == "autorag":
@@ -98,8 +101,8 @@ def file_kind(path):
     header = head.lstrip("\ufeff").split("\n", 1)[0]
     if "gold_label" in header:
         return "nli"
-    if header.rstrip("\r").split("\t") == ["anchor", "positive", "negative"]:
-        return "triplets"  # evaluation.py --task mine
+    if header.rstrip("\r").split("\t") in PAIR_HEADERS:
+        return "pairs"  # data/make_ict.py, evaluation.py --task mine
     return "sts" if "score" in header or "label" in header and path.endswith(".csv") else "text"
 
 
@@ -194,9 +197,14 @@ def overlap_report(train_files, data_dir, log=print):
 def _filtered_copy(path, kind, contaminated, out_dir):
     """Write ``path`` without the rows holding a contaminated sentence to out_dir; (new path, rows dropped)."""
     bad = lambda *texts: any(normalize(t) in contaminated for t in texts)  # noqa: E731
-    out = os.path.join(out_dir, os.path.basename(path))
+    out = os.path.join(out_dir, os.path.basename(os.path.normpath(path)))
     dropped = 0
-    if path.endswith(".json"):
+    if kind == "beir":  # a BEIR folder's training pairs, kept as an anchor/positive TSV
+        pairs = read_beir_pairs(path)
+        kept = [(q, p) for q, p in pairs if not bad(q, p)]
+        dropped, out = len(pairs) - len(kept), out + ".tsv"
+        text = "anchor\tpositive\n" + "".join(f"{' '.join(q.split())}\t{' '.join(p.split())}\n" for q, p in kept)
+    elif path.endswith(".json"):
         with open(path, encoding="utf-8-sig") as f:
             items = json.load(f)
         keys = ("premise", "hypothesis") if kind == "nli" else ("sentence1", "sentence2")
@@ -237,7 +245,7 @@ def _filtered_copy(path, kind, contaminated, out_dir):
 
 # The flag that names the files of each training source (the names of the folders' build_source).
 SOURCE_FLAGS = {"sup": "train_file", "unsup": "train_file", "wiki": "train_file", "nli": "nli_file",
-                "sts": "sts_file"}
+                "sts": "sts_file", "pairs": "train_file"}
 
 
 def guard(args, source_names, rank=0, log=print):
@@ -251,6 +259,9 @@ def guard(args, source_names, rank=0, log=print):
         value = getattr(args, flag, None)
         for name in ([value] if isinstance(value, str) else value or []):
             path = resolve_path(name, args.data_dir)
+            if os.path.isdir(path) and os.path.isfile(os.path.join(path, "corpus.jsonl")):
+                files[path] = "beir"  # pairs training from a BEIR folder
+                continue
             if not os.path.isfile(path):
                 raise not_a_file(path, flag=flag)
             files[path] = file_kind(path)

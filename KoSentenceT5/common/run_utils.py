@@ -51,8 +51,9 @@ class Stage:
 
 class PresetParser(argparse.ArgumentParser):
     """argparse with preset files: ``train.py @presets/NAME.args --lr 1e-5`` reads the file's flags as if
-    typed in its place (later flags win). A preset holds any number of flags per line; ``#`` starts a
-    comment. Every flag's default is shown in --help."""
+    typed in its place (later flags win). A preset holds any number of flags per line, split as a shell
+    would (quote a value with spaces: --query_prefix "query: "); ``#`` starts a comment. Every flag's default
+    is shown in --help."""
 
     def __init__(self, **kwargs):
         super().__init__(fromfile_prefix_chars="@", formatter_class=HelpFormatter, **kwargs)
@@ -62,7 +63,10 @@ class PresetParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def convert_arg_line_to_args(self, line):
-        return line.split("#", 1)[0].split()
+        try:
+            return shlex.split(line, comments=True)
+        except ValueError as e:  # an unclosed quote
+            self.error(f"a preset line cannot be read ({e}): {line.strip()}")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -15,8 +15,9 @@ Document text follows MTEB: ``(title + " " + text).strip()`` when a title is pre
   autorag      AutoRAG/ocr_corpus_v3.parquet (doc_id, contents: 720 pages) and qa_v4.parquet (qid, query,
                retrieval_gt: a list of lists of doc_ids; 114 queries), read with pyarrow.
   <folder>     BEIR layout: corpus.jsonl ({"_id", "title", "text"}), queries.jsonl ({"_id", "text"}),
-               qrels/test.tsv (header, then query-id, corpus-id, score). Queries without qrels are
-               dropped, as MTEB's loader does.
+               qrels/test.tsv (header, then query-id, corpus-id, score), or qrels/dev.tsv in a folder
+               that has no test split (a dev set for model selection, e.g. data/make_ict.py's). Queries
+               without qrels are dropped, as MTEB's loader does.
 """
 import json
 import math
@@ -147,6 +148,22 @@ def read_beir(folder, split="test"):
     return corpus, {q: t for q, t in queries.items() if q in qrels}, qrels
 
 
+def read_beir_pairs(folder):
+    """Training pairs of a BEIR-layout folder: (query text, document text) for every qrels/train.tsv judgement
+    with a positive score, in the file's order (pairs training, KoSimCSE --mode pairs)."""
+    if not os.path.isfile(os.path.join(folder, "qrels", "train.tsv")):
+        raise DataError(f"{folder}: no qrels/train.tsv (pairs training reads the train split of a BEIR folder: "
+                        f"queries.jsonl, corpus.jsonl, qrels/train.tsv)")
+    corpus, queries, qrels = read_beir(folder, "train")
+    pairs = [(queries[q], corpus[d]) for q, docs in qrels.items() for d, score in docs.items() if score > 0]
+    empty = next((d for q, docs in qrels.items() for d, score in docs.items() if score > 0 and not corpus[d]), None)
+    if empty is not None:
+        raise DataError(f"{folder}/corpus.jsonl: document {empty!r} has no text")
+    if not pairs:
+        raise DataError(f"{folder}/qrels/train.tsv: no judgement with a positive score, so no training pair")
+    return pairs
+
+
 def is_retrieval_dataset(name, data_dir):
     """A retrieval dataset name (korquad-dev, autorag) or a BEIR-layout folder."""
     if name in RETRIEVAL_DATASETS:
@@ -161,7 +178,10 @@ def load_retrieval(name, data_dir):
         path = os.path.join(data_dir, rel)
         return (task, revision) + (read_korquad(path) if name == "korquad-dev" else read_autorag(path))
     folder = name if os.path.isfile(os.path.join(name, "corpus.jsonl")) else os.path.join(data_dir, name)
-    return (os.path.basename(os.path.normpath(folder)), None) + read_beir(folder)
+    qrels = os.path.join(folder, "qrels")
+    split = "dev" if not os.path.isfile(os.path.join(qrels, "test.tsv")) and os.path.isfile(
+        os.path.join(qrels, "dev.tsv")) else "test"
+    return (os.path.basename(os.path.normpath(folder)), None) + read_beir(folder, split)
 
 
 def scores_to_run(scores, ids, doc_ids, query_ids):
