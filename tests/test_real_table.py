@@ -110,3 +110,43 @@ def test_truncated_table_pivots_first_seed_by_width(tmp_path):
     assert "| kosimcse-sup | full | 80.00 | 81.00 | 38.40 | 39.40 |" in text
     assert "| kosimcse-sup | 128 | 70.00 | 71.00 | 12.80 | 13.80 |" in text
     assert "| kosimcse-sup | 64 | 60.00 | 61.00 | 6.40 | 7.40 |" in text
+
+
+def test_choose_alpha_keeps_retrieval_then_takes_the_best_sts():
+    base = {"korsts-dev": 80.0, "ict-dev": 50.0}
+    dev = {0.3: {"korsts-dev": 82.0, "ict-dev": 51.0}, 0.5: {"korsts-dev": 83.0, "ict-dev": 50.0},
+           0.7: {"korsts-dev": 84.0, "ict-dev": 49.9}}
+    assert rt.choose_alpha(dev, base) == 0.5  # 0.7 has the best STS dev but loses retrieval dev
+    assert rt.choose_alpha(dev, {"korsts-dev": 80.0, "ict-dev": 60.0}) == 0.3  # none keeps it: the best retrieval
+
+
+def test_merged_row_chooses_alpha_on_dev_and_scores_every_seed(tiny_bert, tmp_path, monkeypatch):
+    """The prompts row trains 2 steps for seeds 1-2, the merged row merges each seed at every grid alpha, scores
+    them on KorSTS dev and the ICT dev split built from the wiki, keeps the chosen one, and the table shows it."""
+    monkeypatch.chdir(ROOT)
+    data = write_synthetic_data(str(tmp_path / "data"), n_nli=60, n_sts=60, n_wiki=400)  # with wiki/wiki_corpus.txt
+    monkeypatch.setattr(rt, "MERGE_GRID", (0.5, 1.0))
+    monkeypatch.setattr(rt, "ICT_FLAGS", ["--dev_queries", "4", "--dev_corpus", "8", "--block", "40", "--dev_share",
+                                          "0.3", "--min_cohesion", "0", "--window", "3"])
+    out = str(tmp_path / "table")
+    argv = ["--model", tiny_bert, "--data_dir", data, "--out", out, "--rows", "kosbert-sts-cosent-prompts",
+            "kosbert-sts-cosent-prompts-merged", "--seeds", "1", "2", "--max_steps", "2", "--no_retrieval", "--no-bf16"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rt.main(argv)
+    assert "failed" not in printed.getvalue() and "error" not in printed.getvalue(), printed.getvalue()
+    for seed in (1, 2):
+        run = os.path.join(out, "kosbert-sts-cosent-prompts-merged", f"seed-{seed}")
+        selection = json.load(open(os.path.join(run, "selection.json")))
+        assert selection["alpha"] in (0.5, 1.0) and set(selection["dev"]) == {"0.5", "1"}
+        assert selection["alpha"] == rt.choose_alpha({float(a): s for a, s in selection["dev"].items()},
+                                                     selection["backbone"])
+        info = json.load(open(os.path.join(run, "best_model", "training.json")))
+        assert info["merge"]["alpha"] == selection["alpha"]
+        assert json.load(open(os.path.join(run, "sts.json")))[0]["prefix"] == "query: "  # the folder's prompt
+        assert not os.path.exists(os.path.join(run, "merges"))
+    assert not os.path.exists(os.path.join(out, "kosbert-sts-cosent-prompts", "seed-2", "best_model"))  # merged: removed
+    rows = json.load(open(os.path.join(out, "real_table.json")))["rows"]
+    assert rows["kosbert-sts-cosent-prompts-merged"]["seeds"] == [1, 2]
+    assert rows["kosbert-sts-cosent-prompts"]["sts_prefix"] == "query: "
+    assert "(alpha " in open(os.path.join(out, "real_table.md")).read()

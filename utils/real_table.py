@@ -61,6 +61,8 @@ ROWS = {
     "kosbert-sts-cosent-prompts": ("ours", "KoSBERT", "real-sts.args",
                                    ["--sts_loss", "cosent", "--query_prefix", "query: ", "--passage_prefix",
                                     "passage: "], 3, "KoSBERT STS with CoSENT, trained with e5's prompts"),
+    "kosbert-sts-cosent-prompts-merged": ("merged", "kosbert-sts-cosent-prompts", None, [], 3,
+                                          "the row above merged with the backbone at the dev-chosen alpha"),
     "kosimcse-sup-sts": ("ours", "KoSimCSE", "real-sup-sts.args", [], 1, "KoSimCSE sup -> STS"),
     "kosbert-nli-sts": ("ours", "KoSBERT", "real-nli-sts.args", [], 1, "KoSBERT NLI -> STS"),
     "kosimcse-unsup": ("ours", "KoSimCSE", "real-unsup.args", [], 1, "KoSimCSE unsup, 8k wiki sentences"),
@@ -77,6 +79,22 @@ RETRIEVAL_SETS = ("korquad-dev", "autorag")
 # the backbone): the Matryoshka row, and plain sup as its baseline. Retrieval at every dimension comes from the
 # retrieval pass's one encoding (evaluation.py --truncate_dim W D1 D2 ...), STS from one more short pass.
 TRUNCATE = {"kosimcse-sup-matryoshka": (256, 128, 64), "kosimcse-sup": (256, 128, 64)}
+# Merged rows ("merged": the source row's model of the same seed merged with the backbone by utils/merge.py): each
+# alpha of MERGE_GRID is scored on dev only, KorSTS dev (cosine Spearman) and the ICT dev split of the wiki
+# (data/make_ict.py, nDCG@10), and the rule of choose_alpha picks one; retrieval is then scored for every seed.
+MERGE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+PROMPTS = ["--query_prefix", "query: ", "--passage_prefix", "passage: "]
+ICT_FLAGS = []  # data/make_ict.py's defaults (1,000 dev queries); the tests' tiny wiki needs smaller ones
+
+
+def choose_alpha(dev, base):
+    """The dev-only rule: among the alphas whose ICT dev nDCG@10 is at least the backbone's, the one with the best
+    KorSTS dev cosine Spearman (the STS gain, without a retrieval loss); if none, the best ICT dev nDCG@10.
+    ``dev``: {alpha: {"korsts-dev": cosS, "ict-dev": nDCG@10}}, ``base``: the backbone's two scores."""
+    safe = [a for a, s in dev.items() if s["ict-dev"] >= base["ict-dev"]]
+    if safe:
+        return max(safe, key=lambda a: (dev[a]["korsts-dev"], -a))
+    return max(dev, key=lambda a: (dev[a]["ict-dev"], -a))
 
 
 def write_atomic(path, text):
@@ -192,8 +210,75 @@ class Table:
 
     def trained(self, row, seed):
         out = self.run_dir(row, seed)
-        # wall.json is written (atomically) only once the training process has exited cleanly
+        # wall.json is written (atomically) only once the training process (or the merge) has finished
         return ROWS[row][0] == "zero-shot" or os.path.isfile(os.path.join(out, "wall.json"))
+
+    def ict_dev(self):
+        """The ICT dev split (BEIR folder) of the wiki, built once into OUT/_ict by data/make_ict.py."""
+        folder = os.path.join(self.a.out, "_ict")
+        if not os.path.isfile(os.path.join(folder, "ict.json")):
+            os.makedirs(folder, exist_ok=True)
+            command = [sys.executable, os.path.join(ROOT, "data", "make_ict.py"), "--corpus",
+                       os.path.join(self.a.data_dir, "wiki", "wiki_corpus.txt"), "--data_dir", self.a.data_dir,
+                       "--out", folder, *ICT_FLAGS]
+            print("building the ICT dev split", flush=True)
+            code, _, _ = run_logged(command, os.path.join(folder, "make_ict.log"))
+            if code:
+                raise SystemExit(f"error: data/make_ict.py failed (exit {code}); see {folder}/make_ict.log")
+        return os.path.join(folder, "dev")
+
+    def dev_scores(self, model, path, base=False):
+        """{"korsts-dev": cosine Spearman, "ict-dev": nDCG@10 x100} of ``model``, cached in ``path``; the backbone
+        with mean pooling and e5's prompts (a merged folder carries them as its prompts)."""
+        if not os.path.isfile(path):
+            flags = ["--pooling", "mean", *PROMPTS] if base else []
+            command = [sys.executable, EVALUATION, "--model_dir", model, "--data_dir", self.a.data_dir, *flags,
+                       "--task", "sts", "retrieval", "--dataset", "korsts-dev", self.ict_dev(), "--output_json", path]
+            code, _, _ = run_logged(command, path[:-5] + ".log")
+            if code:
+                raise SystemExit(f"error: dev evaluation of {model} failed (exit {code}); see {path[:-5]}.log")
+        rows = read_json(path)
+        sts = next(r for r in rows if r.get("task") != "retrieval")["metrics"]["cosine_spearman"]
+        ict = next(r for r in rows if r.get("task") == "retrieval")["metrics"]["ndcg_at_10"] * 100
+        return {"korsts-dev": sts, "ict-dev": ict}
+
+    def merge_and_select(self, row, seed, where):
+        """A merged row's seed: the source row's model merged at every MERGE_GRID alpha, each scored on dev, the
+        chosen one kept as best_model (selection.json says why), the others removed. False if its source is missing."""
+        out, source = self.run_dir(row, seed), os.path.join(self.run_dir(ROWS[row][1], seed), "best_model")
+        if not os.path.isdir(source):
+            print(f"{where}: no {source} (train row {ROWS[row][1]} seed {seed} first, with --keep_models for seeds "
+                  f"after the first)", flush=True)
+            return False
+        start = time.time()
+        base = self.dev_scores(self.a.model, os.path.join(self.a.out, "_ict", "backbone-dev.json"), base=True)
+        merges, dev = os.path.join(out, "merges"), {}
+        for alpha in MERGE_GRID:
+            scores = os.path.join(out, f"dev-alpha-{alpha:g}.json")
+            if not os.path.isfile(scores):
+                command = [sys.executable, os.path.join(ROOT, "utils", "merge.py"), source, self.a.model, "--alpha",
+                           f"{alpha:g}", "--output_dir", merges]
+                code, _, _ = run_logged(command, os.path.join(out, "merge.log"))
+                if code:
+                    raise SystemExit(f"error: utils/merge.py failed (exit {code}); see {out}/merge.log")
+                print(f"{where}: alpha {alpha:g} on dev", flush=True)
+            dev[alpha] = self.dev_scores(os.path.join(merges, f"alpha-{alpha:g}"), scores)
+            shutil.rmtree(os.path.join(merges, f"alpha-{alpha:g}"), ignore_errors=True)  # remade for the chosen one
+        alpha = choose_alpha(dev, base)
+        command = [sys.executable, os.path.join(ROOT, "utils", "merge.py"), source, self.a.model, "--alpha",
+                   f"{alpha:g}", "--output_dir", merges]
+        code, _, _ = run_logged(command, os.path.join(out, "merge.log"))
+        if code:
+            raise SystemExit(f"error: utils/merge.py failed (exit {code}); see {out}/merge.log")
+        shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)
+        os.replace(os.path.join(merges, f"alpha-{alpha:g}"), os.path.join(out, "best_model"))
+        shutil.rmtree(merges, ignore_errors=True)
+        write_atomic(os.path.join(out, "selection.json"), json.dumps({
+            "rule": choose_alpha.__doc__.split("``dev``")[0].strip(), "backbone": base,
+            "dev": {f"{a:g}": s for a, s in dev.items()}, "alpha": alpha}, indent=2))
+        write_atomic(os.path.join(out, "wall.json"), json.dumps({"merge_select_seconds": round(time.time() - start, 1)}))
+        print(f"{where}: alpha {alpha:g} chosen on dev ({dev[alpha]} vs the backbone's {base})", flush=True)
+        return True
 
     def run(self, rows, seeds):
         """Phase 1, seed by seed: train every row and score it on STS (a later seed's model is then removed);
@@ -203,7 +288,12 @@ class Table:
             out = self.run_dir(row, seed)
             os.makedirs(out, exist_ok=True)
             where = f"[{n}/{len(plan)}] {row} seed {seed}"
-            if not self.trained(row, seed):
+            if not self.trained(row, seed) and ROWS[row][0] == "merged":
+                if not self.merge_and_select(row, seed, where):
+                    continue
+                if not self.a.keep_models and seed != seeds[0]:
+                    shutil.rmtree(os.path.join(self.run_dir(ROWS[row][1], seed), "best_model"), ignore_errors=True)
+            elif not self.trained(row, seed):
                 command = self.train_command(row, seed)
                 print(f"{where}: train ({'resume' if '--resume' in command else 'new'})", flush=True)
                 code, seconds, other = run_logged(command, os.path.join(out, "train.log"))
@@ -213,14 +303,21 @@ class Table:
                 write_atomic(os.path.join(out, "wall.json"), json.dumps({"train_seconds": round(seconds, 1),
                                                                          "other_cpu_seconds": other}))
             self.evaluate(row, seed, self.eval_commands(row, seed, "sts"), where)
-            if not self.a.keep_models and ROWS[row][0] != "zero-shot" and seed != seeds[0]:
+            merge_source = any(ROWS[r][0] == "merged" and ROWS[r][1] == row for r in rows)
+            keep = ROWS[row][0] in ("zero-shot", "merged") or merge_source  # removed once merged / scored
+            if not self.a.keep_models and not keep and seed != seeds[0]:
                 shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)  # its numbers are in the JSON
                 for stage_dir in ("sup_model", "nli_model"):
                     shutil.rmtree(os.path.join(out, stage_dir), ignore_errors=True)
         for phase in ("retrieval", "truncated"):
             for row in rows:
-                if self.trained(row, seeds[0]) and os.path.isdir(self.run_dir(row, seeds[0])):
-                    self.evaluate(row, seeds[0], self.eval_commands(row, seeds[0], phase), f"{row} seed {seeds[0]}")
+                every = phase == "retrieval" and ROWS[row][0] == "merged"  # the rows that matter: every seed
+                for seed in seeds[:ROWS[row][4]] if every else seeds[:1]:
+                    if self.trained(row, seed) and os.path.isdir(self.run_dir(row, seed)):
+                        self.evaluate(row, seed, self.eval_commands(row, seed, phase), f"{row} seed {seed}")
+                    if every and seed != seeds[0] and not self.a.keep_models and os.path.isfile(
+                            os.path.join(self.run_dir(row, seed), "retrieval.json")):
+                        shutil.rmtree(os.path.join(self.run_dir(row, seed), "best_model"), ignore_errors=True)
 
     def evaluate(self, row, seed, commands, where):
         out = self.run_dir(row, seed)
@@ -278,6 +375,10 @@ def collect(a, rows, seeds):
             if sts is None:
                 continue
             entry["seeds"].append(seed)
+            entry.setdefault("sts_prefix", sts[0].get("prefix", "") if sts else "")
+            selection = read_json(os.path.join(out, "selection.json"))
+            if selection:
+                entry.setdefault("alphas", []).append(selection["alpha"])
             for r in sts:
                 values.setdefault(f"{r['dataset']}/{r['protocol']}/cosine_spearman", []).append(
                     r["metrics"]["cosine_spearman"])
@@ -313,14 +414,17 @@ def fmt(m, scale=1.0, digits=2):
 
 def markdown(table, a):
     lines = [f"Backbone `{a.model}`, data `{a.data_dir}`, bf16 {'on' if a.bf16 else 'off'}; KorSTS test and KLUE-STS "
-             "dev cosine Spearman x100 (standard protocol), nDCG@10 x100 of the first seed (e5 prefixes), "
-             "mean ± std over the seeds listed; train s: wall time of the training process, over the seeds "
-             "during which other processes took under 10 % of its time in CPU.", "",
-             "| row | seeds | KorSTS test cosS | KorSTS test AVG | KLUE-STS dev cosS | KorQuAD nDCG@10 | AutoRAG nDCG@10 "
-             "| train s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "dev cosine Spearman x100 (standard protocol) with the STS prefix named, nDCG@10 x100 with e5's prefixes "
+             "(`query: ` / `passage: `) of the first seed, of every seed for merged rows; mean ± std over the seeds "
+             "scored; train s: wall time of the training process, over the seeds during which other processes took "
+             "under 10 % of its time in CPU.", "",
+             "| row | seeds | STS prefix | KorSTS test cosS | KorSTS test AVG | KLUE-STS dev cosS | KorQuAD nDCG@10 | "
+             "AutoRAG nDCG@10 | train s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row, e in table.items():
         m = e["metrics"]
-        lines.append(f"| {row}: {e['description']} | {','.join(map(str, e['seeds'])) or '-'} | "
+        alphas = f" (alpha {', '.join(f'{x:g}' for x in e['alphas'])})" if e.get("alphas") else ""
+        lines.append(f"| {row}: {e['description']}{alphas} | {','.join(map(str, e['seeds'])) or '-'} | "
+                     f"{repr(e['sts_prefix']) if e.get('sts_prefix') else 'none'} | "
                      f"{fmt(m.get('korsts-test/standard/cosine_spearman'))} | {fmt(m.get('korsts-test/standard/avg'))} | "
                      f"{fmt(m.get('klue-sts-dev/standard/cosine_spearman'))} | "
                      f"{fmt(m.get('retrieval/korquad-dev/ndcg_at_10'), 100)} | "
@@ -371,7 +475,10 @@ def main(argv=None):
         for row in a.rows:
             seeds = a.seeds[:ROWS[row][4]]
             print(f"{row} (seeds {' '.join(map(str, seeds))}): {ROWS[row][5]}")
-            if ROWS[row][0] != "zero-shot":
+            if ROWS[row][0] == "merged":
+                print(f"  utils/merge.py {ROWS[row][1]}'s model of each seed with the backbone at alpha "
+                      f"{' '.join(f'{x:g}' for x in MERGE_GRID)}, one chosen on KorSTS dev + ICT dev (choose_alpha)")
+            elif ROWS[row][0] != "zero-shot":
                 print("  " + shlex.join(t.train_command(row, seeds[0])))
             for phase in ("sts", "retrieval", "truncated"):
                 for command in t.eval_commands(row, seeds[0], phase).values():
