@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
 from common.data import DataError, iter_lines  # noqa: E402
-from common.decontaminate import EVALUATION_SETS, NGRAM, NgramIndex, evaluation_index, normalize, MIN_CHARS  # noqa: E402
+from common.decontaminate import (EVALUATION_SETS, MIN_CHARS, NGRAM, NgramIndex, evaluation_index, normalize,  # noqa: E402
+                                  read_evaluation_sets)
 from common.files import save_atomic, save_json_atomic  # noqa: E402
 
 
@@ -105,8 +106,8 @@ def boundary_estimate(lines, cohesion, min_cohesion, window, seed, sample=100_00
 def contaminated_lines(lines, data_dir, log=print):
     """(bool array: line i equals an evaluation sentence or shares a 20-character run with a retrieval set's
     passage or query, {evaluation set: lines}, sets that could not be checked)."""
-    index, _ = evaluation_index(data_dir, log)
-    runs = NgramIndex(data_dir, log=log)
+    texts = read_evaluation_sets(data_dir, log)
+    (index, _), runs = evaluation_index(texts), NgramIndex(texts)
     missing = [name for name, (rel, _) in EVALUATION_SETS.items() if not os.path.isfile(os.path.join(data_dir, rel))]
     bad = np.zeros(len(lines), dtype=bool)
     counts = {}

@@ -106,19 +106,25 @@ def file_kind(path):
     return "sts" if "score" in header or "label" in header and path.endswith(".csv") else "text"
 
 
-def evaluation_index(data_dir, log=print):
-    """({normalised sentence: [evaluation set names]}, {sentence as given: {set names}}) of every evaluation set
-    present under data_dir, each file read once."""
-    index, exact = {}, {}
+def read_evaluation_sets(data_dir, log=print):
+    """{evaluation set name: its sentences} of every set present under data_dir, each file read once."""
+    found = {}
     for name, (rel, kind) in EVALUATION_SETS.items():
         path = os.path.join(data_dir, rel)
         if not os.path.isfile(path):
             continue
         try:
-            found = sentences(path, kind)
+            found[name] = sentences(path, kind)
         except ImportError as e:  # AutoRAG needs pyarrow
             log(f"decontamination: {name} skipped ({e})")
-            continue
+    return found
+
+
+def evaluation_index(texts):
+    """({normalised sentence: [evaluation set names]}, {sentence as given: {set names}}) of ``texts``
+    (read_evaluation_sets)."""
+    index, exact = {}, {}
+    for name, found in texts.items():
         for s in found:
             exact.setdefault(s, set()).add(name)
             key = normalize(s)
@@ -128,23 +134,14 @@ def evaluation_index(data_dir, log=print):
 
 
 class NgramIndex:
-    """Every NGRAM-character run of the normalised passages and queries of the retrieval sets (PASSAGE_SETS)
-    under data_dir, with the sets it comes from. ``sets_of(key)``: the sets sharing a run with the normalised
-    text ``key`` (empty when it is shorter than NGRAM or shares none)."""
+    """Every NGRAM-character run of the normalised passages and queries of the retrieval sets (PASSAGE_SETS) in
+    ``texts`` (read_evaluation_sets), with the sets it comes from. ``sets_of(key)``: the sets sharing a run with
+    the normalised text ``key`` (empty when it is shorter than NGRAM or shares none)."""
 
-    def __init__(self, data_dir, n=NGRAM, log=print):
+    def __init__(self, texts, n=NGRAM):
         self.n, self.runs = n, {}
         for name in PASSAGE_SETS:
-            rel, kind = EVALUATION_SETS[name]
-            path = os.path.join(data_dir, rel)
-            if not os.path.isfile(path):
-                continue
-            try:
-                found = sentences(path, kind)
-            except ImportError as e:  # AutoRAG needs pyarrow
-                log(f"decontamination: {name} skipped ({e})")
-                continue
-            for text in found:
+            for text in texts.get(name, ()):
                 key = normalize(text)
                 for i in range(len(key) - n + 1):
                     self.runs.setdefault(key[i:i + n], set()).add(name)
@@ -163,8 +160,8 @@ def overlap_report(train_files, data_dir, log=print):
     training sentences equal as given, "normalized": equal after normalize, "ngram": sharing an NGRAM-character
     run with a passage or query of the set (retrieval sets only, sentences not already counted as equal),
     "examples": up to 3}}."""
-    index, exact_index = evaluation_index(data_dir, log)
-    runs = NgramIndex(data_dir, log=log)
+    texts = read_evaluation_sets(data_dir, log)
+    (index, exact_index), runs = evaluation_index(texts), NgramIndex(texts)
     report = {name: {"exact": 0, "normalized": 0, "ngram": 0, "examples": []} for name in EVALUATION_SETS
               if os.path.isfile(os.path.join(data_dir, EVALUATION_SETS[name][0]))}
     contaminated, seen = set(), set()
