@@ -30,7 +30,6 @@ AutoRAG page or query (the training guard's passage-level check, KoSimCSE/common
 ict.json. Evaluation sets absent from --data_dir cannot be checked and are named there and on stdout.
 """
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -45,6 +44,7 @@ from common.data import DataError, iter_lines  # noqa: E402
 from common.decontaminate import (EVALUATION_SETS, MIN_CHARS, NGRAM, NgramIndex, evaluation_index, normalize,  # noqa: E402
                                   read_evaluation_sets)
 from common.files import save_atomic, save_json_atomic  # noqa: E402
+from common.run_utils import file_fingerprint  # noqa: E402
 
 
 def read_corpus(path):
@@ -149,14 +149,6 @@ def candidate_windows(lines, cohesion, bad, window, block, min_cohesion):
     return starts, refused
 
 
-def fingerprint(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build(a, log=print):
     lines = read_corpus(a.corpus)
     log(f"{a.corpus}: {sum(1 for s in lines if s):,} lines")
@@ -203,7 +195,7 @@ def build(a, log=print):
         json.dumps({"_id": d, "title": "", "text": t}, ensure_ascii=False) + "\n" for d, t in sorted(corpus)]))
     save_atomic(os.path.join(a.out, "dev", "qrels", "dev.tsv"), lines_of(["query-id\tcorpus-id\tscore\n"] + [
         f"q{s}\td{s}\t1\n" for s in queries]))
-    stats = {"corpus": os.path.abspath(a.corpus), "corpus_sha256": fingerprint(a.corpus),
+    stats = {"corpus": os.path.abspath(a.corpus), "corpus_fingerprint": file_fingerprint(a.corpus),
              "flags": {k: v for k, v in vars(a).items() if k not in ("corpus", "out", "data_dir")},
              "lines": len(lines), "windows_kept": len(starts), "windows_refused": refused,
              "train_pairs": len(pairs), "train_pairs_with_query_kept": sum(kept),
