@@ -63,6 +63,10 @@ ROWS = {
                                     "passage: "], 3, "KoSBERT STS with CoSENT, trained with e5's prompts"),
     "kosbert-sts-cosent-prompts-merged": ("merged", "kosbert-sts-cosent-prompts", None, [], 3,
                                           "the row above merged with the backbone at the dev-chosen alpha"),
+    "kosimcse-pairs-ict": ("ours", "KoSimCSE", "real-pairs-ict.args", ["--train_file", "ICT"], 1,
+                           "KoSimCSE pairs on 4,800 ICT pairs of the wiki, e5's prompts"),
+    "kosimcse-pairs-ict-merged": ("merged", "kosimcse-pairs-ict", None, [], 1,
+                                  "the row above merged with the backbone at the dev-chosen alpha"),
     "kosimcse-sup-sts": ("ours", "KoSimCSE", "real-sup-sts.args", [], 1, "KoSimCSE sup -> STS"),
     "kosbert-nli-sts": ("ours", "KoSBERT", "real-nli-sts.args", [], 1, "KoSBERT NLI -> STS"),
     "kosimcse-unsup": ("ours", "KoSimCSE", "real-unsup.args", [], 1, "KoSimCSE unsup, 8k wiki sentences"),
@@ -151,7 +155,7 @@ class Table:
             return [sys.executable, "bench/st_recipes.py", "--recipe", what, "--model", a.model, "--data_dir",
                     a.data_dir, "--seed", str(seed), "--output_dir", out, *recipe, "--max_len", "64",
                     *(["--bf16"] if a.bf16 else []), *steps]
-        extra = [self.mined() if flag == "MINED" else flag for flag in extra]
+        extra = [self.mined() if flag == "MINED" else self.ict_train() if flag == "ICT" else flag for flag in extra]
         resume = os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
         if resume:
             return [sys.executable, f"{what}/train.py", "--resume", out]
@@ -213,10 +217,14 @@ class Table:
         # wall.json is written (atomically) only once the training process (or the merge) has finished
         return ROWS[row][0] == "zero-shot" or os.path.isfile(os.path.join(out, "wall.json"))
 
+    def ict_train(self):
+        """The ICT training pairs (anchor/positive TSV), built with the dev split (ict_dev)."""
+        return os.path.join(os.path.dirname(self.ict_dev()), "train.tsv")
+
     def ict_dev(self):
         """The ICT dev split (BEIR folder) of the wiki, built once into OUT/_ict by data/make_ict.py."""
         folder = os.path.join(self.a.out, "_ict")
-        if not os.path.isfile(os.path.join(folder, "ict.json")):
+        if not os.path.isfile(os.path.join(folder, "ict.json")) and not self.a.list:
             os.makedirs(folder, exist_ok=True)
             command = [sys.executable, os.path.join(ROOT, "data", "make_ict.py"), "--corpus",
                        os.path.join(self.a.data_dir, "wiki", "wiki_corpus.txt"), "--data_dir", self.a.data_dir,
@@ -468,6 +476,10 @@ def main(argv=None):
     p.add_argument("--keep_models", action="store_true", help="keep the models of every seed (default: the first)")
     p.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
     p.add_argument("--table_only", action="store_true", help="print the table of the results present")
+    p.add_argument("--merge_into", metavar="JSON",
+                   help="also write the rows of this run into an earlier table's real_table.json (rows of the same "
+                        "name replaced, the others kept, in ROWS order) and its .md beside it, e.g. "
+                        "bench/real_table.json when only some rows were rerun on this machine")
     a = p.parse_args(argv)
     a.out, a.model, a.data_dir = (os.path.abspath(x) for x in (a.out, a.model, a.data_dir))
     t = Table(a)
@@ -495,6 +507,14 @@ def main(argv=None):
     write_atomic(os.path.join(a.out, "real_table.md"), text + "\n")
     write_atomic(os.path.join(a.out, "real_table.json"),
                  json.dumps({"model": a.model, "data_dir": a.data_dir, "bf16": a.bf16, "rows": table}, indent=2))
+    if a.merge_into:
+        earlier = read_json(a.merge_into)
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), dict):
+            sys.exit(f"error: --merge_into {a.merge_into}: not a real_table.json (no \"rows\" object)")
+        rows = {**earlier["rows"], **{r: e for r, e in table.items() if e["seeds"]}}
+        merged = {r: rows[r] for r in [*ROWS, *rows] if r in rows}  # ROWS order, unknown old rows last
+        write_atomic(a.merge_into, json.dumps({**earlier, "rows": merged}, indent=2))
+        write_atomic(os.path.splitext(a.merge_into)[0] + ".md", markdown(merged, a) + "\n")
 
 
 if __name__ == "__main__":
