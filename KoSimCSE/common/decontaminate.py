@@ -13,7 +13,7 @@ Passage level: the retrieval sets' passages are whole Wikipedia paragraphs (KorQ
 sentence also counts when it shares a run of NGRAM normalised characters with a KorQuAD context or question or
 an AutoRAG page or query (the "ngram" count of those sets). NGRAM = 20 (about six Korean words): on the first
 300k wiki sentences 1,631 share a 13-character run with the two sets, 864 a 20-character run, 719 a 30-character
-run; KorSTS train shares no 20-character run with them, KLUE-NLI train 9 sentences.
+run; KorSTS train shares no 20-character run with them, KLUE-NLI train 3 distinct sentences.
 
 --decontaminate decides what a run does with the overlap it reports (per evaluation set, printed and
 written into training.json and the model card):
