@@ -2,10 +2,15 @@
 
     python bench/st_recipes.py --recipe sup --model M --data_dir D --seed 1 --output_dir OUT [--bf16]
     python bench/st_recipes.py --recipe sts --model M --data_dir D --seed 1 --output_dir OUT [--bf16]
+    python bench/st_recipes.py --recipe pairs --train_file ICT.tsv --max_train_samples 4800 --scale 50 ...
 
 sup: MultipleNegativesRankingLoss (scale 20 = 1 / SimCSE's temperature 0.05) on (premise, entailment,
 contradiction) triplets of the NLI file, built by the same rule as KoSimCSE (its dataloader reads them);
-sts: CosineSimilarityLoss on KorSTS train pairs, score / 5. Both: the backbone with mean pooling, the same
+sts: CosineSimilarityLoss on KorSTS train pairs, score / 5; pairs: MultipleNegativesRankingLoss on the
+(anchor, positive) rows of an anchor/positive TSV (data/make_ict.py), the same seeded --max_train_samples subset
+as KoSimCSE --mode pairs, with e5's prompts through the trainer's ``prompts`` argument ("query: " before anchors,
+"passage: " before positives) and recorded in the saved model; one --max_len for both (sentence-transformers has
+no separate passage limit). All: the backbone with mean pooling, the same
 batch, learning rate, linear warmup, epochs, max_len and seed as our preset, no weight decay and no
 clipping (ours), full batches only for sup (ours); the checkpoint is selected on KorSTS dev (cosine
 Spearman, sentence-transformers' EmbeddingSimilarityEvaluator) every --eval_steps. The training data goes
@@ -25,7 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=("sup", "sts"), required=True)
+    p.add_argument("--recipe", choices=("sup", "sts", "pairs"), required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--train_file", default=None, help="sup: the NLI file (default KLUE-NLI train); sts: the STS file")
@@ -40,6 +45,8 @@ def main(argv=None):
     p.add_argument("--eval_steps", type=int, default=50)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--max_steps", type=int, default=-1, help="a wiring check: stop after this many steps")
+    p.add_argument("--max_train_samples", type=int, default=None, help="pairs: a seeded subset, as ours")
+    p.add_argument("--scale", type=float, default=20.0, help="MNRL scale = 1 / temperature (sup, pairs)")
     a = p.parse_args(argv)
 
     import torch
@@ -51,10 +58,10 @@ def main(argv=None):
 
     from common.data import read_sts, resolve_path
     from common.decontaminate import guard
-    from dataloader import load_triplets
+    from dataloader import load_pairs, load_triplets
 
     os.makedirs(a.output_dir, exist_ok=True)
-    source = "sup" if a.recipe == "sup" else "sts"
+    source = {"sup": "sup", "sts": "sts", "pairs": "pairs"}[a.recipe]
     flags = argparse.Namespace(train_file=[a.train_file or "KLUE-NLI/klue_nli_train.tsv"], nli_file=None,
                                sts_file=a.train_file or "korsts-train", data_dir=a.data_dir, decontaminate="drop",
                                output_dir=a.output_dir)
@@ -67,7 +74,15 @@ def main(argv=None):
         rows = load_triplets([flags.train_file[0]], log=print)
         train = Dataset.from_dict({"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows],
                                    "negative": [r[2] for r in rows]})
-        loss = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+        loss = losses.MultipleNegativesRankingLoss(model, scale=a.scale)
+    elif a.recipe == "pairs":
+        import random
+        rows = load_pairs([flags.train_file[0]], log=print)
+        if a.max_train_samples is not None and a.max_train_samples < len(rows):
+            rows = random.Random(a.seed).sample(rows, a.max_train_samples)  # KoSimCSE's subset of the same seed
+        train = Dataset.from_dict({"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]})
+        loss = losses.MultipleNegativesRankingLoss(model, scale=a.scale)
+        model.prompts, model.default_prompt_name = {"query": "query: ", "passage": "passage: "}, None
     else:
         rows = read_sts(resolve_path(flags.sts_file, a.data_dir))
         train = Dataset.from_dict({"sentence1": [r[0] for r in rows], "sentence2": [r[1] for r in rows],
@@ -83,7 +98,8 @@ def main(argv=None):
         eval_strategy="steps", eval_steps=a.eval_steps, save_strategy="steps", save_steps=a.eval_steps,
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_dev_spearman_cosine",
         greater_is_better=True, logging_steps=a.eval_steps, report_to="none", max_steps=a.max_steps,
-        dataloader_drop_last=a.recipe == "sup", use_cpu=not torch.cuda.is_available())
+        dataloader_drop_last=a.recipe != "sts", use_cpu=not torch.cuda.is_available(),
+        prompts={"anchor": "query: ", "positive": "passage: "} if a.recipe == "pairs" else None)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator)
     start = time.time()
     trainer.train()
