@@ -66,11 +66,12 @@ def training_step(model, source, batch, args, world):
 # Copied from KoSimCSE/train.py:stages
 def stages(args):
     """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet and KorSTS pair batches,
-    interleaved by --multitask_schedule (run_utils.interleave). sup_sts: supervised SimCSE, then STS regression
+    interleaved by --multitask_schedule (run_utils.interleave); pairs_sts: the same with (query, passage) pair
+    batches in place of the triplets. sup_sts: supervised SimCSE, then STS regression
     from its best checkpoint."""
-    if args.mode == "multitask":
-        return [Stage(name="multitask", sources=("sup", "sts"), epochs=args.epochs,
-                      schedule=args.multitask_schedule)]
+    if args.mode in ("multitask", "pairs_sts"):  # pairs_sts: (query, passage) pairs instead of NLI triplets
+        return [Stage(name=args.mode, sources=("sup" if args.mode == "multitask" else "pairs", "sts"),
+                      epochs=args.epochs, schedule=args.multitask_schedule)]
     if args.mode == "sup_sts":
         return [Stage(name="sup", sources=("sup",), epochs=args.epochs, best_dir="sup_model"),
                 Stage(name="sts", sources=("sts",), epochs=args.sts_epochs, start_from="sup_model", lr=args.sts_lr)]

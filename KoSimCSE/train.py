@@ -45,7 +45,7 @@ from model import (BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, POOLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args",
-                "pairs": "pairs.args"}
+                "pairs": "pairs.args", "pairs_sts": "pairs_sts.args"}
 # sentences per example: (anchor, positive, hard negative) / (s, s) / (query, passage[, negative passage])
 COLUMNS = {"sup": 3, "unsup": 2, "pairs": 2, "pairs+negative": 3}
 
@@ -76,11 +76,12 @@ def training_step(model, source, batch, args, world):
 
 def stages(args):
     """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet and KorSTS pair batches,
-    interleaved by --multitask_schedule (run_utils.interleave). sup_sts: supervised SimCSE, then STS regression
+    interleaved by --multitask_schedule (run_utils.interleave); pairs_sts: the same with (query, passage) pair
+    batches in place of the triplets. sup_sts: supervised SimCSE, then STS regression
     from its best checkpoint."""
-    if args.mode == "multitask":
-        return [Stage(name="multitask", sources=("sup", "sts"), epochs=args.epochs,
-                      schedule=args.multitask_schedule)]
+    if args.mode in ("multitask", "pairs_sts"):  # pairs_sts: (query, passage) pairs instead of NLI triplets
+        return [Stage(name=args.mode, sources=("sup" if args.mode == "multitask" else "pairs", "sts"),
+                      epochs=args.epochs, schedule=args.multitask_schedule)]
     if args.mode == "sup_sts":
         return [Stage(name="sup", sources=("sup",), epochs=args.epochs, best_dir="sup_model"),
                 Stage(name="sts", sources=("sts",), epochs=args.sts_epochs, start_from="sup_model", lr=args.sts_lr)]
@@ -197,8 +198,9 @@ def parse_args(argv=None):
     p = PresetParser(description=__doc__)
     p.add_argument("--model", default="klue/bert-base", help="Hugging Face model id or local folder")
     p.add_argument("--mode", choices=tuple(MODE_PRESETS), default="sup",
-                   help="sup / unsup SimCSE, multitask (sup + STS regression, joint) or sup_sts (sup, then STS "
-                        "regression); the run starts from the flags of presets/<mode>.args")
+                   help="sup / unsup SimCSE, multitask (sup + STS regression, joint), sup_sts (sup, then STS "
+                        "regression), pairs ((query, passage) rows) or pairs_sts (pairs + STS, joint); the run starts "
+                        "from the flags of presets/<mode>.args")
     p.add_argument("--train_file", nargs="+", default=None,
                    help="sup: NLI files (KorNLI TSV or KLUE-NLI JSON); unsup: sentence-per-line files; pairs: "
                         "anchor/positive[/negative] TSVs or BEIR folders. Relative paths are tried as given, then "

@@ -159,6 +159,19 @@ def test_pairs_training_runs_from_tsv_and_beir(which, kosimcse, tiny_bert, synth
     assert training["mode"] == "pairs"
 
 
+def test_pairs_and_sts_train_together(kosimcse, tiny_bert, synthetic_data, tmp_path):
+    """--mode pairs_sts: pair batches and KorSTS batches interleaved in one stage, both losses logged."""
+    tsv, _ = write_pairs_inputs(str(tmp_path))
+    out = str(tmp_path / "run")
+    kosimcse.train.main(["--mode", "pairs_sts", "--model", tiny_bert, "--data_dir", synthetic_data, "--train_file",
+                         tsv, "--sts_file", "KorSTS/sts-train.tsv", "--output_dir", out, "--batch_size", "8",
+                         "--sts_batch_size", "8", "--max_len", "16", "--passage_max_len", "32", "--max_steps", "4",
+                         "--eval_steps", "4", "--logging_steps", "4", "--decontaminate", "warn"])
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    record = next(e for e in log if "loss" in e)
+    assert record["stage"] == "pairs_sts" and {"loss_pairs+negative", "loss_sts"} <= record.keys()
+
+
 def test_pairs_batch_carries_both_prefixes_and_lengths(kosimcse, tiny_bert, tmp_path):
     """Queries get the query prefix and --max_len, passages the passage prefix and --passage_max_len."""
     from transformers import AutoTokenizer
