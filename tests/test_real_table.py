@@ -121,9 +121,9 @@ def test_choose_alpha_keeps_retrieval_then_takes_the_best_sts():
     assert rt.choose_alpha(dev, {"korsts-dev": 80.0, "ict-dev": 60.0}) == 0.3  # none keeps it: the best retrieval
 
 
-def test_merged_row_chooses_alpha_on_dev_and_scores_every_seed(tiny_bert, tmp_path, monkeypatch):
-    """The prompts row trains 2 steps for seeds 1-2, the merged row merges each seed at every grid alpha, scores
-    them on KorSTS dev and the ICT dev split built from the wiki, keeps the chosen one, and the table shows it."""
+def test_merged_row_chooses_alpha_on_dev(tiny_bert, tmp_path, monkeypatch):
+    """The prompts row trains 2 steps, the merged row merges it at every grid alpha, scores them on KorSTS dev and
+    the ICT dev split built from the wiki, keeps the chosen one, and the table shows it."""
     monkeypatch.chdir(ROOT)
     data = write_synthetic_data(str(tmp_path / "data"), n_nli=60, n_sts=60, n_wiki=400)  # with wiki/wiki_corpus.txt
     monkeypatch.setattr(rt, "MERGE_GRID", (0.5, 1.0))
@@ -131,12 +131,12 @@ def test_merged_row_chooses_alpha_on_dev_and_scores_every_seed(tiny_bert, tmp_pa
                                           "0.3", "--min_cohesion", "0", "--window", "3"])
     out = str(tmp_path / "table")
     argv = ["--model", tiny_bert, "--data_dir", data, "--out", out, "--rows", "kosbert-sts-cosent-prompts",
-            "kosbert-sts-cosent-prompts-merged", "--seeds", "1", "2", "--max_steps", "2", "--no_retrieval", "--no-bf16"]
+            "kosbert-sts-cosent-prompts-merged", "--seeds", "1", "--max_steps", "2", "--no_retrieval", "--no-bf16"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rt.main(argv)
     assert "failed" not in printed.getvalue() and "error" not in printed.getvalue(), printed.getvalue()
-    for seed in (1, 2):
+    for seed in (1,):
         run = os.path.join(out, "kosbert-sts-cosent-prompts-merged", f"seed-{seed}")
         selection = json.load(open(os.path.join(run, "selection.json")))
         assert selection["alpha"] in (0.5, 1.0) and set(selection["dev"]) == {"0.5", "1"}
@@ -146,9 +146,8 @@ def test_merged_row_chooses_alpha_on_dev_and_scores_every_seed(tiny_bert, tmp_pa
         assert info["merge"]["alpha"] == selection["alpha"]
         assert json.load(open(os.path.join(run, "sts.json")))[0]["prefix"] == "query: "  # the folder's prompt
         assert not os.path.exists(os.path.join(run, "merges"))
-    assert not os.path.exists(os.path.join(out, "kosbert-sts-cosent-prompts", "seed-2", "best_model"))  # merged: removed
     rows = json.load(open(os.path.join(out, "real_table.json")))["rows"]
-    assert rows["kosbert-sts-cosent-prompts-merged"]["seeds"] == [1, 2]
+    assert rows["kosbert-sts-cosent-prompts-merged"]["seeds"] == [1]
     assert rows["kosbert-sts-cosent-prompts"]["sts_prefix"] == "query: "
     assert "(alpha " in open(os.path.join(out, "real_table.md")).read()
 

@@ -282,13 +282,13 @@ class Table:
                     raise SystemExit(f"error: utils/merge.py failed (exit {code}); see {out}/merge.log")
                 print(f"{where}: alpha {alpha:g} on dev", flush=True)
             dev[alpha] = self.dev_scores(os.path.join(merges, f"alpha-{alpha:g}"), scores)
-            shutil.rmtree(os.path.join(merges, f"alpha-{alpha:g}"), ignore_errors=True)  # remade for the chosen one
         alpha = choose_alpha(dev, base)
-        command = [sys.executable, os.path.join(ROOT, "utils", "merge.py"), source, self.a.model, "--alpha",
-                   f"{alpha:g}", "--output_dir", merges]
-        code, _, _ = run_logged(command, os.path.join(out, "merge.log"))
-        if code:
-            raise SystemExit(f"error: utils/merge.py failed (exit {code}); see {out}/merge.log")
+        if not os.path.isdir(os.path.join(merges, f"alpha-{alpha:g}")):  # scored by an earlier, killed run
+            command = [sys.executable, os.path.join(ROOT, "utils", "merge.py"), source, self.a.model, "--alpha",
+                       f"{alpha:g}", "--output_dir", merges]
+            code, _, _ = run_logged(command, os.path.join(out, "merge.log"))
+            if code:
+                raise SystemExit(f"error: utils/merge.py failed (exit {code}); see {out}/merge.log")
         shutil.rmtree(os.path.join(out, "best_model"), ignore_errors=True)
         os.replace(os.path.join(merges, f"alpha-{alpha:g}"), os.path.join(out, "best_model"))
         shutil.rmtree(merges, ignore_errors=True)
