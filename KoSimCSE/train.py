@@ -15,8 +15,8 @@ published setting each: see presets/.
 pairs: --train_file holds anchor<TAB>positive[<TAB>negative] TSVs (data/make_ict.py writes one; evaluation.py
 --task mine adds mined negatives) or BEIR folders (queries.jsonl, corpus.jsonl, qrels/train.tsv). Queries take
 --query_prefix and --max_len, passages (positives and negatives) --passage_prefix and --passage_max_len. The loss
-is sup's InfoNCE (every other passage of the global batch is a negative; --infonce_directions both makes it
-symmetric); --mini_batch_size and torchrun work as in sup.
+is sup's InfoNCE (every other passage of the global batch is a negative; --infonce_directions query_to_doc
+doc_to_query makes it symmetric); --mini_batch_size and torchrun work as in sup.
 
 Where things are: the step is ``training_step`` below; the loss ``contrastive_loss`` and the poolers
 (``SentenceEncoder.embed``) are in model.py; the data is read in dataloader.py; ``fit`` (the loop) and
