@@ -65,7 +65,7 @@ NEW_FLAGS = ("--sts_file", "--sts_batch_size", "--sts_epochs", "--sts_lr", "--de
 NEW_MODES = ("multitask", "sup_sts")
 # Not rows: the --mode default presets (presets/<mode>.args, named after a mode of some folder) and the
 # quick-* smoke presets.
-NON_ROWS = ("sup", "unsup", "multitask", "sup_sts", "nli", "sts", "nli_sts")
+NON_ROWS = ("sup", "unsup", "multitask", "sup_sts", "pairs", "pairs_sts", "nli", "sts", "nli_sts")
 NOT_REPRODUCIBLE = "not reproducible"  # how the note of a published row with no recipe (and no preset) starts
 PROXY_BATCH, PROXY_SAMPLES = 16, 2000
 PROXY_DEV, PROXY_DATASETS = "klue-sts-dev", ("korsts-test",)  # --proxy: a small dev set, test on KorSTS only

@@ -158,13 +158,13 @@ class Table:
         out, a = self.run_dir(row, seed), self.a
         steps = ["--max_steps", str(a.max_steps)] if a.max_steps else []
         if kind == "st":  # the same batch, lr, epochs, max_len and dev schedule as our preset of that recipe
-            recipe = {"sup": ["--batch_size", "64", "--lr", "3e-5", "--epochs", "1", "--eval_steps", "25",
-                              "--max_len", "64"],
-                      "sts": ["--batch_size", "32", "--lr", "2e-5", "--epochs", "1", "--eval_steps", "45",
-                              "--max_len", "64"],
-                      "pairs": ["--batch_size", "32", "--lr", "1e-5", "--epochs", "1", "--eval_steps", "150",
-                                "--max_len", "192", "--train_file", self.ict_train(), "--max_train_samples", "4800",
-                                "--scale", "50"]}[what]
+            recipe = {"sup": lambda: ["--batch_size", "64", "--lr", "3e-5", "--epochs", "1", "--eval_steps", "25",
+                                      "--max_len", "64"],
+                      "sts": lambda: ["--batch_size", "32", "--lr", "2e-5", "--epochs", "1", "--eval_steps", "45",
+                                      "--max_len", "64"],
+                      "pairs": lambda: ["--batch_size", "32", "--lr", "1e-5", "--epochs", "1", "--eval_steps", "150",
+                                        "--max_len", "192", "--train_file", self.ict_train(), "--max_train_samples",
+                                        "4800", "--scale", "50"]}[what]()  # only the pairs recipe builds the ICT set
             return [sys.executable, "bench/st_recipes.py", "--recipe", what, "--model", a.model, "--data_dir",
                     a.data_dir, "--seed", str(seed), "--output_dir", out, *recipe,
                     *(["--bf16"] if a.bf16 else []), *steps]
