@@ -87,8 +87,8 @@ def check_same_architecture(tuned_state, base_state, finetuned, base):
 
 
 def interpolate(tuned_state, base_state, alpha):
-    """{name: (1 - alpha) * base + alpha * tuned} in float32, cast back to the fine-tuned dtype; integer buffers
-    (position ids) must be equal and are kept."""
+    """{name: (1 - alpha) * base + alpha * tuned}, computed in float32 (both models are loaded in float32, so the
+    merged folder holds float32 weights); integer buffers (position ids) must be equal and are kept."""
     import torch
     merged = {}
     for name, tuned in tuned_state.items():
