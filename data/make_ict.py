@@ -243,6 +243,8 @@ def main(argv=None):
         build(a)
     except DataError as e:
         sys.exit(f"error: {' '.join(str(e).split())}")
+    except OSError as e:  # a full disk or a read-only --out: the files written before are whole (atomic writes)
+        sys.exit(f"error: cannot write {e.filename or a.out}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

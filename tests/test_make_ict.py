@@ -87,3 +87,16 @@ def test_bad_corpus_and_flags_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == f"error: {bad}:2: NUL byte in the text (a binary or corrupted file)"
     r = subprocess.run([sys.executable, SCRIPT, "--corpus", str(bad), "--window", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "--window 1" in r.stderr
+
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    """--out under a file (what a full disk or a read-only folder also give: an OSError): one line, no traceback."""
+    corpus(tmp_path / "c.txt")
+    data_dir(str(tmp_path / "d"))
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run([sys.executable, SCRIPT, "--corpus", str(tmp_path / "c.txt"), "--data_dir", str(tmp_path / "d"),
+                        "--out", str(tmp_path / "file" / "ict"), "--window", "3", "--block", "10", "--dev_share",
+                        "0.25", "--dev_queries", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cannot write"), r.stderr

@@ -227,6 +227,8 @@ def main(argv=None):
         merge(args.finetuned, args.base, args.alpha, args.output_dir, args.overwrite)
     except MergeError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a read-only OUT: finished alpha folders are whole (renamed into place)
+        sys.exit(f"error: cannot write {e.filename or args.output_dir}: {e.strerror or e}")
 
 
 if __name__ == "__main__":
