@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig
 
 from common.data import TokenizedTexts, read_sentences
-from common.run_utils import load_or_exit
+from common.run import load_or_exit
 from common.tokenizer import load_tokenizer
 
 

@@ -11,7 +11,7 @@ Modes:
   sts        MSE(cos(u, v), score / 5) on KorSTS train (or --sts_file); --sts_loss cosent / angle rank instead.
   nli_sts    BM-K's KoSBERT: the nli stage, then the sts stage from the best NLI model (<output_dir>/nli_model),
              with a fresh optimizer and warmup (his training_nli.py + con_training_sts.py).
-  multitask  NLI and STS batches interleaved under one optimizer (common/run_utils.py:interleave); --epochs.
+  multitask  NLI and STS batches interleaved under one optimizer (common/stages.py:interleave); --epochs.
 Defaults: BM-K's / sentence-transformers' fit(): batch 32, lr 2e-5, decay 0.01, 10% warmup, clipping 1.0, mean
 pooling, evaluation every 1000 steps and at each epoch end.
 
@@ -25,12 +25,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoint import save_checkpoint
 from common.data import BatchPlan, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.dev import best_score_text, BestModel, METHOD
+from common.flags import add_run_args, finish_args, PresetParser
 from common.objectives import add_objective_args, check_objective_args, objective_option
-from common.run_utils import (add_run_args, autocast_dtype, barrier, best_score_text, BestModel, describe_stage,
-                              exit_on_data_error, finish_args, interleave, load_or_exit, LossWindow, METHOD,
-                              nonfinite_loss_exit, PresetParser, run_stages, save_checkpoint, Source, Stage,
-                              stage_batches, start_stage, wrap_ddp)
+from common.run import exit_on_data_error, load_or_exit, LossWindow, nonfinite_loss_exit, run_stages
+from common.stages import (autocast_dtype, barrier, describe_stage, interleave, Source, Stage, stage_batches,
+                           start_stage, wrap_ddp)
 from dataloader import load_nli_pairs
 from model import BATCH_STS_LOSSES, POOLERS, PairObjective, STS_LOSSES, SentenceEncoder, SoftmaxClassifier
 
@@ -54,7 +56,7 @@ def training_step(model, source, batch, args, world):
 
 
 def stages(args):
-    """The stages of a run (see run_utils.Stage); nli_sts has two, the second starting from nli_model."""
+    """The stages of a run (see stages.Stage); nli_sts has two, the second starting from nli_model."""
     if args.mode == "nli_sts":
         return [Stage(name="nli", sources=("nli",), epochs=args.nli_epochs, best_dir="nli_model"),
                 Stage(name="sts", sources=("sts",), epochs=args.sts_epochs, start_from="nli_model")]
@@ -103,7 +105,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
     the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
     output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's end. ``run``: the
-    run_utils.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
+    run.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
     takes its slice of each global batch; rank 0 evaluates and saves."""
     log, rank, world = run.log, run.rank, run.world
     schedule = interleave([len(s.plan) for s in sources], stage.schedule)
@@ -166,7 +168,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
 # Copied from KoSimCSE/train.py:train
 def train(args):
-    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run_utils.run_stages: a
+    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run.run_stages: a
     resumed run restarts in the stage and at the step of its checkpoint; the output folder is touched only
     once the model, tokenizer and data have loaded)."""
     return run_stages(args, stages(args), load_model, build_source, fit)

@@ -32,13 +32,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoint import save_checkpoint
 from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.dev import best_score_text, BestModel, METHOD
 from common.encoding import gather_columns
+from common.flags import add_run_args, finish_args, parse_with_mode_preset, PresetParser
 from common.objectives import add_objective_args, check_objective_args, infonce_options, objective_option
-from common.run_utils import (add_run_args, autocast_dtype, barrier, best_score_text, BestModel, describe_stage,
-                              exit_on_data_error, finish_args, interleave, load_or_exit, LossWindow, METHOD,
-                              nonfinite_loss_exit, parse_with_mode_preset, PresetParser, run_stages, save_checkpoint,
-                              Source, Stage, stage_batches, start_stage, wrap_ddp)
+from common.run import exit_on_data_error, load_or_exit, LossWindow, nonfinite_loss_exit, run_stages
+from common.stages import (autocast_dtype, barrier, describe_stage, interleave, Source, Stage, stage_batches,
+                           start_stage, wrap_ddp)
 from dataloader import build_contrastive_dataset
 from model import (BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, POOLERS, STS_LOSSES, SentenceEncoder,
                    contrastive_loss, matryoshka_loss, sts_objective)
@@ -75,8 +77,8 @@ def training_step(model, source, batch, args, world):
 
 
 def stages(args):
-    """The stages of a run (see run_utils.Stage). multitask: one stage of NLI triplet and KorSTS pair batches,
-    interleaved by --multitask_schedule (run_utils.interleave); pairs_sts: the same with (query, passage) pair
+    """The stages of a run (see stages.Stage). multitask: one stage of NLI triplet and KorSTS pair batches,
+    interleaved by --multitask_schedule (stages.interleave); pairs_sts: the same with (query, passage) pair
     batches in place of the triplets. sup_sts: supervised SimCSE, then STS regression
     from its best checkpoint."""
     if args.mode in ("multitask", "pairs_sts"):  # pairs_sts: (query, passage) pairs instead of NLI triplets
@@ -123,7 +125,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
     Evaluate ``encoder`` every --eval_steps and at the end (and each epoch with --eval_each_epoch), keeping
     the best dev model (max of the 4 Spearman values) in output_dir/<stage.best_dir>; write
     output_dir/checkpoint every --save_steps and whenever it evaluates, but not at the run's end. ``run``: the
-    run_utils.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
+    run.Run; ``state``: a checkpoint of this stage to resume from. Under torch.distributed every process
     takes its slice of each global batch; rank 0 evaluates and saves."""
     log, rank, world = run.log, run.rank, run.world
     schedule = interleave([len(s.plan) for s in sources], stage.schedule)
@@ -185,7 +187,7 @@ def fit(args, stage, encoder, trainable, tokenizer, sources, evaluate, run, stat
 
 
 def train(args):
-    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run_utils.run_stages: a
+    """Load everything, then train stage after stage (``stages(args)``) with ``fit`` (run.run_stages: a
     resumed run restarts in the stage and at the step of its checkpoint; the output folder is touched only
     once the model, tokenizer and data have loaded)."""
     return run_stages(args, stages(args), load_model, build_source, fit)

@@ -26,7 +26,7 @@ def worker(a):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
     from model import SentenceEncoder
-    from common.run_utils import build_optimizer
+    from common.stages import build_optimizer
     import train
 
     torch.manual_seed(0)

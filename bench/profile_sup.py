@@ -115,7 +115,7 @@ def main():
             return
     from common.data import BatchPlan, ColumnCollator, resolve_path
     from common.encoding import length_buckets
-    from common.run_utils import build_optimizer
+    from common.stages import build_optimizer
     from common.tokenizer import load_tokenizer
     from dataloader import build_contrastive_dataset, load_triplets
     from model import SentenceEncoder, contrastive_loss

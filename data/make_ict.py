@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
+from common.checkpoint import file_fingerprint  # noqa: E402
 from common.data import DataError, iter_lines  # noqa: E402
 from common.decontaminate import (EVALUATION_SETS, MIN_CHARS, NGRAM, NgramIndex, evaluation_index, normalize,  # noqa: E402
                                   read_evaluation_sets)
 from common.files import save_atomic, save_json_atomic  # noqa: E402
-from common.run_utils import file_fingerprint  # noqa: E402
 
 
 def read_corpus(path):

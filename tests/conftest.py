@@ -34,7 +34,7 @@ FILLERS = ["그리고", "오늘", "정말", "아주", "다시", "함께"]
 def load_method(folder):
     """Import <folder>/{dataloader,model,evaluation,train}.py and its common/ package as a namespace,
     isolated from other folders: ``ns.train``, ``ns.model``, ..., and each common module by its name
-    (``ns.run_utils``, ``ns.data``, ``ns.sts``, ``ns.index``, ...)."""
+    (``ns.flags``, ``ns.data``, ``ns.sts``, ``ns.index``, ...)."""
     path = os.path.join(ROOT, folder)
     ours = lambda name: name in METHOD_MODULES or name == "common" or name.startswith("common.")
     saved = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}

@@ -66,21 +66,21 @@ def test_checker_guards_the_constants_a_copied_function_reads(tmp_path):
 
 
 def test_checker_whole_file_copies_and_unresolvable_markers(tmp_path):
-    marker = "# Copied from KoSimCSE/common/run_utils.py (whole file; delete this line to own it)\n"
-    write(tmp_path / "KoSimCSE" / "common" / "run_utils.py", '"""Doc."""\nX = 1\n')
-    write(tmp_path / "KoOther" / "common" / "run_utils.py", marker + '"""Doc, edited."""\nX = 1\n')
-    write(tmp_path / "KoOther" / "train.py", "# Copied from KoSimCSE/common/run_utils.py:Cls.method\ndef method():\n"
+    marker = "# Copied from KoSimCSE/common/flags.py (whole file; delete this line to own it)\n"
+    write(tmp_path / "KoSimCSE" / "common" / "flags.py", '"""Doc."""\nX = 1\n')
+    write(tmp_path / "KoOther" / "common" / "flags.py", marker + '"""Doc, edited."""\nX = 1\n')
+    write(tmp_path / "KoOther" / "train.py", "# Copied from KoSimCSE/common/flags.py:Cls.method\ndef method():\n"
                                              "    pass\n\n\n# Copied from KoSimCSE/missing.py:f\ndef f():\n    pass\n\n\n"
-                                             "# Copied from KoSimCSE/common/run_utils.py:X\n\nX = 1\n")
+                                             "# Copied from KoSimCSE/common/flags.py:X\n\nX = 1\n")
     problems = check_copies.check(str(tmp_path))
-    assert problems[0].startswith("KoOther/common/run_utils.py: differs from KoSimCSE/common/run_utils.py "
+    assert problems[0].startswith("KoOther/common/flags.py: differs from KoSimCSE/common/flags.py "
                                   "(a whole-file copy): if you edited the origin, run `python utils/check_copies.py "
                                   "--fix`; if you edited the copy, delete its marker line to own it")
     assert "`Cls.method` is a nested name" in problems[1]
     assert "origin file KoSimCSE/missing.py does not exist" in problems[2]
     assert "the marker must sit right above the definition of X" in problems[3]
     check_copies.check(str(tmp_path), fix=True)
-    assert (tmp_path / "KoOther" / "common" / "run_utils.py").read_text() == marker + '"""Doc."""\nX = 1\n'
+    assert (tmp_path / "KoOther" / "common" / "flags.py").read_text() == marker + '"""Doc."""\nX = 1\n'
 
 
 def test_a_copied_call_without_its_import_fails(tmp_path):

@@ -1,6 +1,6 @@
 """Faults beyond a clean kill: a full disk during a save, a truncated checkpoint, two runs on one output
 folder, and a kill at any point of a save. One test per fault, all through KoSimCSE's train.py (the
-plumbing is run_utils.py, a checked whole-file copy in every method folder)."""
+plumbing is common/{flags,checkpoint,stages,dev,run}.py, checked whole-file copies in every method folder)."""
 import errno
 import io
 import json
@@ -55,16 +55,16 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
                 self.written += len(data)
                 return len(data)
 
-        def full_disk_open(path, mode="r", *a, **k):  # run_utils' own open: the second state.pt finds the disk full
+        def full_disk_open(path, mode="r", *a, **k):  # checkpoint.py's own open: the second state.pt finds the disk full
             if str(path).endswith("state.pt"):
                 calls.append(path)
                 if len(calls) == 2:
                     open(path, mode).close()  # the file exists, empty, as on a full disk
                     return FullDisk()
             return open(path, mode, *a, **k)
-        monkeypatch.setattr(kosimcse.run_utils, "open", full_disk_open, raising=False)
+        monkeypatch.setattr(kosimcse.checkpoint, "open", full_disk_open, raising=False)
     elif what == "best_model":
-        real = kosimcse.run_utils.save_model
+        real = kosimcse.dev.save_model
 
         def save(encoder, folder, *a):  # writes half the folder, then the disk is full
             calls.append(folder)
@@ -73,7 +73,7 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
                 open(os.path.join(folder, "model.safetensors"), "wb").write(b"\0" * 100)
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(encoder, folder, *a)
-        monkeypatch.setattr(kosimcse.run_utils, "save_model", save)
+        monkeypatch.setattr(kosimcse.dev, "save_model", save)
     else:
         import transformers.modeling_utils
         from safetensors import SafetensorError
@@ -86,11 +86,11 @@ def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, syn
             return real(tensors, filename, *a, **k)
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
         what = "best_model"
-    real_dev, scores = kosimcse.run_utils.DevEvaluator.__call__, iter(range(100))
+    real_dev, scores = kosimcse.dev.DevEvaluator.__call__, iter(range(100))
 
     def improving(self, model):  # every evaluation a new best, so that best_model is saved each time
         return {**real_dev(self, model), "max_spearman": 10.0 + next(scores)}
-    monkeypatch.setattr(kosimcse.run_utils.DevEvaluator, "__call__", improving)
+    monkeypatch.setattr(kosimcse.dev.DevEvaluator, "__call__", improving)
     with pytest.raises(SystemExit) as e:
         kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--temperature", "0.05"))
     message = str(e.value)
@@ -212,7 +212,7 @@ def test_a_write_error_is_found_behind_torchs_runtime_error_and_nothing_else_is_
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     with pytest.raises(SystemExit) as e:
-        kosimcse.run_utils.save_atomically(full_disk, final)
+        kosimcse.checkpoint.save_atomically(full_disk, final)
     assert str(e.value) == (f"error: could not write {final}: No space left on device; nothing was lost. Free some "
                             f"space, then run it again")
     assert os.listdir(tmp_path / "run") == []  # the half-written .tmp is gone
@@ -220,4 +220,4 @@ def test_a_write_error_is_found_behind_torchs_runtime_error_and_nothing_else_is_
     def bug(folder):
         raise RuntimeError("shared tensors")
     with pytest.raises(RuntimeError, match="^shared tensors$"):
-        kosimcse.run_utils.save_atomically(bug, final)
+        kosimcse.checkpoint.save_atomically(bug, final)

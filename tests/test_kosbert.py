@@ -93,10 +93,10 @@ def test_sts_targets_are_score_over_five(kosbert, synthetic_data):
 
 
 def test_interleave_is_proportional_round_robin(kosbert):
-    order = kosbert.run_utils.interleave([6, 2])
+    order = kosbert.stages.interleave([6, 2])
     assert order == [0, 0, 0, 1, 0, 0, 0, 1]  # STS batches spread evenly through the NLI ones
-    assert kosbert.run_utils.interleave([3]) == [0, 0, 0]
-    order = kosbert.run_utils.interleave([100, 7])
+    assert kosbert.stages.interleave([3]) == [0, 0, 0]
+    order = kosbert.stages.interleave([100, 7])
     assert order.count(1) == 7 and max(np.diff([i for i, s in enumerate(order) if s == 1])) <= 16
 
 
@@ -185,7 +185,7 @@ def test_multitask_alternates_both_sources(kosbert, tiny_bert, synthetic_data, t
     log = [e for e in read_log(out) if "loss" in e]
     kinds = [("nli" if "loss_nli" in e else "sts") for e in log]
     assert len(kinds) == 27 and kinds.count("sts") == 8
-    assert kinds == ["nli" if i == 0 else "sts" for i in kosbert.run_utils.interleave([19, 8])]
+    assert kinds == ["nli" if i == 0 else "sts" for i in kosbert.stages.interleave([19, 8])]
     nli, sts = [e["loss_nli"] for e in log if "loss_nli" in e], [e["loss_sts"] for e in log if "loss_sts" in e]
     assert len(set(nli)) > 1 and len(set(sts)) > 1  # both losses computed and moving
     assert [e["step"] for e in read_log(out) if "dev" in e] == [27]

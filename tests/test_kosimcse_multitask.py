@@ -25,7 +25,7 @@ def test_multitask_interleaves_contrastive_and_sts_batches(kosimcse, tiny_bert, 
     kosimcse.train.main(common(tiny_bert, synthetic_data, out, "--mode", "multitask"))
     log = [e for e in read_log(out) if "loss" in e]
     kinds = ["sts" if "loss_sts" in e else "sup" for e in log]
-    assert kinds == [["sup", "sts"][i] for i in kosimcse.run_utils.interleave([10, 15])]
+    assert kinds == [["sup", "sts"][i] for i in kosimcse.stages.interleave([10, 15])]
     assert all(e["stage"] == "multitask" for e in log)
     sup, sts = [e["loss_sup"] for e in log if "loss_sup" in e], [e["loss_sts"] for e in log if "loss_sts" in e]
     assert len(sup) == 10 and len(sts) == 15 and len(set(sup)) > 1 and len(set(sts)) > 1
@@ -76,7 +76,7 @@ def test_multitask_resumes_exactly(kosimcse, tiny_bert, synthetic_data, tmp_path
 def test_dev_protocol_bmk_is_bmks_per_batch_score(kosimcse, tiny_bert, synthetic_data):
     tok = kosimcse.tokenizer.load_tokenizer(tiny_bert)
     model = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert, pooler="mean")
-    make = lambda protocol: kosimcse.run_utils.DevEvaluator(  # noqa: E731
+    make = lambda protocol: kosimcse.dev.DevEvaluator(  # noqa: E731
         "korsts-dev", synthetic_data, tok, 64, 32, "cpu", None, protocol, bmk_batch=16, seed=3, log=lambda m: None)
     bmk, standard = make("bmk")(model), make("standard")(model)
     pairs = kosimcse.data.read_sts(os.path.join(synthetic_data, "KorSTS", "sts-dev.tsv"))
@@ -162,7 +162,7 @@ def sentence_transformers_fit_order(sizes, epochs):
 def test_paired_schedule_is_sentence_transformers_fit_order(kosimcse, sizes):
     """--multitask_schedule paired: the batches of 3 epochs (each source's pass and batch) equal
     sentence-transformers' multi-objective fit rule, from the start and from any step (--resume)."""
-    ru = kosimcse.run_utils
+    ru = kosimcse.stages
     sources = [FakeSource(f"s{i}", n) for i, n in enumerate(sizes)]
     schedule = ru.interleave(list(sizes), "paired")
     assert schedule == [0, 1] * min(sizes)

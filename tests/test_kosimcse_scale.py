@@ -81,13 +81,13 @@ def test_save_atomically_never_leaves_a_broken_model(kosimcse, tmp_path):
         raise KeyboardInterrupt  # killed mid-save
 
     with pytest.raises(KeyboardInterrupt):
-        kosimcse.run_utils.save_atomically(crash, final)
+        kosimcse.checkpoint.save_atomically(crash, final)
     assert open(os.path.join(final, "weights")).read() == "good"
 
     def ok(folder):
         os.makedirs(folder)
         open(os.path.join(folder, "weights"), "w").write("new")
-    kosimcse.run_utils.save_atomically(ok, final)
+    kosimcse.checkpoint.save_atomically(ok, final)
     assert open(os.path.join(final, "weights")).read() == "new"
     assert os.listdir(tmp_path) == ["best_model"]  # no .tmp or .old left behind
 

@@ -34,15 +34,15 @@ def test_read_log_drops_only_a_torn_tail(kosimcse, tmp_path):
     path = str(tmp_path / "train_log.jsonl")
     good = '{"stage": "a", "step": 1}\n{"stage": "a", "step": 2}\n'
     open(path, "w").write(good + '{"stage": "a", "st')
-    assert [e["step"] for _, e in kosimcse.run_utils.read_log(path)] == [1, 2]
+    assert [e["step"] for _, e in kosimcse.checkpoint.read_log(path)] == [1, 2]
     open(path, "w").write(good)
-    assert [e["step"] for _, e in kosimcse.run_utils.read_log(path)] == [1, 2]
+    assert [e["step"] for _, e in kosimcse.checkpoint.read_log(path)] == [1, 2]
     open(path, "w").write('{"stage": "a", "step": 1}\nnot json\n{"stage": "a", "step": 2}\n')  # damage inside
     with pytest.raises(SystemExit, match=rf"^error: {path}:2: not a log entry"):
-        kosimcse.run_utils.read_log(path)
-    kosimcse.run_utils.truncate_log(path + ".none", ["a"], "a", 1)  # no log yet: nothing to do
+        kosimcse.checkpoint.read_log(path)
+    kosimcse.checkpoint.truncate_log(path + ".none", ["a"], "a", 1)  # no log yet: nothing to do
     open(path, "w").write(good + "\0\0\0")
-    kosimcse.run_utils.truncate_log(path, ["a"], "a", 5)
+    kosimcse.checkpoint.truncate_log(path, ["a"], "a", 5)
     assert open(path).read() == good
 
 
@@ -86,7 +86,7 @@ def test_a_full_disk_on_a_log_write_is_one_line_and_the_run_resumes(kosimcse, ti
     def log_open(path, mode="r", *a, **k):
         f = real_open(path, mode, *a, **k)
         return FullLog(f) if str(path) == log and "a" in mode else f
-    monkeypatch.setattr(kosimcse.run_utils, "open", log_open, raising=False)
+    monkeypatch.setattr(kosimcse.run, "open", log_open, raising=False)
     with pytest.raises(SystemExit) as e:
         kosimcse.train.main(cli(tiny_bert, synthetic_data, out))
     assert str(e.value) == (f"error: could not write {log}: No space left on device; nothing was lost. Free some "
@@ -481,7 +481,7 @@ def test_the_nan_loss_message_names_only_what_exists(kosimcse, tiny_bert, synthe
     assert re.match(r"error: the loss was not finite \(NaN or inf\) in the steps up to \d+; stopping, nothing was "
                     r"saved before it \(no evaluation or checkpoint yet\)\. Try a lower --lr", message)
     assert os.path.join(out, "best_model") not in message and os.path.join(out, "checkpoint") not in message
-    exit_message = kosimcse.run_utils.nonfinite_loss_exit
+    exit_message = kosimcse.run.nonfinite_loss_exit
     os.makedirs(os.path.join(out, "sup_model"))
     assert "kept in " + os.path.join(out, "sup_model") in str(exit_message(5, out, "sup_model"))
     assert "nothing was saved" in str(exit_message(5, out))  # another stage's best model is not this one's
@@ -494,7 +494,7 @@ def test_the_nan_loss_message_names_only_what_exists(kosimcse, tiny_bert, synthe
 
 @pytest.mark.parametrize("folder", ["KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE"])
 def test_every_train_py_compares_resume_flags(folder, tmp_path, capsys):
-    """The check is in the parser (common/run_utils.finish_args), before anything loads: args.json as a run of
+    """The check is in the parser (common/flags.finish_args), before anything loads: args.json as a run of
     the folder records it, then --resume with the same, a changeable and a changed flag."""
     from conftest import load_method
     train = load_method(folder).train

@@ -2,9 +2,9 @@
 
 Each method folder is standalone, so shared code is copied on purpose, in two ways:
 
-* Whole files, marked by their first line (``KoSBERT/common/run_utils.py``, ``KoSBERT/evaluation.py``, ...)::
+* Whole files, marked by their first line (``KoSBERT/common/flags.py``, ``KoSBERT/evaluation.py``, ...)::
 
-      # Copied from KoSimCSE/common/run_utils.py (whole file; delete this line to own it)
+      # Copied from KoSimCSE/common/flags.py (whole file; delete this line to own it)
 
   The rest of the file must equal its origin byte for byte.
 * Single definitions, marked by a comment on the line right above a top-level ``def``/``class`` or a

@@ -76,7 +76,7 @@ PROXY_NLI = ("KLUE-NLI/klue_nli_train.tsv",)  # a training split: the XNLI and K
 # --- rows ------------------------------------------------------------------------------------------
 
 def preset_tokens(path):
-    """The flags of a preset file, read as run_utils.PresetParser reads them (# starts a comment)."""
+    """The flags of a preset file, read as flags.PresetParser reads them (# starts a comment)."""
     with open(path, encoding="utf-8") as f:
         return [tok for line in f for tok in line.split("#", 1)[0].split()]
 
