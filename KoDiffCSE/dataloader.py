@@ -1,11 +1,7 @@
-"""Readers, the tokenised training set and the masking of KoDiffCSE.
-
-Files (see data/README.md): wiki sentences, one per line, to train on; KorSTS TSVs (no quoting: many fields
-start with a raw ``"``) and KLUE-STS (dev JSON or CSV export) for the dev and test scores. Every reader stops
-on a malformed row with a ``DataError`` naming the file, the line and the problem; nothing is dropped or
-altered silently. The masking that feeds the generator comes in the two forms of the originals: DiffCSE's
-dynamic BERT masking (``mask_tokens``, per batch) and BM-K's static [SEP] masking (``static_sep_masks``).
-"""
+"""The training set of KoDiffCSE (wiki sentences, one per line; common/data.py reads them, stopping on a bad
+line with its file and number) and the masking that feeds the generator, in the originals' two forms:
+DiffCSE's dynamic BERT masking (``mask_tokens``, per batch) and BM-K's static [SEP] masking
+(``static_sep_masks``)."""
 from typing import NamedTuple
 
 import numpy as np
@@ -38,7 +34,7 @@ def mask_tokens(input_ids, attention_mask, vocabulary, ratio, generator=None):
     chosen with probability ``ratio``; a chosen token becomes [MASK] 80% of the time, a random token of
     ``range(vocabulary.size)`` 10%, and stays as it is 10%. Draws from ``generator`` (default: the global
     RNG, which --resume restores). Returns (masked ids, chosen positions); training uses the masked ids,
-    the chosen positions are there for the test of the 80/10/10 split (tests/test_kodiffcse.py)."""
+    the chosen positions are for the test of the 80/10/10 split."""
     candidates = attention_mask.bool() & ~special_token_mask(input_ids, vocabulary)
 
     def draw(p):
@@ -81,8 +77,8 @@ def static_sep_masks(tokenized, sep_id, ratio, seed, special_ids=None):
 
 
 class DiffCSEDataset(torch.utils.data.Dataset):
-    """Items: (ids, ids) -- the sentence twice, dropout makes the two views -- or, with static masks,
-    (ids, ids, masked view 1, masked view 2)."""
+    """Items: (ids, ids), the sentence twice (dropout makes the two views); with static masks, (ids, ids,
+    masked view 1, masked view 2)."""
 
     def __init__(self, tokenized, static_masks=None):
         self.tokenized, self.static_masks = tokenized, static_masks

@@ -100,14 +100,10 @@ def replaced_token_loss(logits, replaced, attention_mask, average="tokens"):
       diffcse  DiffCSE (diffcse/models.py): one mean over all N x L positions of the batch as it is padded
                (to its longest sentence), padding included and labelled original.
 
-    Inputs (N rows of L tokens; N = 2B, both views of every sentence, view 1 of every sentence first):
-      logits          (N, L, 2) float, differentiable: the scores of "original" (class 0) and "replaced"
-                      (class 1) for every token (``DiffCSEOutput.rtd_logits``).
-      replaced        (N, L) bool, the labels: the generator changed the token (``DiffCSEOutput.replaced``).
-      attention_mask  (N, L), 1 on real tokens, 0 on padding.
-    Returns a float32 scalar. Under torch.distributed it is each process's mean over its own rows, so
-    DDP's averaging of the gradients is right as it is: no scaling by the world size (unlike
-    ``contrastive_loss``)."""
+    Inputs, N = 2B rows (view 1 of every sentence, then view 2) of L tokens: ``logits`` (N, L, 2), the scores
+    of original (0) / replaced (1); ``replaced`` (N, L) bool, the labels; ``attention_mask`` (N, L).
+    Returns a float32 scalar: under torch.distributed each process's mean over its own rows, which DDP's
+    gradient averaging needs as it is (no world-size scaling, unlike ``contrastive_loss``)."""
     real = attention_mask.bool()
     labels = (replaced & real).long()  # padding is "original" where it counts
     if average == "tokens":
@@ -129,19 +125,11 @@ def replaced_token_accuracy(logits, replaced, attention_mask):
 
 
 def diffcse_loss(contrastive, rtd, lambda_weight, world_size=1):
-    """DiffCSE's loss, contrastive + lambda_weight * rtd, and the scalar to backpropagate for it.
-
-    Inputs:
-      contrastive  ``contrastive_loss`` over the sentence vectors of both views (2 columns). Under
-                   torch.distributed they are gathered from every process first (``gather_columns``), so
-                   it is the loss of the global batch, differentiable in this process's rows only.
-      rtd          ``replaced_token_loss`` over this process's tokens.
-    Returns (to_backpropagate, loss), both scalars:
-      to_backpropagate = world_size * contrastive + lambda_weight * rtd. DDP averages the gradients of the
-                   processes; each holds the contrastive gradient of its own rows only, so that part is
-                   multiplied by world_size for the average to be the global batch's gradient, while the
-                   per-process RTD means are averaged as they should be.
-      loss         = contrastive + lambda_weight * rtd, the value to log. The same number with one process."""
+    """DiffCSE's loss: (to_backpropagate, loss to log). ``contrastive``: contrastive_loss over the gathered
+    global batch (differentiable in this process's rows only); ``rtd``: replaced_token_loss over this
+    process's tokens. DDP averages gradients, so the contrastive part is scaled by world_size there:
+    to_backpropagate = world_size * contrastive + lambda_weight * rtd; loss = contrastive + lambda_weight * rtd
+    (the same number with one process)."""
     weighted_rtd = lambda_weight * rtd
     return world_size * contrastive + weighted_rtd, contrastive + weighted_rtd
 
@@ -172,8 +160,7 @@ class SentenceEncoder(nn.Module):
 
     def __init__(self, backbone, bucket_tokens=0):
         super().__init__()
-        self.backbone = backbone
-        self.bucket_tokens = bucket_tokens  # > 0: encode in length buckets (encode_in_length_buckets)
+        self.backbone, self.bucket_tokens = backbone, bucket_tokens  # > 0: encode in length buckets
 
     def forward(self, input_ids, attention_mask):
         """(rows, d) raw [CLS] vectors of a right-padded batch (length buckets change nothing but the speed)."""
@@ -198,14 +185,10 @@ class DiffCSEOutput(NamedTuple):
 
 class DiffCSE(nn.Module):
     """Encoder + projection, frozen generator, discriminator + RTD head (see the module docstring).
-
-    encoder, discriminator: two copies of the encoder checkpoint (AutoModel, BERT or RoBERTa family; the
-    discriminator is trained too). generator: a masked LM with the encoder's vocabulary, never trained.
-    vocabulary: what training_step's masking needs of the tokenizer (``dataloader.masking_vocabulary``),
-    kept here so that training_step reaches it through the model (``model.module`` under DDP).
-    generator_eval: run the generator in eval mode; the originals leave it in train mode (dropout on),
-    so its argmax varies from pass to pass. bucket_tokens: see SentenceEncoder / encode_in_length_buckets.
-    """
+    encoder, discriminator: two trained copies of the encoder checkpoint (BERT or RoBERTa family); generator:
+    a masked LM with its vocabulary, never trained; vocabulary: what training_step's masking needs
+    (``dataloader.masking_vocabulary``), reached through the model; generator_eval: the generator in eval
+    mode (the originals leave its dropout on, so its argmax varies from pass to pass)."""
 
     def __init__(self, encoder, discriminator, generator, vocabulary, projection="pooler", generator_eval=False,
                  bucket_tokens=0):
@@ -239,9 +222,8 @@ class DiffCSE(nn.Module):
         return self
 
     def forward(self, input_ids, attention_mask, mlm_input_ids):
-        """One DiffCSE pass. ``input_ids``, ``attention_mask``: (2B, L), both views of B sentences,
-        right-padded, view 1 of every sentence first (as ColumnCollator stacks them); ``mlm_input_ids``:
-        the same rows masked for the generator (dataloader.mask_tokens or static_sep_masks)."""
+        """One DiffCSE pass over (2B, L) right-padded rows, view 1 of every sentence first (ColumnCollator's
+        order); ``mlm_input_ids``: the same rows masked for the generator (dataloader.py)."""
         z = self.projection(self.encoder(input_ids, attention_mask))
         with torch.no_grad():
             generated = self.generator(input_ids=mlm_input_ids, attention_mask=attention_mask).logits.argmax(-1)

@@ -12,8 +12,7 @@ mode) but for four switches that presets/bmk-roberta.args turns on, with their s
 --unk_to_sep, --dev_protocol bmk with --early_stop_evals 30, and fp16 (CUDA only). presets/diffcse-bert.args
 is DiffCSE's recipe. The generator must share the encoder's vocabulary (checked before weights load).
 
-The step is ``training_step`` below (masking -> DiffCSE.forward -> losses); losses, projections, conditioning:
-model.py; masking, data, generator check: dataloader.py; ``fit``, ``train``: as every folder; plumbing: common/.
+The step is ``training_step`` below; the losses and the model are in model.py, masking in dataloader.py.
 Outputs: best_model/ (the encoder alone, raw [CLS]; HF + sentence-transformers), checkpoint/, train_log.jsonl.
 """
 import argparse

@@ -41,16 +41,15 @@ import sys
 
 import torch
 
-from common.data import DEFAULT_DATA_DIR, DataError, iter_lines, read_sts, resolve_path
-from common.encoding import encode
+from common.data import DEFAULT_DATA_DIR, DataError, read_sts, resolve_path
 from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
-from common.index import INDEX_FILES, add_index_args, build_index, check_index_recipe, index_search, load_index
+from common.index import add_index_args, load_index, run_index
 from common.mining import add_mining_args, run_mine
 from common.model_card import write_model_card
-from common.search import EXAMPLE_CORPUS, EXAMPLE_QUERIES, cluster, plot_clusters, print_search_results, semantic_search
 from common.retrieval import (evaluate_retrieval, format_retrieval_table, is_retrieval_dataset, load_retrieval,
                               mteb_result)
+from common.search import run_cluster, run_search
 from common.sts import evaluate_sts, format_table
 
 TASKS = ("sts", "search", "index", "cluster", "retrieval", "mine")
@@ -194,58 +193,6 @@ def run_retrieval(args, encoder, max_len, datasets):
                              mteb_result(task, metrics, info["evaluation_time"], revision))
     print(format_retrieval_table(rows))
     return rows
-
-
-def run_index(args, encoder, max_len):
-    params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search,
-              "nlist": args.nlist, "nprobe": args.nprobe}
-    meta = build_index(encoder, encoder.tokenizer, args.model_dir, args.corpus_file, args.index_dir, args.index_type,
-                       args.index_dtype, args.chunk_size, max_len, args.query_prefix or "", args.passage_prefix or "",
-                       args.batch_size, args.device, params)
-    size = sum(os.path.getsize(os.path.join(args.index_dir, f)) for f in INDEX_FILES.values())
-    print(f"index: {meta['count']:,} sentences x {meta['dim']} ({meta['dtype']}) -> {args.index_dir} "
-          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s); "
-          f"{meta['truncated']:,} distinct sentences cut at --max_len {max_len}")
-
-
-def run_search(args, encoder, max_len, index=None):
-    queries = args.queries or ([l.strip() for _, l in iter_lines(args.queries_file)] if args.queries_file
-                               else EXAMPLE_QUERIES)
-    if not any(q.strip() for q in queries):
-        raise DataError(f"{args.queries_file or '--queries'}: no query to search for (blank lines only)")
-    if index is None and args.corpus_file and next(iter_lines(args.corpus_file), None) is None:
-        raise DataError(f"{args.corpus_file}: no non-blank line to search in")  # as --task index refuses it
-    if index is not None:  # the prefixes the index was built with, unless given
-        query_prefix = index["meta"]["query_prefix"] if args.query_prefix is None else args.query_prefix
-        passage_prefix = index["meta"]["passage_prefix"] if args.passage_prefix is None else args.passage_prefix
-        check_index_recipe(index, args.model_dir, encoder, max_len, query_prefix, passage_prefix)
-        prefixed = [query_prefix + q for q in queries]
-        results = index_search(encoder, encoder.tokenizer, prefixed, index, args.top_k, max_len, args.batch_size,
-                               args.device)
-    else:
-        corpus = args.corpus_file or EXAMPLE_CORPUS
-        stats = {}
-        results = semantic_search(encoder, encoder.tokenizer, [(args.query_prefix or "") + q for q in queries], corpus,
-                                  args.top_k, args.chunk_size, max_len, args.batch_size, args.device,
-                                  args.passage_prefix or "", stats)
-        print(f"search: {stats['truncated']:,} of {stats['sentences']:,} corpus sentences cut at --max_len {max_len}",
-              file=sys.stderr)
-    print_search_results(queries, results)
-
-
-def run_cluster(args, encoder, max_len):
-    sentences = ([l.strip() for _, l in iter_lines(args.sentences_file)] if args.sentences_file
-                 else EXAMPLE_CORPUS + EXAMPLE_QUERIES)
-    emb = encode(encoder, encoder.tokenizer, [(args.query_prefix or "") + s for s in sentences], max_len, args.batch_size,
-                 args.device)
-    labels = cluster(emb, args.num_clusters, args.seed)
-    for c in range(args.num_clusters):
-        print("Cluster ", c + 1)
-        print([s for s, label in zip(sentences, labels) if label == c])
-        print("")
-    plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.output_json or "x")), "clusters.png")
-    plot_clusters(emb, labels, plot)
-    print(f"plot: {plot}")
 
 
 def main(argv=None):

@@ -23,6 +23,18 @@ def test_every_method_folder_has_common_as_whole_file_copies():
         assert whole[f"{folder}/evaluation.py"] == "KoSimCSE/evaluation.py"
 
 
+def test_each_method_reads_in_one_sitting():
+    """A method folder's top level (train, model, dataloader, evaluation) stays at most 900 lines, and no
+    shared run-plumbing file in common/ grows past 350: a reader can name what each file does."""
+    for folder in ("KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE"):
+        lines = sum(len(open(os.path.join(ROOT, folder, f"{name}.py"), encoding="utf-8").read().splitlines())
+                    for name in ("train", "model", "dataloader", "evaluation"))
+        assert lines <= 900, f"{folder}: {lines} lines at the top level"
+    for name in ("flags", "checkpoint", "stages", "dev", "run"):
+        path = os.path.join(ROOT, "KoSimCSE", "common", f"{name}.py")
+        assert len(open(path, encoding="utf-8").read().splitlines()) <= 350, path
+
+
 def test_every_method_folder_shares_the_loop():
     """fit / train / main are checked copies of KoSimCSE's in every other method folder."""
     marked = {(os.path.relpath(path, ROOT), name) for path, _, _, name in check_copies.find_copies(ROOT)}

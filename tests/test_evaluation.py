@@ -123,10 +123,10 @@ def test_encode_runs_each_distinct_sentence_once(kosimcse, tiny_bert):
     seen = []
     model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(len(kwargs["input_ids"])), with_kwargs=True)
     sentences = ["사과 바나나.", "바다 파도.", "사과 바나나.", "기차 역.", "바다 파도."]
-    emb = kosimcse.evaluation.encode(model, tok, sentences, 24, batch_size=2)
+    emb = kosimcse.encoding.encode(model, tok, sentences, 24, batch_size=2)
     assert sum(seen) == 3 and emb.shape[0] == 5
     np.testing.assert_array_equal(emb[0], emb[2])
-    alone = kosimcse.evaluation.encode(model, tok, ["기차 역."], 24)
+    alone = kosimcse.encoding.encode(model, tok, ["기차 역."], 24)
     np.testing.assert_allclose(emb[3], alone[0], atol=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_encoding_batches_hold_one_length_when_they_can(kosimcse, tiny_bert):
     widths.clear()
     kosimcse.encoding.encode_tokenized(model, tokenized, tok.pad_token_id, batch_size=64)  # 10 < 64 // 4 rows
     assert len(widths) == 2 and max(len(w) for w in widths) > 1
-    alone = kosimcse.evaluation.encode(model, tok, [sentences[25]], 24)
+    alone = kosimcse.encoding.encode(model, tok, [sentences[25]], 24)
     np.testing.assert_allclose(emb[25], alone[0], atol=1e-6)
 
 

@@ -399,7 +399,7 @@ def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data
     tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
     sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발."]
     ev = dc.evaluation
-    ours = ev.encode(ev.FolderEncoder(best).eval(), tok, sentences, 24)
+    ours = dc.encoding.encode(ev.FolderEncoder(best).eval(), tok, sentences, 24)
     with torch.no_grad():
         quick = hf(**tok(sentences, padding=True, return_tensors="pt"), return_dict=False)[0][:, 0]
     np.testing.assert_allclose(ours, quick.numpy(), atol=1e-5)

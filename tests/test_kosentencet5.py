@@ -104,7 +104,7 @@ def test_train_save_reload_and_evaluate(t5, tiny_t5, tiny_bart, synthetic_data, 
     assert modules == (["Transformer", "Pooling", "Dense", "Normalize"] if extra else ["Transformer", "Pooling"])
     sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발.", '"슈퍼맨" 셔츠를 입은 개가 뛴다.']
     ev = t5.evaluation
-    ours = ev.encode(ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best), sentences, 24)
+    ours = t5.encoding.encode(ev.FolderEncoder(best).eval(), AutoTokenizer.from_pretrained(best), sentences, 24)
     theirs = st.SentenceTransformer(best, device="cpu").encode(sentences)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     if arch == "t5":

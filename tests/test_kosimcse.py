@@ -51,7 +51,7 @@ def test_saved_model_loads_in_transformers_and_sentence_transformers(kosimcse, s
     from transformers import AutoModel, AutoTokenizer
     _, best = sup_run
     sentences = ["사과 바나나 포도.", "기차 역 승객 표 출발.", '"슈퍼맨" 셔츠를 입은 개가 뛴다.']
-    ours = kosimcse.evaluation.encode(kosimcse.evaluation.FolderEncoder(best).eval(),
+    ours = kosimcse.encoding.encode(kosimcse.evaluation.FolderEncoder(best).eval(),
                                       AutoTokenizer.from_pretrained(best), sentences, 24)
     tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
     batch = tok(sentences, padding=True, truncation=True, return_tensors="pt")
@@ -72,7 +72,7 @@ def test_unsup_mlp_only_train_saves_raw_cls(kosimcse, tiny_bert, synthetic_data,
     from transformers import AutoModel, AutoTokenizer
     tok, hf = AutoTokenizer.from_pretrained(best), AutoModel.from_pretrained(best).eval()
     sentences = ["바다 파도.", "책 도서관 작가 소설."]
-    ours = kosimcse.evaluation.encode(kosimcse.evaluation.FolderEncoder(best).eval(), tok, sentences, 24)
+    ours = kosimcse.encoding.encode(kosimcse.evaluation.FolderEncoder(best).eval(), tok, sentences, 24)
     with torch.no_grad():  # the README quick-tour snippet on a CLS-pooled model
         quick = hf(**tok(sentences, padding=True, truncation=True, return_tensors="pt"), return_dict=False)[0][:, 0]
     np.testing.assert_allclose(ours, quick.numpy(), atol=1e-5)
@@ -86,7 +86,7 @@ def test_cls_with_mlp_kept_is_saved_as_dense(kosimcse, tiny_bert, synthetic_data
                      "--no-mlp_only_train")
     st_module = pytest.importorskip("sentence_transformers")
     from transformers import AutoTokenizer
-    ours = kosimcse.evaluation.encode(kosimcse.evaluation.FolderEncoder(best).eval(),
+    ours = kosimcse.encoding.encode(kosimcse.evaluation.FolderEncoder(best).eval(),
                                       AutoTokenizer.from_pretrained(best), ["바다 파도.", "책 작가."], 24)
     assert os.path.isdir(os.path.join(best, "2_Dense"))
     np.testing.assert_allclose(ours, st_module.SentenceTransformer(best, device="cpu").encode(["바다 파도.", "책 작가."]),

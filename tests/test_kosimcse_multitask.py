@@ -80,7 +80,7 @@ def test_dev_protocol_bmk_is_bmks_per_batch_score(kosimcse, tiny_bert, synthetic
         "korsts-dev", synthetic_data, tok, 64, 32, "cpu", None, protocol, bmk_batch=16, seed=3, log=lambda m: None)
     bmk, standard = make("bmk")(model), make("standard")(model)
     pairs = kosimcse.data.read_sts(os.path.join(synthetic_data, "KorSTS", "sts-dev.tsv"))
-    emb = kosimcse.evaluation.encode(model.eval(), tok, [p[0] for p in pairs] + [p[1] for p in pairs], 64)
+    emb = kosimcse.encoding.encode(model.eval(), tok, [p[0] for p in pairs] + [p[1] for p in pairs], 64)
     gold, n = np.array([p[2] for p in pairs]), len(pairs)
     assert bmk == pytest.approx(kosimcse.sts.bmk_metrics(emb[:n], emb[n:], gold, 16, 3), abs=1e-6)
     assert standard == pytest.approx(kosimcse.sts.sts_metrics(emb[:n], emb[n:], gold), abs=1e-6)

@@ -1,10 +1,15 @@
 # Copied from KoSimCSE/common/search.py (whole file; delete this line to own it)
-"""Semantic search streamed over a corpus file (memory for one chunk), and KMeans clustering."""
+"""Semantic search streamed over a corpus file (memory for one chunk) or answered from an index, and KMeans
+clustering: the work of evaluation.py --task search and cluster."""
+import os
+import sys
+
 import torch
 from tqdm.auto import tqdm
 
-from .data import iter_lines
+from .data import DataError, iter_lines
 from .encoding import encode
+from .index import check_index_recipe, index_search
 
 
 # The example of the KoSBERT/KoSimCSE READMEs: 9 corpus sentences and 3 queries.
@@ -103,3 +108,46 @@ def plot_clusters(embeddings, labels, path, title=""):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_search(args, encoder, max_len, index=None):
+    """evaluation.py --task search: the queries against --corpus_file streamed, or against ``index``
+    (load_index of --index_dir, with the prefixes it was built with unless given)."""
+    queries = args.queries or ([l.strip() for _, l in iter_lines(args.queries_file)] if args.queries_file
+                               else EXAMPLE_QUERIES)
+    if not any(q.strip() for q in queries):
+        raise DataError(f"{args.queries_file or '--queries'}: no query to search for (blank lines only)")
+    if index is None and args.corpus_file and next(iter_lines(args.corpus_file), None) is None:
+        raise DataError(f"{args.corpus_file}: no non-blank line to search in")  # as --task index refuses it
+    if index is not None:  # the prefixes the index was built with, unless given
+        query_prefix = index["meta"]["query_prefix"] if args.query_prefix is None else args.query_prefix
+        passage_prefix = index["meta"]["passage_prefix"] if args.passage_prefix is None else args.passage_prefix
+        check_index_recipe(index, args.model_dir, encoder, max_len, query_prefix, passage_prefix)
+        prefixed = [query_prefix + q for q in queries]
+        results = index_search(encoder, encoder.tokenizer, prefixed, index, args.top_k, max_len, args.batch_size,
+                               args.device)
+    else:
+        corpus = args.corpus_file or EXAMPLE_CORPUS
+        stats = {}
+        results = semantic_search(encoder, encoder.tokenizer, [(args.query_prefix or "") + q for q in queries], corpus,
+                                  args.top_k, args.chunk_size, max_len, args.batch_size, args.device,
+                                  args.passage_prefix or "", stats)
+        print(f"search: {stats['truncated']:,} of {stats['sentences']:,} corpus sentences cut at --max_len {max_len}",
+              file=sys.stderr)
+    print_search_results(queries, results)
+
+
+def run_cluster(args, encoder, max_len):
+    """evaluation.py --task cluster: KMeans of the sentences, printed by cluster, and a 2-D plot."""
+    sentences = ([l.strip() for _, l in iter_lines(args.sentences_file)] if args.sentences_file
+                 else EXAMPLE_CORPUS + EXAMPLE_QUERIES)
+    emb = encode(encoder, encoder.tokenizer, [(args.query_prefix or "") + s for s in sentences], max_len, args.batch_size,
+                 args.device)
+    labels = cluster(emb, args.num_clusters, args.seed)
+    for c in range(args.num_clusters):
+        print("Cluster ", c + 1)
+        print([s for s, label in zip(sentences, labels) if label == c])
+        print("")
+    plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.output_json or "x")), "clusters.png")
+    plot_clusters(emb, labels, plot)
+    print(f"plot: {plot}")

@@ -413,3 +413,16 @@ def add_index_args(parser):
     p.add_argument("--nlist", type=int, default=None, help="index, ivf: k-means cells (default: 4*sqrt(count), at most count/39)")
     p.add_argument("--nprobe", type=int, default=None,
                    help=f"ivf: cells visited per query (default: {INDEX_DEFAULTS['nprobe']} at build; the index's value at search)")
+
+
+def run_index(args, encoder, max_len):
+    """evaluation.py --task index: build --index_dir from --corpus_file and print what was built."""
+    params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search,
+              "nlist": args.nlist, "nprobe": args.nprobe}
+    meta = build_index(encoder, encoder.tokenizer, args.model_dir, args.corpus_file, args.index_dir, args.index_type,
+                       args.index_dtype, args.chunk_size, max_len, args.query_prefix or "", args.passage_prefix or "",
+                       args.batch_size, args.device, params)
+    size = sum(os.path.getsize(os.path.join(args.index_dir, f)) for f in INDEX_FILES.values())
+    print(f"index: {meta['count']:,} sentences x {meta['dim']} ({meta['dtype']}) -> {args.index_dir} "
+          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s); "
+          f"{meta['truncated']:,} distinct sentences cut at --max_len {max_len}")
