@@ -40,14 +40,14 @@ import sys
 
 import torch
 
-from common.data import DEFAULT_DATA_DIR, DataError, read_sts, resolve_path
+from common.data import DEFAULT_DATA_DIR, STS_SPLITS, DataError, read_sts, resolve_path
 from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
 from common.index import add_index_args, load_index, run_index
 from common.mining import add_mining_args, run_mine
 from common.model_card import write_model_card
-from common.retrieval import (evaluate_retrieval, format_retrieval_table, is_retrieval_dataset, load_retrieval,
-                              mteb_result)
+from common.retrieval import (RETRIEVAL_DATASETS, beir_folder_problem, evaluate_retrieval, format_retrieval_table,
+                              is_retrieval_dataset, load_retrieval, mteb_result)
 from common.search import run_cluster, run_search
 from common.sts import evaluate_sts, format_table
 
@@ -117,6 +117,8 @@ def parse_args(argv=None):
         if value is not None and value < least:
             p.error(f"--{name} {value}: must be at least {least}")
     check_device(p, args.device)
+    if args.truncate_dim:
+        args.truncate_dim = list(dict.fromkeys(args.truncate_dim))  # each width scored once
     if args.truncate_dim and min(args.truncate_dim) < 1:
         p.error(f"--truncate_dim {min(args.truncate_dim)}: must be at least 1")
     if args.truncate_dim and len(args.truncate_dim) > 1 and set(args.task) - {"sts", "retrieval"}:
@@ -131,12 +133,23 @@ def parse_args(argv=None):
         p.error("--task mine needs --pairs_file and --output_file")
     if "index" in args.task and "search" in args.task:
         p.error("--task index and search: build the index first, then search it with --task search --index_dir")
-    names = args.dataset or []
-    args.retrieval_datasets = [n for n in names if is_retrieval_dataset(n, args.data_dir)] or RETRIEVAL_DEFAULT
-    args.sts_datasets = [n for n in names if not is_retrieval_dataset(n, args.data_dir)] or (
-        ["korsts-test"] if not names else [])
+    names = list(dict.fromkeys(args.dataset or []))  # each set once
+    for name in names:  # a name is an STS set or file, or a retrieval set or BEIR folder; anything else stops here
+        if not (name in STS_SPLITS or is_retrieval_dataset(name, args.data_dir)
+                or os.path.isfile(resolve_path(name, args.data_dir))):
+            p.error(f"--dataset {name}: " + (beir_folder_problem(name, args.data_dir) or (
+                f"not a known set, a file or a BEIR folder (STS: {', '.join(STS_SPLITS)} or a KorSTS / KLUE-STS "
+                f"file; retrieval: {', '.join(RETRIEVAL_DATASETS)} or a folder with corpus.jsonl, queries.jsonl "
+                f"and qrels/test.tsv)")))
+    args.retrieval_datasets = [n for n in names if is_retrieval_dataset(n, args.data_dir)]
+    args.sts_datasets = [n for n in names if not is_retrieval_dataset(n, args.data_dir)]
+    if not names:
+        args.retrieval_datasets, args.sts_datasets = RETRIEVAL_DEFAULT, ["korsts-test"]
     if "sts" in args.task and not args.sts_datasets:
         p.error("--task sts: --dataset names no STS set (korquad-dev, autorag and BEIR folders are retrieval sets)")
+    if "retrieval" in args.task and not args.retrieval_datasets:
+        p.error("--task retrieval: --dataset names no retrieval set (korquad-dev, autorag or a BEIR folder); name "
+                "the retrieval sets too, or leave --dataset out for autorag and korquad-dev")
     if "retrieval" in args.task and args.index_dir:
         p.error("--task retrieval searches exactly over its own corpus; --index_dir is not used there")
     if "search" in args.task and args.index_dir and args.corpus_file:
@@ -172,10 +185,11 @@ def run_sts(args, encoder, max_len):
     return rows
 
 
-def run_retrieval(args, encoder, max_len, datasets):
-    """nDCG@10, MRR@10, MAP@10, Recall@k of every retrieval dataset (name: load_retrieval's tuple): printed,
-    returned as rows, and written to --mteb_dir in MTEB's result layout."""
-    rows = []
+def run_retrieval(args, encoder, max_len, datasets, publish):
+    """nDCG@10, MRR@10, MAP@10, Recall@k of every retrieval dataset (name: load_retrieval's tuple), one after
+    the other: each dataset's row is published (printed, --output_json) and its MTEB file written before the
+    next starts, so a failed write loses no finished dataset and the error says where each one is."""
+    rows, mteb_files = [], []
     query_prefix, passage_prefix = args.query_prefix or "", args.passage_prefix or ""
     for name, (task, revision, corpus, queries, qrels) in datasets.items():
         print(f"{name} ({task}):", end=" ")
@@ -184,14 +198,26 @@ def run_retrieval(args, encoder, max_len, datasets):
         rows.append({"model": args.model_dir.rstrip("/"), "task": "retrieval", "dataset": name, "mteb_task": task,
                      "query_prefix": query_prefix, "passage_prefix": passage_prefix, **info,
                      "truncate_dim": encoder.truncate_dim, "metrics": metrics})
+        print(format_retrieval_table(rows[-1:]))
+        publish(rows[-1:])
         if args.mteb_dir:  # several --truncate_dim values: one folder per dimension
             mteb_dir = (os.path.join(args.mteb_dir, f"dim{encoder.truncate_dim}") if len(args.truncate_dim or ()) > 1
                         else args.mteb_dir)
-            os.makedirs(mteb_dir, exist_ok=True)
-            save_json_atomic(os.path.join(mteb_dir, f"{task}.json"),
-                             mteb_result(task, metrics, info["evaluation_time"], revision))
-    print(format_retrieval_table(rows))
-    return rows
+            path = os.path.join(mteb_dir, f"{task}.json")
+            try:
+                os.makedirs(mteb_dir, exist_ok=True)
+                save_json_atomic(path, mteb_result(task, metrics, info["evaluation_time"], revision))
+            except OSError as e:
+                where = [f"--output_json {args.output_json} holds the rows of {', '.join(r['dataset'] for r in rows)}"
+                         ] if args.output_json else [f"the scores of {', '.join(r['dataset'] for r in rows)} are "
+                                                      f"printed above"]
+                where += [f"{', '.join(mteb_files)} written"] if mteb_files else []
+                sys.exit(f"error: could not write {path}: {e.strerror or e}; " + "; ".join(where)
+                         + (f"; {', '.join(n for n in datasets if n not in {r['dataset'] for r in rows})} not run"
+                            if len(rows) < len(datasets) else ""))
+            mteb_files.append(path)
+    if len(rows) > 1:
+        print(format_retrieval_table(rows))
 
 
 def main(argv=None):
@@ -216,23 +242,29 @@ def main(argv=None):
         if getattr(args, flag) is None and encoder.prompts.get(name) is not None:
             setattr(args, flag, encoder.prompts[name])
             print(f"--{flag} {encoder.prompts[name]!r}: the folder's {name!r} prompt")
-    runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
-            "cluster": run_cluster, "mine": run_mine, "retrieval": functools.partial(run_retrieval, datasets=retrieval)}
     rows = []
+
+    def publish(new_rows):  # finished rows reach --output_json at once: a later failure cannot lose them
+        rows.extend(new_rows)
+        if args.output_json and new_rows:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+                save_json_atomic(args.output_json, rows)  # a failed write leaves an earlier file whole
+            except OSError as e:
+                sys.exit(f"error: could not write --output_json {args.output_json}: {e.strerror or e}; the results "
+                         f"are printed above and any earlier file there is unchanged")
+    runs = {"sts": run_sts, "index": run_index, "search": functools.partial(run_search, index=index),
+            "cluster": run_cluster, "mine": run_mine,
+            "retrieval": functools.partial(run_retrieval, datasets=retrieval, publish=publish)}
     encoder.cache = {} if len(dims) > 1 else None  # several dims: every batch is encoded once, at full width
     for dim in dims:
         encoder.set_truncate_dim(dim)
         if len(dims) > 1:
             print(f"--truncate_dim {dim}:")
         for task in dict.fromkeys(args.task):  # in the order given, each once
-            rows += runs[task](args, encoder, max_len) or []
-    if args.output_json and ("sts" in args.task or "retrieval" in args.task):
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            save_json_atomic(args.output_json, rows)  # a failed write leaves an earlier file whole
-        except OSError as e:
-            sys.exit(f"error: could not write --output_json {args.output_json}: {e.strerror or e}; the results are "
-                     f"printed above and any earlier file there is unchanged")
+            result = runs[task](args, encoder, max_len)
+            if task == "sts":
+                publish(result)
 
 
 if __name__ == "__main__":

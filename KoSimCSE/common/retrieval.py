@@ -22,6 +22,7 @@ Document text follows MTEB: ``(title + " " + text).strip()`` when a title is pre
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -105,6 +106,10 @@ def read_autorag(folder):
 
 
 def _jsonl(path):
+    """(line number, id, object) of every non-blank line of a BEIR jsonl file; an id is a non-empty string or
+    an integer (BEIR's exports hold both), read as a string."""
+    if os.path.isdir(path) or not os.path.isfile(path):
+        raise not_a_file(path)
     for lineno, line in iter_lines(path):
         try:
             obj = json.loads(line)
@@ -112,39 +117,84 @@ def _jsonl(path):
             raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
         if not isinstance(obj, dict) or "_id" not in obj:
             raise DataError(f"{path}:{lineno}: not a JSON object with an _id")
-        yield lineno, str(obj["_id"]), obj
+        doc_id = obj["_id"]
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or not str(doc_id).strip():
+            raise DataError(f"{path}:{lineno}: _id {doc_id!r} is not a non-empty string or an integer")
+        yield lineno, str(doc_id).strip(), obj
 
 
-def read_beir(folder, split="test"):
-    """(corpus, queries, qrels) of a BEIR-layout folder; queries without qrels are dropped."""
+def _text_field(obj, key, path, lineno, required=True):
+    """obj[key] as a string: a missing key (when ``required``), null or a non-string value is a DataError
+    naming the file and line."""
+    if key not in obj:
+        if required:
+            raise DataError(f"{path}:{lineno}: no {key!r} field")
+        return ""
+    value = obj[key]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: {key!r} is {type(value).__name__} {value!r}, not a string")
+    return value
+
+
+SCORE = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+
+
+def read_beir(folder, split="test", log=print):
+    """(corpus, queries, qrels) of a BEIR-layout folder. Every field is checked where it is read, with its
+    line: ids (non-empty strings or integers, each once), texts (strings; a document may have an empty
+    text, a query may not), qrels scores (integers; a pair judged twice with different scores is refused).
+    Queries with no judgement above 0 are dropped, as MTEB does, and counted in one line (``log``); a file
+    where no query has a relevant document is refused."""
     corpus_path, queries_path = os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "queries.jsonl")
     qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
     corpus, queries, qrels = {}, {}, {}
     for lineno, doc_id, obj in _jsonl(corpus_path):
         if doc_id in corpus:
             raise DataError(f"{corpus_path}:{lineno}: document {doc_id!r} occurs twice")
-        corpus[doc_id] = doc_text(obj.get("title"), obj.get("text"))
+        corpus[doc_id] = doc_text(_text_field(obj, "title", corpus_path, lineno, required=False),
+                                  _text_field(obj, "text", corpus_path, lineno))
+    if not corpus:
+        raise DataError(f"{corpus_path}: the corpus is empty (no document)")
     for lineno, query_id, obj in _jsonl(queries_path):
-        text = (obj.get("text") or "").strip()
+        text = _text_field(obj, "text", queries_path, lineno).strip()
         if not text:
             raise DataError(f"{queries_path}:{lineno}: query {query_id!r} is empty")
         if query_id in queries:
             raise DataError(f"{queries_path}:{lineno}: query {query_id!r} occurs twice")
         queries[query_id] = text
+    if not queries:
+        raise DataError(f"{queries_path}: no query")
+    if os.path.isdir(qrels_path) or not os.path.isfile(qrels_path):
+        raise not_a_file(qrels_path)
     for n, (lineno, line) in enumerate(iter_lines(qrels_path)):
-        fields = line.split("\t")
-        if n == 0 and not fields[-1].strip().lstrip("-").isdigit():
+        fields = [f.strip() for f in line.split("\t")]
+        if n == 0 and not SCORE.fullmatch(fields[-1]):
             continue  # the header
-        if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
-            raise DataError(f"{qrels_path}:{lineno}: expected query-id<TAB>corpus-id<TAB>integer score")
-        query_id, doc_id, score = fields[0].strip(), fields[1].strip(), int(fields[2])
+        if len(fields) != 3 or not SCORE.fullmatch(fields[2]):
+            raise DataError(f"{qrels_path}:{lineno}: expected query-id<TAB>corpus-id<TAB>integer score (ASCII "
+                            f"digits), got {line.strip()!r}")
+        query_id, doc_id, score = fields[0], fields[1], int(fields[2])
         if query_id not in queries:
             raise DataError(f"{qrels_path}:{lineno}: query {query_id!r} is not in {queries_path}")
         if doc_id not in corpus:
             raise DataError(f"{qrels_path}:{lineno}: document {doc_id!r} is not in {corpus_path}")
+        earlier = qrels.get(query_id, {}).get(doc_id)
+        if earlier is not None and earlier != score:
+            raise DataError(f"{qrels_path}:{lineno}: query {query_id!r} and document {doc_id!r} are judged twice, "
+                            f"{earlier} and {score}; keep one judgement")
         qrels.setdefault(query_id, {})[doc_id] = score
     if not qrels:
         raise DataError(f"{qrels_path}: no qrels")
+    unjudged = {q for q, docs in qrels.items() if max(docs.values()) <= 0}
+    if len(unjudged) == len(qrels):
+        raise DataError(f"{qrels_path}: no query has a relevant document (every score is 0 or below), so every "
+                        f"metric would be 0")
+    if unjudged:
+        log(f"{qrels_path}: {len(unjudged):,} of {len(qrels):,} judged queries have no relevant document (score "
+            f"above 0); they are left out, as MTEB leaves them out")
+    qrels = {q: docs for q, docs in qrels.items() if q not in unjudged}
     return corpus, {q: t for q, t in queries.items() if q in qrels}, qrels
 
 
@@ -169,6 +219,20 @@ def is_retrieval_dataset(name, data_dir):
     if name in RETRIEVAL_DATASETS:
         return True
     return any(os.path.isfile(os.path.join(p, "corpus.jsonl")) for p in (name, os.path.join(data_dir, name)))
+
+
+def beir_folder_problem(name, data_dir):
+    """Why a folder ``name`` (as given, else under ``data_dir``) is not a BEIR folder, or None if there is no
+    such folder: what a BEIR folder holds, and what this one has instead."""
+    folder = next((p for p in (name, os.path.join(data_dir, name)) if os.path.isdir(p)), None)
+    if folder is None:
+        return None
+    corpus = os.path.join(folder, "corpus.jsonl")
+    if os.path.isdir(corpus):
+        return f"{corpus} is a directory, not a file"
+    near = sorted(f for f in os.listdir(folder) if f.startswith("corpus"))
+    return (f"{folder} is a folder without corpus.jsonl" + (f" (it has {', '.join(near)})" if near else "")
+            + "; a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/test.tsv")
 
 
 def load_retrieval(name, data_dir):
