@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import save_checkpoint
 from common.data import BatchPlan, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.dev import best_score_text, BestModel, METHOD
-from common.flags import add_run_args, finish_args, PresetParser
+from common.flags import add_run_args, finish_args, PresetParser, refuse_idle_flags
 from common.objectives import add_objective_args, check_objective_args, objective_option
 from common.run import exit_on_data_error, load_or_exit, LossWindow, nonfinite_loss_exit, run_stages
 from common.stages import (autocast_dtype, barrier, describe_stage, interleave, Source, Stage, stage_batches,
@@ -37,6 +37,9 @@ from dataloader import load_nli_pairs
 from model import BATCH_STS_LOSSES, POOLERS, PairObjective, STS_LOSSES, SentenceEncoder, SoftmaxClassifier
 
 MODES = ("nli", "sts", "nli_sts", "multitask")
+IDLE_FLAGS = {"nli_file": ("nli", "nli_sts", "multitask"), "nli_epochs": ("nli", "nli_sts"),  # flag: modes reading it
+              "sts_file": ("sts", "nli_sts", "multitask"), "sts_epochs": ("sts", "nli_sts"),
+              "sts_loss": ("sts", "nli_sts", "multitask"), "epochs": ("multitask",)}
 SNLI = "KorNLI/snli_1.0_train.ko.tsv"
 
 
@@ -207,6 +210,7 @@ def parse_args(argv=None):
             p.error("--train_file takes NLI files with --mode nli or one STS file with --mode sts; "
                     "use --nli_file / --sts_file for nli_sts and multitask")
     check_objective_args(p, args)
+    refuse_idle_flags(p, args, IDLE_FLAGS)
     if args.matryoshka_dims and args.mode == "nli":
         p.error("--matryoshka_dims wraps the STS objective; the NLI softmax classifier reads [u, v, |u - v|] at the "
                 "full dimension (use --mode sts, nli_sts or multitask)")

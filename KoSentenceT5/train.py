@@ -25,7 +25,7 @@ from common.checkpoint import save_checkpoint
 from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.dev import best_score_text, BestModel, METHOD
 from common.encoding import gather_columns
-from common.flags import add_run_args, finish_args, parse_with_mode_preset, PresetParser
+from common.flags import add_run_args, finish_args, parse_with_mode_preset, PresetParser, refuse_idle_flags
 from common.objectives import add_objective_args, check_objective_args, infonce_options, objective_option
 from common.run import exit_on_data_error, load_or_exit, LossWindow, nonfinite_loss_exit, run_stages
 from common.stages import (autocast_dtype, barrier, describe_stage, interleave, Source, Stage, stage_batches,
@@ -35,6 +35,9 @@ from model import (ARCHS, BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, 
                    contrastive_loss, matryoshka_loss, sts_objective)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STS_MODES = ("multitask", "sup_sts")
+IDLE_FLAGS = {"sts_file": STS_MODES, "sts_batch_size": STS_MODES, "sts_loss": STS_MODES,  # flag: the modes reading it
+              "multitask_schedule": ("multitask",), "sts_epochs": ("sup_sts",), "sts_lr": ("sup_sts",)}
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args"}
 # Copied from KoSimCSE/train.py:COLUMNS
 COLUMNS = {"sup": 3, "unsup": 2, "pairs": 2, "pairs+negative": 3}
@@ -211,12 +214,16 @@ def parse_args(argv=None):
                         "in backward (same loss and gradients; activation memory of N sentences); 0 = off")
     p.add_argument("--sts_file", default="korsts-train", help="multitask, sup_sts: the STS regression data")
     p.add_argument("--sts_batch_size", type=int, default=8, help="multitask, sup_sts: STS pairs per batch")
+    p.add_argument("--multitask_schedule", choices=("proportional", "paired"), default="proportional",
+                   help="multitask: proportional (round-robin, one pass over both sets an epoch, one optimizer) or "
+                        "paired (jhgan's: one NLI then one STS batch, each its own optimizer, min(len) rounds an epoch)")
     p.add_argument("--sts_epochs", type=int, default=4, help="sup_sts: epochs of the STS stage")
     p.add_argument("--sts_lr", type=float, default=2e-5, help="sup_sts: learning rate of the STS stage")
     add_objective_args(p, STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS)
     add_run_args(p)
     args = parse_with_mode_preset(p, argv, os.path.join(HERE, "presets"), MODE_PRESETS)
     check_objective_args(p, args)
+    refuse_idle_flags(p, args, IDLE_FLAGS)
     return finish_args(p, args, f"kosentencet5-{args.mode}")
 
 

@@ -44,7 +44,7 @@ from common.data import DEFAULT_DATA_DIR, STS_SPLITS, DataError, read_sts, resol
 from common.files import check_device, one_line_errors, require_file, save_json_atomic
 from common.folder import FolderEncoder
 from common.index import add_index_args, load_index, run_index
-from common.mining import add_mining_args, run_mine
+from common.mining import add_mining_args, check_mining_args, run_mine
 from common.model_card import write_model_card
 from common.retrieval import (RETRIEVAL_DATASETS, beir_folder_problem, evaluate_retrieval, format_retrieval_table,
                               is_retrieval_dataset, load_retrieval, mteb_result)
@@ -131,6 +131,8 @@ def parse_args(argv=None):
         p.error("--task index needs --corpus_file and --index_dir")
     if "mine" in args.task and not (args.pairs_file and args.output_file):
         p.error("--task mine needs --pairs_file and --output_file")
+    if "mine" in args.task:
+        check_mining_args(p, args)
     if "index" in args.task and "search" in args.task:
         p.error("--task index and search: build the index first, then search it with --task search --index_dir")
     names = list(dict.fromkeys(args.dataset or []))  # each set once

@@ -36,7 +36,7 @@ from common.checkpoint import save_checkpoint
 from common.data import BatchPlan, ColumnCollator, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
 from common.dev import best_score_text, BestModel, METHOD
 from common.encoding import gather_columns
-from common.flags import add_run_args, finish_args, parse_with_mode_preset, PresetParser
+from common.flags import add_run_args, finish_args, parse_with_mode_preset, PresetParser, refuse_idle_flags
 from common.objectives import add_objective_args, check_objective_args, infonce_options, objective_option
 from common.run import exit_on_data_error, load_or_exit, LossWindow, nonfinite_loss_exit, run_stages
 from common.stages import (autocast_dtype, barrier, describe_stage, interleave, Source, Stage, stage_batches,
@@ -48,6 +48,10 @@ from model import (BATCH_STS_LOSSES, HARDNESS_MODES, INFONCE_DIRECTIONS, POOLERS
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE_PRESETS = {"sup": "sup.args", "unsup": "unsup.args", "multitask": "multitask.args", "sup_sts": "sup_sts.args",
                 "pairs": "pairs.args", "pairs_sts": "pairs_sts.args"}
+STS_MODES = ("multitask", "sup_sts", "pairs_sts")
+IDLE_FLAGS = {"sts_file": STS_MODES, "sts_batch_size": STS_MODES, "sts_loss": STS_MODES,  # flag: the modes reading it
+              "multitask_schedule": ("multitask", "pairs_sts"), "sts_epochs": ("sup_sts",), "sts_lr": ("sup_sts",),
+              "passage_max_len": ("pairs", "pairs_sts")}
 # sentences per example: (anchor, positive, hard negative) / (s, s) / (query, passage[, negative passage])
 COLUMNS = {"sup": 3, "unsup": 2, "pairs": 2, "pairs+negative": 3}
 
@@ -228,6 +232,7 @@ def parse_args(argv=None):
     add_run_args(p)
     args = parse_with_mode_preset(p, argv, os.path.join(HERE, "presets"), MODE_PRESETS)
     check_objective_args(p, args)
+    refuse_idle_flags(p, args, IDLE_FLAGS)
     if args.matryoshka_dims and args.mlp_only_train and args.pooler == "cls":
         p.error("--matryoshka_dims trains truncations of the MLP output, but --mlp_only_train saves the raw [CLS] "
                 "vector: use --no-mlp_only_train (or another pooler) with --matryoshka_dims")

@@ -135,6 +135,24 @@ def explicit_flags(p, argv):
         p._defaults = parser_defaults
 
 
+def refuse_idle_flags(p, args, used_in):
+    """Flags that cannot act in the run's --mode (``used_in``: flag -> the modes that read it). Typed on the
+    command line: refused (parser.error, one line). Set by a preset file: a warning, since a published preset
+    may carry one for another mode. A resumed run is not checked (its flags were checked when it started)."""
+    if args.resume:
+        return
+    argv = list(p.argv)  # explicit_flags parses again, which resets p.argv
+    typed, given = explicit_flags(p, [a for a in argv if not a.startswith("@")]), explicit_flags(p, argv)
+    p.argv = argv
+    for flag, modes in used_in.items():
+        if args.mode in modes or flag not in given:
+            continue
+        reason = f"--{flag} does nothing with --mode {args.mode} (it is read by --mode {', '.join(modes)})"
+        if flag in typed:
+            p.error(reason + "; leave it out or pick the mode that uses it")
+        print(f"warning: {reason}; set by a preset file, ignored", file=sys.stderr)
+
+
 def finish_args(p, args, default_output_dir):
     """Checks and derived values after parsing; with --resume, the arguments the run was started with
     (flags given with it must equal them, except RESUME_MAY_CHANGE)."""
@@ -184,6 +202,11 @@ def check_run_args(p, args):
     Shared by every train.py (through finish_args); flags a folder lacks are passed over."""
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         p.error(f"--output_dir {args.output_dir}: is a file, not a folder")
+    for name, value in sorted(vars(args).items()):  # every float flag: NaN and inf never train
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = next((v for v in values if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            p.error(f"--{name} {bad}: must be a finite number")
     for name in ("lr", "sts_lr", "temperature"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and value > 0):

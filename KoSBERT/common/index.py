@@ -49,9 +49,9 @@ RECIPE_KEYS = ("model_fingerprint", "pooling", "dense_heads", "normalize", "trun
 
 def corpus_offsets(path):
     """(offsets, info) of a one-sentence-per-line file: the int64 byte offset of every non-blank line
-    (the lines ``semantic_search`` reads, in its order) and {path, size, mtime_ns, sha256}. One pass
-    over the file; a line that is not UTF-8 stops with DataError naming the line. A UTF-8 byte order mark at
-    the start is skipped (the first offset is then 3), as ``iter_lines`` drops it."""
+    (the lines ``semantic_search`` reads, in its order) and {path, size, mtime_ns, sha256}. One pass over
+    the file; a line that is not UTF-8 or holds a NUL byte stops with DataError naming the line. A UTF-8
+    byte order mark at the start is skipped (the first offset is then 3), as ``iter_lines`` drops it."""
     require_file(path)
     stat, digest, offsets, pos = os.stat(path), hashlib.sha256(), [], 0
     with open(path, "rb") as f:
@@ -62,6 +62,8 @@ def corpus_offsets(path):
                 line = raw[bom:].decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if "\x00" in line:  # as iter_lines: a NUL byte is a binary or corrupted file, not a sentence
+                raise DataError(f"{path}:{lineno}: NUL byte in the text (a binary or corrupted file)")
             if line.strip():
                 offsets.append(pos + bom)
             pos += len(raw)

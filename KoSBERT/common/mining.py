@@ -20,6 +20,7 @@ The semantics follow sentence-transformers step by step:
     max_positives when a margin or max_score is set.
 Triplets come out per distinct anchor (first-seen order), per positive, negatives in descending score.
 """
+import math
 import os
 import sys
 
@@ -187,11 +188,42 @@ def add_mining_args(parser):
                    "own triplet row (default: %(default)s, SimCSE's one hard negative)")
 
 
+def check_mining_args(parser, args):
+    """The --task mine flags no mining can use, refused with parser.error before anything loads: an output
+    that is one of the inputs (it would be overwritten), non-finite or negative margins and scores, a
+    minimum score above the maximum, an empty rank window."""
+    p = parser
+    output = os.path.realpath(args.output_file)
+    for flag in ("pairs_file", "corpus_file"):
+        given = getattr(args, flag)
+        if given and os.path.realpath(given) == output:
+            p.error(f"--output_file {args.output_file} is the --{flag}: mining would overwrite its input; write "
+                    f"the triplets elsewhere")
+    for flag in ("absolute_margin", "relative_margin", "max_score", "min_score"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            p.error(f"--{flag} {value}: must be a finite number")
+        if value is not None and flag.endswith("margin") and value < 0:
+            p.error(f"--{flag} {value}: must not be negative (a candidate scoring above the positive is not a "
+                    f"negative)")
+    if args.min_score is not None and args.max_score is not None and args.min_score > args.max_score:
+        p.error(f"--min_score {args.min_score} is above --max_score {args.max_score}: no candidate can pass")
+    if args.range_min < 0:
+        p.error(f"--range_min {args.range_min}: must not be negative")
+    if args.range_max is not None and args.range_max <= args.range_min:
+        p.error(f"--range_max {args.range_max} must be above --range_min {args.range_min}: no rank to mine from")
+
+
 def run_mine(args, encoder, max_len):
     pairs = read_pairs(args.pairs_file)
     if not pairs:
         raise DataError(f"{args.pairs_file}: no (anchor, positive) pairs")
     corpus = [l.strip() for _, l in iter_lines(args.corpus_file)] if args.corpus_file else None
+    if corpus is not None and not corpus:
+        raise DataError(f"{args.corpus_file}: no non-blank line to mine negatives from")
+    if corpus is None:
+        print(f"mine: no --corpus_file, so the corpus is the pairs' {len({p for _, p in pairs}):,} distinct positives "
+              f"(as sentence-transformers' mine_hard_negatives without a corpus)")
     embed = lambda prefix: lambda texts: encode(encoder, encoder.tokenizer, [prefix + t for t in texts], max_len,
                                                 args.batch_size, args.device)
     try:

@@ -1,7 +1,7 @@
 """The flags of the newer training objectives (CoSENT/AnglE, hardness-weighted and bidirectional InfoNCE,
 Matryoshka) in sentence-transformers' semantics, with defaults that keep every published preset exact. The
 losses themselves are in each method's model.py; here are only their flags, defaults and checks."""
-
+import math
 
 OBJECTIVE_DEFAULTS = {"sts_loss": "cosine", "hardness_mode": None, "hardness_strength": 0.0,
                       "infonce_directions": ["query_to_doc"], "infonce_partition": "joint", "matryoshka_dims": [],
@@ -62,5 +62,14 @@ def check_objective_args(p, args):
     dims, weights = objective_option(args, "matryoshka_dims"), objective_option(args, "matryoshka_weights")
     if any(dim <= 0 for dim in dims):
         p.error("--matryoshka_dims must be positive")
+    if len(set(dims)) != len(dims):
+        p.error(f"--matryoshka_dims {' '.join(map(str, dims))}: a dimension given twice would count twice in the loss")
     if weights is not None and len(weights) != len(dims):
         p.error(f"--matryoshka_weights takes one weight per --matryoshka_dims ({len(dims)})")
+    if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
+        p.error(f"--matryoshka_weights {' '.join(map(str, weights))}: each must be a finite number >= 0")
+    if weights is not None and dims and sum(weights) == 0:
+        p.error("--matryoshka_weights are all 0: nothing would train")
+    strength = objective_option(args, "hardness_strength")
+    if not math.isfinite(strength):
+        p.error(f"--hardness_strength {strength}: must be a finite number")
