@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 
+import pytest
+
 from conftest import ROOT, write_synthetic_data
 
 sys.path.insert(0, os.path.join(ROOT, "utils"))
@@ -172,3 +174,30 @@ def test_merge_into_adds_rerun_rows_to_an_earlier_table(tmp_path):
     assert rows["kosbert-sts"]["metrics"]["korsts-test/standard/cosine_spearman"]["mean"] == 81.0
     text = (tmp_path / "bench" / "real_table.md").read_text()
     assert "| zero-shot: z |" in text and "'query: '" in text
+
+
+def test_repeated_seeds_and_damaged_results_are_refused(tmp_path, capsys):
+    """--seeds 1 1 would count seed 1 twice in the mean (and print "1,1 ± 0.00"); a per-run JSON that is not
+    JSON used to be skipped, dropping that result from the table without a word."""
+    with pytest.raises(SystemExit) as e:
+        rt.main(["--model", str(tmp_path), "--out", str(tmp_path), "--seeds", "1", "1", "--table_only"])
+    assert e.value.code == 2 and "--seeds 1 1: a seed given twice" in capsys.readouterr().err
+    run = tmp_path / "table" / "kosbert-sts" / "seed-1"
+    run.mkdir(parents=True)
+    (run / "sts.json").write_text('[{"dataset": "korsts-test", "metr')
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        rt.main(["--model", str(tmp_path), "--out", str(tmp_path / "table"), "--rows", "kosbert-sts", "--seeds", "1",
+                 "--table_only"])
+    assert str(e.value).startswith(f"error: {run / 'sts.json'}: cannot be read (") and "\n" not in str(e.value)
+
+
+def test_a_killed_evaluation_leaves_no_result_that_passes_for_finished(tmp_path):
+    """evaluation.py writes each finished set to --output_json as it goes; run_into gives it a .partial path and
+    renames it into place only when the command succeeds, so a killed one is redone on the next run."""
+    final = str(tmp_path / "retrieval.json")
+    write_then = lambda code: [sys.executable, "-c", f"import sys; open(sys.argv[1], 'w').write('[]'); sys.exit({code})",
+                               final]
+    code, _, _ = rt.run_into(write_then(1), final, str(tmp_path / "eval.log"))
+    assert code == 1 and not os.path.exists(final) and os.path.isfile(final + ".partial")
+    code, _, _ = rt.run_into(write_then(0), final, str(tmp_path / "eval.log"))
+    assert code == 0 and open(final).read() == "[]" and not os.path.exists(final + ".partial")

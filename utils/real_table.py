@@ -131,6 +131,17 @@ def cpu_busy_seconds():
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def run_into(command, final, log_path):
+    """Run an evaluation ``command`` whose --output_json is ``final`` with that output going to ``final``.partial
+    first, renamed into place when the command succeeds: evaluation.py writes each finished set as it goes,
+    so a killed command leaves a partial file, which must not pass for a finished result on the next run."""
+    partial = final + ".partial"
+    code, out, err = run_logged([partial if c == final else c for c in command], log_path)
+    if code == 0 and os.path.isfile(partial):
+        os.replace(partial, final)
+    return code, out, err
+
+
 def run_logged(command, log_path):
     """Run ``command`` with its output appended to log_path; (return code, seconds, CPU seconds that other
     processes took meanwhile -- a wall time is a speed figure only when that is small -- or None)."""
@@ -255,7 +266,7 @@ class Table:
             flags = ["--pooling", "mean", *PROMPTS] if base else []
             command = [sys.executable, EVALUATION, "--model_dir", model, "--data_dir", self.a.data_dir, *flags,
                        "--task", "sts", "retrieval", "--dataset", "korsts-dev", self.ict_dev(), "--output_json", path]
-            code, _, _ = run_logged(command, path[:-5] + ".log")
+            code, _, _ = run_into(command, path, path[:-5] + ".log")
             if code:
                 raise SystemExit(f"error: dev evaluation of {model} failed (exit {code}); see {path[:-5]}.log")
         rows = read_json(path)
@@ -346,17 +357,22 @@ class Table:
             if os.path.isfile(os.path.join(out, name)):
                 continue
             print(f"{where}: {name}", flush=True)
-            code, _, _ = run_logged(command, os.path.join(out, "eval.log"))
+            code, _, _ = run_into(command, os.path.join(out, name), os.path.join(out, "eval.log"))
             if code:
                 print(f"{where}: evaluation failed (exit {code}); see {out}/eval.log", flush=True)
 
 
 def read_json(path):
+    """The JSON of ``path``, None when there is no such file; a damaged one (not JSON) stops with one line,
+    since leaving it out would drop that result from the table without a word."""
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: cannot be read ({e}); delete it and run the same command again to redo that "
+                 f"result")
 
 
 def mean_std(values):
@@ -494,6 +510,9 @@ def main(argv=None):
                         "name replaced, the others kept, in ROWS order) and its .md beside it, e.g. "
                         "bench/real_table.json when only some rows were rerun on this machine")
     a = p.parse_args(argv)
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds {' '.join(map(str, a.seeds))}: a seed given twice would count twice in the mean and std")
+    a.rows = list(dict.fromkeys(a.rows))  # each row once
     a.out, a.model, a.data_dir = (os.path.abspath(x) for x in (a.out, a.model, a.data_dir))
     t = Table(a)
     if a.list:
