@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from common.data import TokenizedTexts, read_sentences
+from common.data import TokenizedTexts, check_duplicates, read_sentences
 from common.run import load_or_exit
 from common.tokenizer import load_tokenizer
 
@@ -101,6 +101,7 @@ def build_diffcse_dataset(paths, tokenizer, max_len, max_samples=None, seed=42, 
     seed and seed + 1; ``unk_to_sep``: BM-K's handling of the special tokens inside a sentence; ``prefix``:
     --query_prefix, before every sentence)."""
     texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
+    check_duplicates(texts, " ".join(paths), log)
     tokenized = TokenizedTexts(tokenizer, texts, max_len, desc="tokenize sentences", prefix=prefix)
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "

@@ -14,7 +14,7 @@ KoSBERT trains on sentence *pairs*:
        entailment 1, neutral 2), for the softmax classification objective;
   sts  (sentence1, sentence2, score / 5) for the cosine-regression objective.
 """
-from common.data import DataError, read_nli
+from common.data import DataError, check_duplicates, read_nli
 
 LABEL_IDS = {"contradiction": 0, "entailment": 1, "neutral": 2}  # BM-K's training_nli.py
 
@@ -29,6 +29,7 @@ def load_nli_pairs(paths, log=print):
         pairs += [(premise, hypothesis, LABEL_IDS[label]) for premise, hypothesis, label in rows]
     if not pairs:
         raise DataError(f"{', '.join(paths)}: no labelled NLI pairs")
+    check_duplicates([(premise, hypothesis) for premise, hypothesis, _ in pairs], ", ".join(paths), log)
     return pairs
 
 

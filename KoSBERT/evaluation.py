@@ -92,7 +92,6 @@ def parse_args(argv=None):
                    help="text put before every corpus sentence of search and index (e5: 'passage: '; default: the "
                         "folder's \"passage\" prompt (utils/set_prompts.py records them), else none, or the index's "
                         "with --index_dir)")
-    p.add_argument("--prefix", help=argparse.SUPPRESS)  # replaced by the two above: refused with a pointer
     p.add_argument("--output_json", default=None, help="write the result rows here (sts and retrieval tasks)")
     p.add_argument("--mteb_dir", default=None, help="retrieval: write one <Task>.json per dataset here, in MTEB's "
                    "result layout")
@@ -125,9 +124,6 @@ def parse_args(argv=None):
     if args.truncate_dim and len(args.truncate_dim) > 1 and set(args.task) - {"sts", "retrieval"}:
         p.error("several --truncate_dim values are for --task sts and retrieval; index, search, cluster and mine "
                 "take one")
-    if args.prefix is not None:
-        p.error("--prefix was split in two: --query_prefix (queries, sts and cluster sentences) and --passage_prefix "
-                "(corpus sentences); an old --prefix P is --query_prefix P --passage_prefix P")
     if "index" in args.task and not (args.corpus_file and args.index_dir):
         p.error("--task index needs --corpus_file and --index_dir")
     if "mine" in args.task and not (args.pairs_file and args.output_file):

@@ -7,7 +7,8 @@ import random
 
 import torch
 
-from common.data import DataError, TokenizedTexts, read_nli, read_pairs, read_sentences, read_triplets
+from common.data import (DataError, TokenizedTexts, check_duplicates, read_nli, read_pairs, read_sentences,
+                         read_triplets)
 from common.retrieval import read_beir_pairs
 
 def nli_to_triplets(rows):
@@ -106,6 +107,7 @@ def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None,
     wiki sentences are symmetric text)."""
     if kind == "pairs":
         rows = load_pairs(paths, log=log)
+        check_duplicates([tuple(r[:2]) for r in rows], " ".join(paths), log)
         if max_samples is not None and max_samples < len(rows):
             rows = random.Random(seed).sample(rows, max_samples)
             log(f"using {len(rows):,} pairs (--max_train_samples)")
@@ -119,12 +121,14 @@ def build_contrastive_dataset(kind, paths, tokenizer, max_len, max_samples=None,
         return PairsDataset(anchors, passages, len(rows[0]))
     if kind == "sup":
         rows = load_triplets(paths, log=log)
+        check_duplicates([tuple(r) for r in rows], " ".join(paths), log)
         if max_samples is not None and max_samples < len(rows):
             rows = random.Random(seed).sample(rows, max_samples)
             log(f"using {len(rows):,} triplets (--max_train_samples)")
         texts = [s for triplet in rows for s in triplet]
     else:
         texts = [s for path in paths for s in read_sentences(path, max_samples, seed, log=log)]
+        check_duplicates(texts, " ".join(paths), log)
     tokenized = TokenizedTexts(tokenizer, texts, max_len, desc=f"tokenize {kind}", prefix=prefix)
     if tokenized.num_truncated:
         log(f"{tokenized.num_truncated:,} of {len(tokenized):,} training sentences were longer than "

@@ -142,3 +142,28 @@ def test_passage_level_check_finds_a_planted_korquad_paragraph(kosimcse, korquad
         guard(kosimcse, data, "fail", tmp_path, source="unsup", files=("train/ict.txt",))
     assert str(e.value).startswith("error: 1 training sentence(s) share a 20-character run with a passage or query "
                                    "of the evaluation set KorQuAD dev") and "\n" not in str(e.value)
+
+
+# --- reliability, second round (issue 35, class 7): a guard that cannot check says so ---------------------
+
+def test_absent_evaluation_sets_are_named(kosimcse, data, tmp_path):
+    """Most sets are absent from this --data_dir: one line names the ones that could not be checked."""
+    _, report, lines = guard(kosimcse, data, "warn", tmp_path, source="unsup", files=("train/wiki.txt",))
+    (absent,) = [l for l in lines if l.startswith("decontamination: not checked")]
+    assert absent == f"decontamination: not checked, absent under --data_dir {data}: KLUE-STS dev, XNLI test, " \
+                     f"KorQuAD dev, AutoRAG"
+    assert set(report) == {"KorSTS dev", "KorSTS test", "KLUE-NLI dev"}
+
+
+def test_a_korquad_file_of_another_shape_is_one_line(kosimcse, data, tmp_path):
+    write(f"{data}/KorQuAD/KorQuAD_v1.0_dev.json", json.dumps({"data": ["not an article"]}))
+    with pytest.raises(kosimcse.data.DataError, match=r"KorQuAD_v1\.0_dev\.json: not a KorQuAD 1\.0 file \(TypeError"):
+        guard(kosimcse, data, "warn", tmp_path, source="unsup", files=("train/wiki.txt",))
+
+
+def test_drop_that_removes_every_row_names_the_reason(kosimcse, data, tmp_path):
+    write(f"{data}/train/leaks.txt", f"{LEAK}\n{LEAK.replace(' ', '  ')}\n")
+    with pytest.raises(SystemExit) as e:
+        guard(kosimcse, data, "drop", tmp_path, source="unsup", files=("train/leaks.txt",))
+    assert str(e.value).startswith(f"error: --decontaminate drop removed every row of {data}/train/leaks.txt (each "
+                                   f"shares a sentence") and "nothing is left to train on" in str(e.value)

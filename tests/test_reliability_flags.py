@@ -125,3 +125,28 @@ def test_a_nul_byte_in_an_index_corpus_is_refused_with_its_line(methods, tmp_pat
     with pytest.raises(methods["KoSimCSE"].data.DataError, match=rf"{corpus}:2: NUL byte in the text"):
         methods["KoSimCSE"].index.corpus_offsets(str(corpus))
     assert corpus.read_bytes().count(b"\x00") == 1  # the file is left as it was
+
+
+def test_repeated_training_examples_are_counted_and_refused_above_half(methods):
+    data = methods["KoSimCSE"].data
+    said = []
+    data.check_duplicates(["가", "나", "다"], "f.txt", said.append)
+    assert said == []
+    data.check_duplicates(["가", "나", "가", "다"], "f.txt", said.append)
+    assert said == ["f.txt: 1 of 4 training examples (25.0%) repeat an earlier one"]
+    with pytest.raises(data.DataError, match=r"f\.txt: 3 of 4 training examples \(75.0%\) repeat an earlier one, above "
+                                             r"the 50% this toolkit trains on; deduplicate the data"):
+        data.check_duplicates([("가", "나")] * 4, "f.txt", said.append)
+
+
+def test_a_file_of_one_sentence_copied_is_refused_before_training(methods, tiny_bert, tmp_path):
+    """unsup on 300 copies of one sentence: every in-batch negative would be the anchor itself."""
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("사과 바나나 포도.\n" * 300, encoding="utf-8")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        methods["KoSimCSE"].train.main(["--model", tiny_bert, "--mode", "unsup", "--train_file", str(wiki),
+                                        "--output_dir", str(out), "--device", "cpu", "--max_steps", "1"])
+    assert str(e.value) == (f"error: {wiki}: 299 of 300 training examples (99.7%) repeat an earlier one, above the "
+                            f"50% this toolkit trains on; deduplicate the data")
+    assert not (out / "best_model").exists()

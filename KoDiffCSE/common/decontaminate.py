@@ -30,7 +30,7 @@ import os
 import re
 import unicodedata
 
-from .data import PAIR_HEADERS, iter_lines, not_a_file, read_nli, read_pairs, read_sts, resolve_path
+from .data import PAIR_HEADERS, DataError, iter_lines, not_a_file, read_nli, read_pairs, read_sts, resolve_path
 from .retrieval import read_beir_pairs
 
 MODES = ("warn", "drop", "fail")
@@ -56,13 +56,18 @@ def normalize(sentence):
 
 
 def _korquad(path):
-    with open(path, encoding="utf-8-sig") as f:
-        data = json.load(f)["data"]
-    for article in data:
-        for paragraph in article["paragraphs"]:
-            yield paragraph["context"]
-            for qa in paragraph["qas"]:
-                yield qa["question"]
+    """The contexts and questions of a KorQuAD 1.0 file; a file of another shape is a DataError."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)["data"]
+        texts = [text for article in data for paragraph in article["paragraphs"]
+                 for text in [paragraph["context"]] + [qa["question"] for qa in paragraph["qas"]]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a KorQuAD 1.0 file ({type(e).__name__}: {e}; expected {{\"data\": [{{"
+                        f"\"paragraphs\": [{{\"context\", \"qas\": [{{\"question\"}}]}}]}}]}})") from None
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{path}: not a KorQuAD 1.0 file (a context or question is not a string)")
+    return texts
 
 
 def _autorag(path):
@@ -107,11 +112,15 @@ def file_kind(path):
 
 
 def read_evaluation_sets(data_dir, log=print):
-    """{evaluation set name: its sentences} of every set present under data_dir, each file read once."""
+    """{evaluation set name: its sentences} of every set present under data_dir, each file read once; the
+    sets that are absent are named in one line (they cannot be checked)."""
     found = {}
+    absent = [name for name, (rel, _) in EVALUATION_SETS.items() if not os.path.isfile(os.path.join(data_dir, rel))]
+    if absent:
+        log(f"decontamination: not checked, absent under --data_dir {data_dir}: {', '.join(absent)}")
     for name, (rel, kind) in EVALUATION_SETS.items():
         path = os.path.join(data_dir, rel)
-        if not os.path.isfile(path):
+        if name in absent:
             continue
         try:
             found[name] = sentences(path, kind)
@@ -199,20 +208,20 @@ def _filtered_copy(path, kind, contaminated, out_dir):
     if kind == "beir":  # a BEIR folder's training pairs, kept as an anchor/positive TSV
         pairs = read_beir_pairs(path)
         kept = [(q, p) for q, p in pairs if not bad(q, p)]
-        dropped, out = len(pairs) - len(kept), out + ".tsv"
+        dropped, out, left = len(pairs) - len(kept), out + ".tsv", len(kept)
         text = "anchor\tpositive\n" + "".join(f"{' '.join(q.split())}\t{' '.join(p.split())}\n" for q, p in kept)
     elif path.endswith(".json"):
         with open(path, encoding="utf-8-sig") as f:
             items = json.load(f)
         keys = ("premise", "hypothesis") if kind == "nli" else ("sentence1", "sentence2")
         kept = [it for it in items if not bad(*(str(it.get(k, "")) for k in keys))]
-        dropped = len(items) - len(kept)
+        dropped, left = len(items) - len(kept), len(kept)
         text = json.dumps(kept, ensure_ascii=False)
     elif path.endswith(".csv"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
         kept = [r for r in rows if not bad(r.get("sentence1", ""), r.get("sentence2", ""))]
-        dropped = len(rows) - len(kept)
+        dropped, left = len(rows) - len(kept), len(kept)
         import io
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()) if rows else ["sentence1", "sentence2"])
@@ -232,12 +241,13 @@ def _filtered_copy(path, kind, contaminated, out_dir):
                                 if not (line and bad(*(line.split("\t")[c] for c in cols
                                                        if c < len(line.split("\t")))))]
         dropped = len(lines) - len(kept)
+        left = sum(1 for line in (kept if kind == "text" else kept[1:]) if line.strip())
         text = "\n".join(kept)
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, out)
-    return out, dropped
+    return out, dropped, left
 
 
 # The flag that names the files of each training source (the names of the folders' build_source).
@@ -289,11 +299,15 @@ def guard(args, source_names, rank=0, log=print):
         os.makedirs(out_dir, exist_ok=True)
         renamed = {}
         for path, kind in files.items():
-            new, dropped = _filtered_copy(path, kind, contaminated, out_dir) if rank == 0 else (
-                os.path.join(out_dir, os.path.basename(path)), None)
+            new, dropped, left = _filtered_copy(path, kind, contaminated, out_dir) if rank == 0 else (
+                os.path.join(out_dir, os.path.basename(path)), None, None)
             renamed[path] = new
             if rank == 0:
                 log(f"decontamination: {dropped:,} row(s) dropped from {path} -> {new}")
+            if rank == 0 and left == 0:
+                raise SystemExit(f"error: --decontaminate drop removed every row of {path} (each shares a sentence "
+                                 f"or a {NGRAM}-character run with an evaluation set): nothing is left to train on; "
+                                 f"train on other data, or --decontaminate warn to train on it as it is")
         for flag in flags:
             value = getattr(args, flag, None)
             if isinstance(value, str):

@@ -339,10 +339,28 @@ class ColumnCollator:
         return pad_batch([seq for column in zip(*batch) for seq in column], self.pad_id)
 
 
+DUPLICATE_LIMIT = 0.5  # the share of repeated training examples above which a run is refused
+
+
+def check_duplicates(examples, what, log=print, limit=DUPLICATE_LIMIT):
+    """Say how many training ``examples`` (a sentence, or a row as a tuple) repeat an earlier one, and refuse
+    (DataError) when more than ``limit`` of them do: in contrastive training every copy of an anchor in its
+    batch is a false negative, and a file of a few sentences copied many times trains on almost nothing."""
+    repeats = len(examples) - len(set(examples))
+    if not repeats:
+        return
+    share = repeats / len(examples)
+    message = f"{what}: {repeats:,} of {len(examples):,} training examples ({share:.1%}) repeat an earlier one"
+    if share > limit:
+        raise DataError(f"{message}, above the {limit:.0%} this toolkit trains on; deduplicate the data")
+    log(message)
+
+
 def load_sts_pairs(path, log=print):
     """(sentence1, sentence2, score / 5) rows: the regression target is a similarity in 0-1."""
     pairs = [(s1, s2, score / 5.0) for s1, s2, score in read_sts(path)]
     log(f"{path}: {len(pairs):,} STS pairs")
+    check_duplicates([(s1, s2) for s1, s2, _ in pairs], path, log)
     return pairs
 
 
