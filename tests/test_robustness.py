@@ -28,6 +28,7 @@ def saved_in_bf16(source, out):
     return out
 
 
+@pytest.mark.slow
 def test_bf16_checkpoints_load_in_float32(methods, tiny_bert, tiny_t5, generator, tmp_path):
     """transformers 5 keeps a checkpoint's saved dtype: every folder's training and evaluation loaders
     must still give float32 weights (autocast is what --bf16 is for)."""
@@ -185,15 +186,18 @@ def test_output_folder_with_a_different_run(methods, models, synthetic_data, tmp
     assert_untouched(out, files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_long_sentences_are_truncated_counted_and_reported(methods, models, synthetic_data, tmp_path, folder,
                                                            capsys):
     long = " ".join(["사과 바나나 포도"] * 20) + "."
-    if folder == "KoDiffCSE":
-        train = write(tmp_path / "wiki.txt", "".join(f"{s}\n" for s in ["사과 바나나.", long, "바다 파도.", "기차 역."] * 4))
+    if folder == "KoDiffCSE":  # distinct lines: a file of repeated examples is refused (check_duplicates)
+        train = write(tmp_path / "wiki.txt", "".join(f"{i} {s}\n" for i, s in enumerate(
+            ["사과 바나나.", long, "바다 파도.", "기차 역."] * 4)))
     else:
         train = write(tmp_path / "nli.tsv", NLI_HEADER + "".join(
-            f"{p}\t{p} 과일.\tentailment\n{p}\t기차 역.\tcontradiction\n" for p in ["사과 바나나.", long] * 8))
+            f"{i} {p}\t{p} 과일.\tentailment\n{i} {p}\t기차 역.\tcontradiction\n"
+            for i, p in enumerate(["사과 바나나.", long] * 8)))
     out = str(tmp_path / "out")
     methods[folder].train.main(cli(folder, models, synthetic_data, out) + ["--train_file", train])
     captured = capsys.readouterr()

@@ -309,6 +309,7 @@ class BatchPlan:
     ``--resume`` exact."""
 
     def __init__(self, num_examples, global_batch, seed, rank=0, world_size=1, drop_last=True):
+        self.requested = global_batch  # more than the examples: one batch of all of them (said by describe_stage)
         global_batch = min(global_batch, num_examples)
         if global_batch % world_size:
             raise ValueError(f"--batch_size {global_batch} is not divisible by the {world_size} processes")

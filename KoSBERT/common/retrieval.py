@@ -231,9 +231,12 @@ def beir_folder_problem(name, data_dir):
     corpus = os.path.join(folder, "corpus.jsonl")
     if os.path.isdir(corpus):
         return f"{corpus} is a directory, not a file"
-    near = sorted(f for f in os.listdir(folder) if f.startswith("corpus"))
-    return (f"{folder} is a folder without corpus.jsonl" + (f" (it has {', '.join(near)})" if near else "")
-            + "; a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/test.tsv")
+    near = sorted(f for f in os.listdir(folder) if f.startswith(("corpus", "queries", "qrels")))
+    if not near:  # nothing of a BEIR folder: most likely an STS file's path that is a folder
+        return (f"{folder}: is a directory, not a file (an STS set is a file; a retrieval set a BEIR folder with "
+                f"corpus.jsonl, queries.jsonl and qrels/test.tsv)")
+    return (f"{folder} is a folder without corpus.jsonl (it has {', '.join(near)}); a BEIR folder holds "
+            f"corpus.jsonl, queries.jsonl and qrels/test.tsv")
 
 
 def load_retrieval(name, data_dir):

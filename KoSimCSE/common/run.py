@@ -144,6 +144,11 @@ class Run:
         folder (a new run) or cut its log back to the checkpoint (a resumed one)."""
         args = self.args
         args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
+        pairs = str(getattr(args, "mode", "")).startswith("pairs")  # the modes that read --passage_max_len
+        for flag in ("max_len", "passage_max_len") if pairs else ("max_len",):  # beyond the position table: a
+            if getattr(args, flag) > args.eval_max_len:                           # crash at the first long text
+                raise SystemExit(f"error: --{flag} {getattr(args, flag)}: {args.model} takes at most "
+                                 f"{args.eval_max_len} tokens; give at most that")
         evaluate = None
         if self.rank == 0:
             evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,

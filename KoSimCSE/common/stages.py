@@ -153,7 +153,10 @@ def autocast_dtype(args):
 
 
 def describe_stage(args, stage, sources, world, total_steps, steps_per_epoch):
-    sizes = ", ".join(f"{s.name} {len(s.dataset):,} examples / {len(s.plan):,} batches" for s in sources)
+    sizes = ", ".join(f"{s.name} {len(s.dataset):,} examples / {len(s.plan):,} batches"
+                      + (f" (a batch of {s.plan.requested:,} asked for, more than there are: batches of "
+                         f"{s.plan.global_batch:,})" if s.plan.requested > s.plan.global_batch else "")
+                      for s in sources)
     return (f"[{stage.name}] {sizes}; batch {args.batch_size}"
             + (f" ({world} processes x {sources[0].plan.local_batch})" if world > 1 else "")
             + f", {total_steps:,} steps ({steps_per_epoch:,} per epoch), eval every {args.eval_steps} on {args.dev_file}")
