@@ -31,6 +31,11 @@ TOPICS = [
 FILLERS = ["그리고", "오늘", "정말", "아주", "다시", "함께"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (trains, spawns processes or reads the real "
+                                       "data); `python -m pytest -q -m \"not slow\" tests` is the fast inner loop")
+
+
 def load_method(folder):
     """Import <folder>/{dataloader,model,evaluation,train}.py and its common/ package as a namespace,
     isolated from other folders: ``ns.train``, ``ns.model``, ..., and each common module by its name

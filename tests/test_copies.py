@@ -2,12 +2,15 @@
 import os
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "utils"))
 import check_copies  # noqa: E402
 
 
+@pytest.mark.slow
 def test_method_folders_copies_are_in_sync():
     problems = check_copies.check(ROOT)
     assert problems == [], "\n".join(problems)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 DATA = os.path.join(ROOT, "data")
@@ -12,6 +14,7 @@ import build_wiki_corpus  # noqa: E402
 import check_data  # noqa: E402
 
 
+@pytest.mark.slow
 def test_check_data_counts_real_files(shared_data):
     lines, problems = check_data.check(shared_data)
     assert problems == 0, lines
@@ -41,6 +44,7 @@ echo "curl: (22) The requested URL returned error: 404" >&2; exit 22
 """
 
 
+@pytest.mark.slow
 def test_download_script_verifies_resumes_and_stops_clearly(shared_data, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

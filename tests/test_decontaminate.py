@@ -103,6 +103,7 @@ def test_training_run_records_the_report_and_trains_without_dropped_rows(kosimcs
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_DATA, "KLUE-NLI", "klue_nli_train.tsv")),
                     reason="the shared data is not beside the checkout")
+@pytest.mark.slow
 def test_finds_the_overlap_of_the_real_klue_nli_train_file(kosimcse, tmp_path):
     """KLUE-NLI train (24,998 pairs) shares a few sentences with KLUE-NLI dev and KLUE-STS dev (measured: 3 and 1)."""
     args, report, _ = guard(kosimcse, SHARED_DATA, "warn", tmp_path, files=("KLUE-NLI/klue_nli_train.tsv",))

@@ -43,6 +43,7 @@ def test_bmk_protocol_averages_shuffled_batches(kosimcse):
     assert got["avg"] != pytest.approx(whole["avg"])
 
 
+@pytest.mark.slow
 def test_metrics_agree_with_sentence_transformers_evaluator(kosimcse, sup_run, synthetic_data):
     st_module = pytest.importorskip("sentence_transformers")
     from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
@@ -80,6 +81,7 @@ def test_search_finds_planted_sentence_across_chunks(kosimcse, sup_run, tmp_path
     assert [[h[1] for h in row] for row in hits] == brute.indices.tolist()
 
 
+@pytest.mark.slow
 def test_search_and_cluster_cli_output(kosimcse, sup_run, tmp_path, capsys):
     _, best = sup_run
     kosimcse.evaluation.main(["--model_dir", best, "--task", "search", "--top_k", "2"])
@@ -92,6 +94,7 @@ def test_search_and_cluster_cli_output(kosimcse, sup_run, tmp_path, capsys):
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_several_tasks_run_in_order_on_one_loaded_model(kosimcse, sup_run, synthetic_data, tmp_path, capsys,
                                                         monkeypatch):
     """--task sts search (run_example.sh's call): the STS rows, then the search demo, one model load; the

@@ -34,6 +34,7 @@ def uninterrupted(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
     return dev_scores(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["checkpoint", "best_model", "best_model-safetensors"])
 def test_full_disk_during_a_save_keeps_the_previous_one(kosimcse, tiny_bert, synthetic_data, tmp_path,
                                                         monkeypatch, uninterrupted, what):
@@ -117,6 +118,7 @@ def test_a_corrupt_checkpoint_is_a_clear_error_on_resume(kosimcse, tiny_bert, sy
         kosimcse.train.main(["--resume", out])
 
 
+@pytest.mark.slow
 def test_a_finished_run_removes_its_checkpoint_unless_asked_to_keep_it(kosimcse, tiny_bert, synthetic_data,
                                                                         tmp_path, capsys, monkeypatch):
     """The checkpoint (weights + Adam moments, 3x the model) only serves --resume of an unfinished run: once
@@ -144,6 +146,7 @@ def test_a_finished_run_removes_its_checkpoint_unless_asked_to_keep_it(kosimcse,
     assert torch.load(os.path.join(crashed, "checkpoint", "state.pt"), weights_only=False)["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_output_folder_is_refused(kosimcse, tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, TRAIN, *cli(tiny_bert, synthetic_data, out, "--max_steps", "100000",
@@ -166,6 +169,7 @@ def test_a_second_run_on_a_live_output_folder_is_refused(kosimcse, tiny_bert, sy
     kosimcse.train.main(cli(tiny_bert, synthetic_data, out, "--overwrite_output_dir", "--max_steps", "2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["while_writing", "after_first_rename", "after_second_rename"])
 def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(kosimcse, tiny_bert, synthetic_data, tmp_path,
                                                               monkeypatch, uninterrupted, point):

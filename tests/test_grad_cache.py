@@ -34,6 +34,7 @@ def assert_same_step(a, b, tol=1e-5):
     assert worst < tol, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, mini", [("sup", 5), ("sup", 8), ("unsup", 3)])
 def test_cached_step_equals_uncached_step(kosimcse, tiny_bert_no_dropout, mode, mini):
     model = kosimcse.model.SentenceEncoder.from_pretrained(tiny_bert_no_dropout, pooler="cls").train()
@@ -78,6 +79,7 @@ def test_cached_step_replays_the_dropout_masks(kosimcse, tiny_bert):
     assert other_seed[0] != pytest.approx(reference[0], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cached_ddp_step_equals_single_process_uncached(tiny_bert_no_dropout, tmp_path):
     script = os.path.join(ROOT, "tests", "scripts", "ddp_step.py")
     method = os.path.join(ROOT, "KoSimCSE")

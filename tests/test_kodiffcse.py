@@ -270,6 +270,7 @@ def test_generator_runs_with_dropout_unless_generator_eval(dc, tok, tiny_bert, g
         assert (not torch.equal(first, second)) is differ, flags
 
 
+@pytest.mark.slow
 def test_rtd_loss_alone_reaches_the_encoder(dc, tok, model):
     batch = batch_of(tok, ["사과 바나나 포도 딸기.", "바다 파도 모래.", "사과 바나나 포도 딸기.", "바다 파도 모래."])
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -306,6 +307,7 @@ def test_total_loss_is_computed_once(dc, tok, model, monkeypatch):
         assert r > 0 and loss.requires_grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("projection, pooler", [("mlp", "cls"), ("pooler", "pooler")])
 def test_lambda_zero_step_equals_kosimcse_unsup_step_with_dropout(dc, tok, tiny_bert, generator, projection,
                                                                   pooler):
@@ -383,6 +385,7 @@ def test_missing_generator_names_the_generator_flag(dc, tiny_bert, synthetic_dat
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--masking", "dynamic", "--projection", "bn_mlp"]])
 def test_train_save_reload_and_evaluate(dc, tiny_bert, generator, synthetic_data, tmp_path, extra):
     st = pytest.importorskip("sentence_transformers")
@@ -446,6 +449,7 @@ def test_defaults_are_bmk_and_bn_mlp_is_diffcses_projection(dc, tok, tiny_bert, 
     assert [m.affine for m in norms] == [True, False]
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, generator, tmp_path):
     """torchrun (gloo, 2 processes) vs one process: the same training_step gradients, the RTD part
     included (its loss is local to each rank, so it must not be scaled by the world size as the gathered
@@ -472,6 +476,7 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout
     assert worst < 1e-5, worst
 
 
+@pytest.mark.slow
 def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_path):
     from conftest import ROOT, torchrun
     out = str(tmp_path / "ddp")
@@ -485,6 +490,7 @@ def test_torchrun_training_end_to_end(tiny_bert, generator, synthetic_data, tmp_
     assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_reaches_the_same_result(dc, tiny_bert, generator, synthetic_data, tmp_path):
     """Dropout (generator included) and the dynamic masking all draw from the restored RNG states: every
     loss after the resume and every dev score equal the uninterrupted run's."""

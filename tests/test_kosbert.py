@@ -110,6 +110,7 @@ def sts_run(kosbert, tiny_bert, synthetic_data, tmp_path_factory):
     return out, best
 
 
+@pytest.mark.slow
 def test_sts_training_improves_held_out_pairs_and_logs(kosbert, tiny_bert, synthetic_data, sts_run, capsys):
     out, best = sts_run
     log = read_log(out)
@@ -150,6 +151,7 @@ def test_sts_model_loads_in_transformers_and_sentence_transformers(sts_run):
     assert_loads_equal(sts_run[1])
 
 
+@pytest.mark.slow
 def test_nli_task_trains_classifier_but_saves_encoder_only(kosbert, tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "nli")
     best = run_train(kosbert, tiny_bert, synthetic_data, out, "--mode", "nli", "--train_file",
@@ -164,6 +166,7 @@ def test_nli_task_trains_classifier_but_saves_encoder_only(kosbert, tiny_bert, s
     assert_loads_equal(best)
 
 
+@pytest.mark.slow
 def test_nli_sts_continues_from_best_nli_checkpoint(kosbert, tiny_bert, synthetic_data, tmp_path, capsys):
     out = str(tmp_path / "nli_sts")
     best = run_train(kosbert, tiny_bert, synthetic_data, out, "--mode", "nli_sts", "--nli_file",
@@ -176,6 +179,7 @@ def test_nli_sts_continues_from_best_nli_checkpoint(kosbert, tiny_bert, syntheti
     assert_loads_equal(best)
 
 
+@pytest.mark.slow
 def test_multitask_alternates_both_sources(kosbert, tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "multi")
     # NLI 300 pairs -> 19 batches, STS 120 pairs -> 8 batches: 27 steps, 8 of them STS

@@ -17,6 +17,7 @@ def kosbert():
     return load_method("KoSBERT")
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, tmp_path):
     """The SBERT losses are means over pairs, so DDP's gradient average over equal slices must equal one
     process on the whole batch: checked for the NLI softmax (classifier included) and STS regression."""
@@ -29,6 +30,7 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout
     assert any(k.startswith("classifier.") for k in a["nli"]["grads"])
 
 
+@pytest.mark.slow
 def test_torchrun_nli_sts_end_to_end(tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "ddp")
     run = torchrun(TRAIN, "--model", tiny_bert, "--data_dir", synthetic_data, "--mode", "nli_sts", "--nli_file",
@@ -53,6 +55,7 @@ def dev_lines(out):
     return [e for e in map(json.loads, open(os.path.join(out, "train_log.jsonl"))) if "dev" in e]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_result(tiny_bert, synthetic_data, tmp_path):
     """multitask: the kill lands mid-epoch, so the resumed run must find its place in both sources."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -75,6 +78,7 @@ def test_resume_after_sigkill_reaches_the_same_result(tiny_bert, synthetic_data,
     assert steps == sorted(set(steps))  # the lines after the checkpoint were dropped, not duplicated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_after", [1, 3], ids=["in-nli-stage", "in-sts-stage"])
 def test_nli_sts_resumes_in_either_stage(kosbert, tiny_bert, synthetic_data, tmp_path, monkeypatch, crash_after):
     """A crash right after the n-th checkpoint: in the NLI stage (resume it, then run STS) or in the STS

@@ -90,6 +90,7 @@ def test_loss_matches_hand_computation(t5):
     assert t5.model.contrastive_loss(z, 2, tau).item() == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, extra", [("t5", []), ("t5", ["--st5_head"]), ("bart", [])])
 def test_train_save_reload_and_evaluate(t5, tiny_t5, tiny_bart, synthetic_data, tmp_path, arch, extra):
     st = pytest.importorskip("sentence_transformers")
@@ -115,6 +116,7 @@ def test_train_save_reload_and_evaluate(t5, tiny_t5, tiny_bart, synthetic_data, 
     assert row["n_pairs"] == 120 and set(t5.sts.METRICS) <= set(row["metrics"])
 
 
+@pytest.mark.slow
 def test_training_beats_untrained_on_held_out_pairs(t5, tiny_t5, synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     common = ["--data_dir", synthetic_data, "--dataset", "korsts-test", "--output_json"]
@@ -127,6 +129,7 @@ def test_training_beats_untrained_on_held_out_pairs(t5, tiny_t5, synthetic_data,
     assert after > before + 10, (before, after)
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_t5, tmp_path):
     """torchrun (gloo, 2 processes, embeddings all-gathered) vs one process on the same global batch."""
     import subprocess
@@ -145,6 +148,7 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_t5, tmp_path):
     assert worst < 1e-5, worst
 
 
+@pytest.mark.slow
 def test_torchrun_training_end_to_end(tiny_t5, synthetic_data, tmp_path):
     from conftest import ROOT, torchrun
     out = str(tmp_path / "ddp")
@@ -158,6 +162,7 @@ def test_torchrun_training_end_to_end(tiny_t5, synthetic_data, tmp_path):
     assert os.path.isfile(os.path.join(out, "best_model", "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_reaches_the_same_result(t5, tiny_t5, synthetic_data, tmp_path):
     def args(out):
         return ["--model", tiny_t5, "--mode", "sup", "--data_dir", synthetic_data, "--train_file",

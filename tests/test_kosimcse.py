@@ -64,6 +64,7 @@ def test_saved_model_loads_in_transformers_and_sentence_transformers(kosimcse, s
     np.testing.assert_allclose(ours, st.encode(sentences, batch_size=2), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unsup_mlp_only_train_saves_raw_cls(kosimcse, tiny_bert, synthetic_data, tmp_path):
     best = run_train(kosimcse, tiny_bert, synthetic_data, str(tmp_path / "unsup"), "--mode", "unsup",
                      "--max_steps", "6", "--eval_steps", "3", "--max_train_samples", "200")

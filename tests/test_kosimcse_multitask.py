@@ -19,6 +19,7 @@ def common(tiny_bert, data, out, *extra):
             "--logging_steps", "1", "--eval_steps", "1000", "--lr", "1e-3", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_multitask_interleaves_contrastive_and_sts_batches(kosimcse, tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "multi")
     # 160 triplets / 16 = 10 NLI batches, 120 STS pairs / 8 = 15 STS batches: 25 steps an epoch
@@ -46,6 +47,7 @@ def test_sts_step_is_cosine_regression(kosimcse, tiny_bert):
     assert logged["loss"] is loss
 
 
+@pytest.mark.slow
 def test_sup_sts_continues_from_the_best_sup_checkpoint(kosimcse, tiny_bert, synthetic_data, tmp_path, capsys):
     out = str(tmp_path / "seq")
     kosimcse.train.main(common(tiny_bert, synthetic_data, out, "--mode", "sup_sts", "--epochs", "1",
@@ -57,6 +59,7 @@ def test_sup_sts_continues_from_the_best_sup_checkpoint(kosimcse, tiny_bert, syn
     assert "[sts] continuing from sup_model" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_multitask_resumes_exactly(kosimcse, tiny_bert, synthetic_data, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     extra = ["--mode", "multitask", "--eval_steps", "8", "--max_steps", "20"]
@@ -101,6 +104,7 @@ def test_training_max_len_never_truncates_evaluation(kosimcse, tiny_bert, synthe
     assert json.load(open(os.path.join(out, "args.json")))["max_len"] == 6
 
 
+@pytest.mark.slow
 def test_early_stop_evals_ends_the_stage_and_resumes_exactly(kosimcse, tiny_bert, synthetic_data, tmp_path, capsys):
     """--early_stop_evals 3 with lr 1e-30 (below every weight's float32 step, so every dev score equals the
     first): evaluations at steps 1-4, the
@@ -178,6 +182,7 @@ def test_paired_schedule_is_sentence_transformers_fit_order(kosimcse, sizes):
     assert all(batch[1] == epoch for epoch, _, batch in got)
 
 
+@pytest.mark.slow
 def test_paired_multitask_has_an_optimizer_per_source_and_resumes_exactly(kosimcse, tiny_bert, synthetic_data,
                                                                          tmp_path):
     """10 NLI and 15 STS batches: 10 rounds of (NLI, STS) an epoch, 20 steps. Each source has its own

@@ -14,6 +14,7 @@ from conftest import ROOT, sigkill_after_checkpoint, torchrun
 TRAIN = os.path.join(ROOT, "KoSimCSE", "train.py")
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout, tmp_path):
     script = os.path.join(ROOT, "tests", "scripts", "ddp_step.py")
     method = os.path.join(ROOT, "KoSimCSE")
@@ -28,6 +29,7 @@ def test_ddp_step_equals_single_process_on_the_global_batch(tiny_bert_no_dropout
     assert worst < 1e-5, worst
 
 
+@pytest.mark.slow
 def test_torchrun_training_end_to_end(tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "ddp")
     run = torchrun(TRAIN, "--model", tiny_bert, "--data_dir", synthetic_data, "--mode", "sup", "--train_file",
@@ -50,6 +52,7 @@ def final_dev(out):
     return [e["dev"] for e in map(json.loads, open(os.path.join(out, "train_log.jsonl"))) if "dev" in e]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_result(tiny_bert, synthetic_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     straight = str(tmp_path / "straight")

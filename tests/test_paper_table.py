@@ -290,6 +290,7 @@ def test_dry_run_resumes_a_crashed_table(tmp_path, monkeypatch):
     assert cmds[3][1] == "@KoSentenceT5/presets/bmk-kosentencet5.args"
 
 
+@pytest.mark.slow
 def test_proxy_dry_run_uses_tiny_models_and_the_public_nli_sets(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out, data = str(tmp_path / "proxy"), str(tmp_path / "data")  # no KorNLI train files there
@@ -313,6 +314,7 @@ def test_proxy_dry_run_uses_tiny_models_and_the_public_nli_sets(tmp_path, monkey
                              "--mode multitask (added on main))"]
 
 
+@pytest.mark.slow
 def test_proxy_run_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch):
     """--proxy on the T5 row (no local pretrained T5): a tiny T5 is built from the data's wiki lines, trained,
     evaluated, and the table labels the row "proxy, wiring only" without a difference; a rerun skips it."""

@@ -27,6 +27,7 @@ def test_write_config_merges_prompts_with_matryoshka(kosimcse, tmp_path):
                       "default_prompt_name": None}
 
 
+@pytest.mark.slow
 def test_set_prompts_and_sentence_transformers_prompt_name(kosimcse, tiny_run, capsys):
     from sentence_transformers import SentenceTransformer
     config_file = os.path.join(tiny_run, "config_sentence_transformers.json")

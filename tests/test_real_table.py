@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "utils"))
 import real_table as rt  # noqa: E402
 
 
+@pytest.mark.slow
 def test_two_step_table_end_to_end_and_resumes(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     data = write_synthetic_data(str(tmp_path / "data"), n_nli=60, n_sts=60, n_wiki=300)
@@ -72,6 +73,7 @@ def test_time_column_leaves_out_runs_that_shared_the_cpu(tmp_path):
         model="m", data_dir="d", bf16=True))
 
 
+@pytest.mark.slow
 def test_run_logged_counts_other_processes_cpu(tmp_path):
     """run_logged's third figure: CPU seconds the rest of the machine used while the command ran (a process
     burning CPU beside a sleeping command shows; the command's own CPU is not counted)."""
@@ -123,6 +125,7 @@ def test_choose_alpha_keeps_retrieval_then_takes_the_best_sts():
     assert rt.choose_alpha(dev, {"korsts-dev": 80.0, "ict-dev": 60.0}) == 0.3  # none keeps it: the best retrieval
 
 
+@pytest.mark.slow
 def test_merged_row_chooses_alpha_on_dev(tiny_bert, tmp_path, monkeypatch):
     """The prompts row trains 2 steps, the merged row merges it at every grid alpha, scores them on KorSTS dev and
     the ICT dev split built from the wiki, keeps the chosen one, and the table shows it."""

@@ -122,6 +122,7 @@ def test_bad_inputs_stop_with_file_and_line(kosimcse, ret, tmp_path, case):
     assert "\n" not in str(e.value) and str(e.value).startswith(folder)
 
 
+@pytest.mark.slow
 def test_bad_input_cli_prints_one_error_line(tiny_bert, tmp_path):
     folder = write_beir(str(tmp_path / "bad"), **BAD["missing_doc"][0])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "KoSimCSE", "evaluation.py"), "--model_dir", tiny_bert,
@@ -152,6 +153,7 @@ def test_real_retrieval_sets_match_mteb_counts(ret):
     assert (round(sum(lengths) / len(lengths), 1), min(lengths), max(lengths)) == (823.6, 7, 2484)
 
 
+@pytest.mark.slow
 def test_several_truncate_dims_score_from_one_encoding(kosimcse, tiny_bert, synthetic_data, tmp_path, monkeypatch):
     """--truncate_dim 32 16 4: a row per dimension for sts and retrieval, each equal to a run with that one
     dimension, while the backbone encodes every batch once (the truncations reuse the full-width embeddings)."""
@@ -190,6 +192,7 @@ def test_several_truncate_dims_score_from_one_encoding(kosimcse, tiny_bert, synt
         ev.parse_args(["--model_dir", "x", "--task", "search", "--truncate_dim", "8", "4"])
 
 
+@pytest.mark.slow
 def test_retrieval_speed_bench_runs_and_agrees_with_sentence_transformers(tiny_bert, tmp_path):
     """bench/retrieval_speed.py on a BEIR folder: both encoders timed, and their embeddings the same texts' (cos 1)."""
     pytest.importorskip("sentence_transformers")

@@ -53,6 +53,7 @@ def test_training_text_carries_the_query_prefix(kosbert, tiny_bert, synthetic_da
     assert ((lengths_with - lengths_without) == n).all()  # the prefix and nothing else was added
 
 
+@pytest.mark.slow
 def test_dev_evaluation_and_saved_prompts_follow_the_training_prefix(prompted_run, tiny_bert, synthetic_data):
     """The saved folder records both prompts; evaluation.py then applies them, and so does sentence-transformers."""
     best = os.path.join(prompted_run, "best_model")
@@ -75,6 +76,7 @@ def merge(*args):
     return subprocess.run([sys.executable, MERGE, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_merge_endpoints_are_exact_and_the_folder_is_kept(prompted_run, tiny_bert, tmp_path):
     best = os.path.join(prompted_run, "best_model")
     out = str(tmp_path / "merged")
@@ -101,12 +103,14 @@ def test_merge_endpoints_are_exact_and_the_folder_is_kept(prompted_run, tiny_ber
     assert again.returncode == 0 and "already merged" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", ["1.5", "-0.1", "nan", "x"])
 def test_merge_refuses_a_weight_outside_0_1(alpha, tmp_path):
     r = merge(str(tmp_path), str(tmp_path), "--alpha", alpha, "--output_dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "--alpha" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_merge_refuses_two_architectures(prompted_run, tmp_path):
     from transformers import BertConfig, BertModel
     other = str(tmp_path / "wider")
@@ -140,6 +144,7 @@ def write_pairs_inputs(root):
     return os.path.join(root, "pairs.tsv"), os.path.join(root, "beir")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tsv", "beir"])
 def test_pairs_training_runs_from_tsv_and_beir(which, kosimcse, tiny_bert, synthetic_data, tmp_path):
     tsv, beir = write_pairs_inputs(str(tmp_path))
