@@ -40,19 +40,17 @@ import sys
 
 import torch
 
-from common.data import DEFAULT_DATA_DIR, STS_SPLITS, DataError, read_sts, resolve_path
+from common.data import DEFAULT_DATA_DIR, DataError, read_sts, resolve_path
 from common.files import check_device, one_line_errors, require_file, save_json_atomic
-from common.folder import FolderEncoder
+from common.folder import BACKENDS, FolderEncoder
 from common.index import add_index_args, load_index, run_index
 from common.mining import add_mining_args, check_mining_args, run_mine
 from common.model_card import write_model_card
-from common.retrieval import (RETRIEVAL_DATASETS, beir_folder_problem, evaluate_retrieval, format_retrieval_table,
-                              is_retrieval_dataset, load_retrieval, mteb_result)
+from common.retrieval import evaluate_retrieval, format_retrieval_table, load_retrieval, mteb_result, route_datasets
 from common.search import run_cluster, run_search
 from common.sts import evaluate_sts, format_table
 
 TASKS = ("sts", "search", "index", "cluster", "retrieval", "mine")
-RETRIEVAL_DEFAULT = ["autorag", "korquad-dev"]
 
 
 def parse_args(argv=None):
@@ -95,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--mteb_dir", default=None, help="retrieval: write one <Task>.json per dataset here, in MTEB's "
                    "result layout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="torch, or the folder's ONNX export "
+                   "(utils/export_onnx.py) run by onnxruntime on the CPU: onnx (float32), onnx-int8 (dynamic int8)")
     p.add_argument("--corpus_file", default=None, help="search: one sentence per line (default: the README example corpus)")
     p.add_argument("--queries", nargs="+", default=None, help="search: query sentences (default: the README examples)")
     p.add_argument("--queries_file", default=None, help="search: one query per line")
@@ -116,6 +116,8 @@ def parse_args(argv=None):
         if value is not None and value < least:
             p.error(f"--{name} {value}: must be at least {least}")
     check_device(p, args.device)
+    if args.backend != "torch" and args.device != "cpu":
+        p.error(f"--backend {args.backend} runs on the CPU (onnxruntime's CPU provider): use --device cpu")
     if args.truncate_dim:
         args.truncate_dim = list(dict.fromkeys(args.truncate_dim))  # each width scored once
     if args.truncate_dim and min(args.truncate_dim) < 1:
@@ -131,18 +133,7 @@ def parse_args(argv=None):
         check_mining_args(p, args)
     if "index" in args.task and "search" in args.task:
         p.error("--task index and search: build the index first, then search it with --task search --index_dir")
-    names = list(dict.fromkeys(args.dataset or []))  # each set once
-    for name in names:  # a name is an STS set or file, or a retrieval set or BEIR folder; anything else stops here
-        if not (name in STS_SPLITS or is_retrieval_dataset(name, args.data_dir)
-                or os.path.isfile(resolve_path(name, args.data_dir))):
-            p.error(f"--dataset {name}: " + (beir_folder_problem(name, args.data_dir) or (
-                f"not a known set, a file or a BEIR folder (STS: {', '.join(STS_SPLITS)} or a KorSTS / KLUE-STS "
-                f"file; retrieval: {', '.join(RETRIEVAL_DATASETS)} or a folder with corpus.jsonl, queries.jsonl "
-                f"and qrels/test.tsv)")))
-    args.retrieval_datasets = [n for n in names if is_retrieval_dataset(n, args.data_dir)]
-    args.sts_datasets = [n for n in names if not is_retrieval_dataset(n, args.data_dir)]
-    if not names:
-        args.retrieval_datasets, args.sts_datasets = RETRIEVAL_DEFAULT, ["korsts-test"]
+    args.sts_datasets, args.retrieval_datasets = route_datasets(p, args.dataset, args.data_dir)
     if "sts" in args.task and not args.sts_datasets:
         p.error("--task sts: --dataset names no STS set (korquad-dev, autorag and BEIR folders are retrieval sets)")
     if "retrieval" in args.task and not args.retrieval_datasets:
@@ -228,7 +219,7 @@ def main(argv=None):
     retrieval = ({name: load_retrieval(name, args.data_dir) for name in args.retrieval_datasets}
                  if "retrieval" in args.task else {})
     try:
-        encoder = FolderEncoder(args.model_dir, pooling=args.pooling)
+        encoder = FolderEncoder(args.model_dir, pooling=args.pooling, backend=args.backend)
         encoder = encoder.to(args.device).eval()
         dims = args.truncate_dim or [encoder.truncate_dim]  # given, else the folder's own (None: all)
         for dim in dims:

@@ -3,6 +3,7 @@
 [Dense] -> [Normalize]), so its embeddings are those of ``SentenceTransformer(folder).encode``."""
 import json
 import os
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -24,14 +25,68 @@ def load_backbone(path):
     return AutoModel.from_pretrained(path, dtype=torch.float32)
 
 
+ONNX_DIR = "onnx"  # utils/export_onnx.py writes here, in sentence-transformers' ONNX backend layout
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def int8_file_name(isa):
+    """sentence-transformers' name of a dynamically quantized export for an instruction set (avx512_vnni, ...)."""
+    return f"model_qint8_{isa}.onnx"
+
+
+def transformer_dir(path):
+    """The folder of a saved model's Transformer module (modules.json), else ``path`` itself."""
+    modules_file = os.path.join(path, "modules.json")
+    if os.path.isfile(modules_file):
+        with open(modules_file) as f:
+            for module in json.load(f):
+                if module["type"].rsplit(".", 1)[-1] == "Transformer":
+                    return os.path.join(path, module["path"])
+    return path
+
+
+class OnnxBackbone(nn.Module):
+    """The transformer of a folder exported by utils/export_onnx.py, run by onnxruntime on the CPU; called as
+    the torch backbone is (input_ids, attention_mask), it returns an object with ``last_hidden_state``.
+    ``backend``: onnx (onnx/model.onnx) or onnx-int8 (the onnx/model_qint8_*.onnx there)."""
+
+    def __init__(self, folder, backend, config):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ValueError(f"--backend {backend} needs onnxruntime: pip install onnxruntime") from None
+        onnx_dir = os.path.join(folder, ONNX_DIR)
+        present = sorted(os.listdir(onnx_dir)) if os.path.isdir(onnx_dir) else []
+        wanted = "model.onnx" if backend == "onnx" else "model_qint8_*.onnx"
+        names = [f for f in present if f == "model.onnx"] if backend == "onnx" else [
+            f for f in present if f.startswith("model_qint8_")]
+        if not names:
+            raise ValueError(f"--backend {backend}: {onnx_dir} has no {wanted}; export it first: python "
+                             f"utils/export_onnx.py {folder}")
+        self.file, self.config = os.path.join(onnx_dir, names[0]), config
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        try:
+            self.session = onnxruntime.InferenceSession(self.file, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # an int8 file made for instructions this CPU lacks, a damaged file
+            raise ValueError(f"onnxruntime cannot run {self.file}: {' '.join(str(e).split())[:300]}") from None
+
+    def forward(self, input_ids, attention_mask):
+        (hidden,) = self.session.run(["last_hidden_state"], {"input_ids": input_ids.cpu().numpy(),
+                                                              "attention_mask": attention_mask.cpu().numpy()})
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
+
+
 class FolderEncoder(nn.Module):
     """Embeddings of a saved model folder, computed as sentence-transformers computes them. ``truncate_dim``
     keeps the first D dimensions of the output (after any Normalize, as SentenceTransformer(truncate_dim=D)
-    does); None: the folder's own ``truncate_dim`` in config_sentence_transformers.json, if any."""
+    does); None: the folder's own ``truncate_dim`` in config_sentence_transformers.json, if any. ``backend``:
+    torch, or the folder's ONNX export run by onnxruntime (onnx: float32, onnx-int8: dynamic int8)."""
 
-    def __init__(self, path, pooling=None, truncate_dim=None):
+    def __init__(self, path, pooling=None, truncate_dim=None, backend="torch"):
         super().__init__()
-        transformer_dir, self.pooling, self.normalize = path, pooling, False
+        module_dir, self.pooling, self.normalize = path, pooling, False
         self.heads = nn.ModuleList()
         modules_file = os.path.join(path, "modules.json")
         if os.path.isfile(modules_file):
@@ -40,7 +95,7 @@ class FolderEncoder(nn.Module):
             for module in modules:
                 kind, sub = module["type"].rsplit(".", 1)[-1], os.path.join(path, module["path"])
                 if kind == "Transformer":
-                    transformer_dir = sub
+                    module_dir = sub
                 elif kind == "Pooling":
                     self.pooling = _pooling_mode(os.path.join(sub, "config.json"))
                 elif kind == "Dense":
@@ -53,12 +108,18 @@ class FolderEncoder(nn.Module):
             raise ValueError(f"{path} has no modules.json, so its pooling is unknown: pass --pooling "
                              f"(cls for [CLS], mean for mean pooling, pooler for pooler_output)")
         try:
-            self.tokenizer = load_tokenizer(transformer_dir)
+            self.tokenizer = load_tokenizer(module_dir)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a tokenizer from {transformer_dir}: {e}") from None
-        self.backbone = load_backbone(transformer_dir)
+            raise ValueError(f"cannot load a tokenizer from {module_dir}: {e}") from None
+        if backend == "torch":
+            self.backbone = load_backbone(module_dir)
+        elif self.pooling == "pooler":
+            raise ValueError(f"--backend {backend}: the export holds the token embeddings only; pooler pooling needs "
+                             f"--backend torch")
+        else:
+            self.backbone = OnnxBackbone(module_dir, backend, AutoConfig.from_pretrained(module_dir))
         self.max_len = None
-        config_file = os.path.join(transformer_dir, "sentence_bert_config.json")
+        config_file = os.path.join(module_dir, "sentence_bert_config.json")
         if os.path.isfile(config_file):
             with open(config_file) as f:
                 self.max_len = json.load(f).get("max_seq_length")

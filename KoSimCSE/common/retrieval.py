@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from common.data import DataError, iter_lines, not_a_file
+from common.data import STS_SPLITS, DataError, iter_lines, not_a_file, resolve_path
 from common.encoding import encode
 from common.index import build_faiss_index
 
@@ -236,6 +236,24 @@ def beir_folder_problem(name, data_dir):
                 f"corpus.jsonl, queries.jsonl and qrels/test.tsv)")
     return (f"{folder} is a folder without corpus.jsonl (it has {', '.join(near)}); a BEIR folder holds "
             f"corpus.jsonl, queries.jsonl and qrels/test.tsv")
+
+
+def route_datasets(parser, names, data_dir, default_sts=("korsts-test",), default_retrieval=("autorag", "korquad-dev")):
+    """(STS sets, retrieval sets) of evaluation.py's --dataset ``names`` (each once, in order); none given: the
+    defaults. A name is an STS set (korsts-test, ...) or file, or a retrieval set (korquad-dev, autorag) or BEIR
+    folder; anything else is refused with parser.error naming the known sets or what a folder lacks, so a typo
+    never runs something else."""
+    names = list(dict.fromkeys(names or []))
+    if not names:
+        return list(default_sts), list(default_retrieval)
+    for name in names:
+        if not (name in STS_SPLITS or is_retrieval_dataset(name, data_dir) or os.path.isfile(resolve_path(name, data_dir))):
+            parser.error(f"--dataset {name}: " + (beir_folder_problem(name, data_dir) or (
+                f"not a known set, a file or a BEIR folder (STS: {', '.join(STS_SPLITS)} or a KorSTS / KLUE-STS "
+                f"file; retrieval: {', '.join(RETRIEVAL_DATASETS)} or a folder with corpus.jsonl, queries.jsonl "
+                f"and qrels/test.tsv)")))
+    retrieval = [n for n in names if is_retrieval_dataset(n, data_dir)]
+    return [n for n in names if n not in retrieval], retrieval
 
 
 def load_retrieval(name, data_dir):
