@@ -5,7 +5,8 @@ fingerprints, and the JSON-lines training log.
 
 The checkpoint is one ``state.pt`` per run (torch.save of the model, optimizer, schedule and RNG states):
 torch.distributed.checkpoint's sharded layout does the job for models split over ranks; here every rank
-holds the whole model and only rank 0 writes.
+holds the whole model and only rank 0 writes. Saved models are written by transformers' save_pretrained
+(safetensors); state.pt holds optimizer and RNG state too, which safetensors does not store.
 """
 import hashlib
 import json

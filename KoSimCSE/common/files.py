@@ -88,7 +88,8 @@ class FolderLock:
     is refused with SystemExit(``in_use(pid of the holder)``). The kernel drops the lock when its process
     exits, so a crashed or killed holder leaves no stale lock behind (its file, with the dead holder's pid,
     is simply taken over); ``release`` removes the file, and the folder too if the lock created it and
-    nothing else is in it."""
+    nothing else is in it. (filelock's FileLock takes the same flock but cannot say who holds it, and leaves its
+    file or folder behind: the one-line refusal naming the live run's pid is why this is kept.)"""
 
     def __init__(self, folder, in_use):
         self.path, self.file, self.created = os.path.join(folder, ".lock"), None, not os.path.isdir(folder)
