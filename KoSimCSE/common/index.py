@@ -2,7 +2,8 @@
 --index_dir D`` answers queries from it.
 
 Layout of a complete index D/:
-  embeddings.npy   (count, dim) float32 or float16, L2-normalised rows (inner product = cosine)
+  embeddings.npy   (count, dim) float32, or float16 (--index_dtype float16, int8, binary), L2-normalised rows
+                   (inner product = cosine)
   offsets.npy      (count,) int64 byte offset of each sentence's line in the corpus file
   index.faiss      the faiss index over those rows
   index_meta.json  how it was built (model fingerprint, pooling, max_len, prefixes, corpus, ...);
@@ -39,6 +40,12 @@ VERIFY_CORPUS_BELOW = 1 << 30
 
 
 INDEX_DEFAULTS = {"hnsw_m": 32, "ef_construction": 40, "ef_search": 64, "nprobe": 16}
+
+
+# --index_dtype -> the dtype of the stored embeddings (chunks/, embeddings.npy). int8 and binary keep float16
+# rows on disk (memory-mapped, not in memory): binary search rescores its candidates with them.
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "int8": "float16", "binary": "float16"}
+RESCORE = 10  # binary: top_k * RESCORE candidates by Hamming distance (at least 100) are rescored in float
 
 
 # What the queries must share with the corpus embeddings for the scores to mean anything.
@@ -118,13 +125,27 @@ def build_faiss_index(embeddings, index_type="flat", dtype="float32", params=Non
       ivf   IndexIVFFlat over an IndexFlatIP quantizer, params nlist (default 4*sqrt(count), at
             most count/39) and nprobe; k-means trained on a seeded sample of up to 64*nlist rows.
             float16: IndexIVFScalarQuantizer(QT_fp16).
+    int8 is the float16 classes with QT_8bit (a trained range per dimension: 1/4 of float32's memory);
+    binary (flat only) is IndexBinaryFlat over the sign bits (1/32), searched by Hamming distance and
+    rescored in float (search_vectors).
 
     ``info`` names the class and every parameter, for index_meta.json."""
     import faiss
     params = {k: v for k, v in (params or {}).items() if v is not None}
     n, dim = embeddings.shape
-    ip, fp16, qt = faiss.METRIC_INNER_PRODUCT, dtype == "float16", faiss.ScalarQuantizer.QT_fp16
+    ip, fp16 = faiss.METRIC_INNER_PRODUCT, dtype in ("float16", "int8")  # fp16: a scalar-quantizer class
+    qt = faiss.ScalarQuantizer.QT_8bit if dtype == "int8" else faiss.ScalarQuantizer.QT_fp16
     info = {"type": index_type, "metric": "inner_product"}
+    if dtype == "binary":
+        if index_type != "flat" or dim % 8:
+            raise DataError(f"--index_dtype binary: --index_type flat only, over a dimension that is a multiple "
+                            f"of 8 (got {index_type}, {dim})")
+        index = faiss.IndexBinaryFlat(dim)
+        info.update(metric="hamming, rescored by inner product", rescore=RESCORE)
+        for start in range(0, n, add_batch):
+            index.add(binary_codes(embeddings[start:start + add_batch]))
+        info["faiss_class"] = type(index).__name__
+        return index, info
     if index_type == "flat":
         index = faiss.IndexScalarQuantizer(dim, qt, ip) if fp16 else faiss.IndexFlatIP(dim)
     elif index_type == "hnsw":
@@ -153,12 +174,17 @@ def build_faiss_index(embeddings, index_type="flat", dtype="float32", params=Non
     return index, info
 
 
+def binary_codes(rows):
+    """The sign bits of float rows, packed 8 to a byte (faiss' binary vectors)."""
+    return np.packbits(np.asarray(rows, dtype=np.float32) > 0, axis=1)
+
+
 def write_faiss_index(index_dir, embeddings, index_type="flat", dtype="float32", params=None):
     """Build the faiss index over ``embeddings`` and write it atomically to D/index.faiss; its info."""
     import faiss
     index, info = build_faiss_index(embeddings, index_type, dtype, params)
     path = os.path.join(index_dir, INDEX_FILES["faiss"])
-    faiss.write_index(index, path + ".tmp")
+    (faiss.write_index_binary if dtype == "binary" else faiss.write_index)(index, path + ".tmp")
     with open(path + ".tmp", "rb") as f:
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
@@ -178,7 +204,7 @@ def _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progres
     n, num_chunks = len(offsets), -(-len(offsets) // chunk_size)
     paths = [os.path.join(chunks_dir, f"{i:06d}.npy") for i in range(num_chunks)]
     done = progress["chunks_done"]
-    prefix, dtype = recipe["passage_prefix"], np.dtype(progress["dtype"])
+    prefix, dtype = recipe["passage_prefix"], np.dtype(STORAGE_DTYPES[progress["dtype"]])
     with tqdm(total=n, initial=min(n, done * chunk_size), desc="index", unit="sent", unit_scale=True,
               dynamic_ncols=True) as bar, open(corpus_file, "rb") as f:
         for i in range(done, num_chunks):
@@ -212,8 +238,10 @@ def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_typ
     D/embeddings.npy (``dtype`` float32 or float16), the line offsets into D/offsets.npy, the faiss
     index (``build_faiss_index``) into D/index.faiss, and D/index_meta.json is written last. The build holds
     an exclusive lock on ``index_dir`` (D/.lock): a second build there while one runs is refused."""
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"index dtype {dtype!r}: float32 or float16")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"index dtype {dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
+    if dtype == "binary" and index_type != "flat":
+        raise DataError(f"--index_dtype binary: --index_type flat only (got {index_type})")
     if os.path.exists(index_dir) and not os.path.isdir(index_dir):
         raise DataError(f"{index_dir}: is a file, not a folder (--index_dir)")
     with FolderLock(index_dir, lambda holder: f"error: {index_dir} is in use by a running index build (pid {holder}); "
@@ -265,7 +293,8 @@ def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_ty
 
     dim = np.load(paths[0], mmap_mode="r").shape[1]
     emb_path = os.path.join(index_dir, INDEX_FILES["embeddings"])
-    emb = np.lib.format.open_memmap(emb_path + ".tmp", mode="w+", dtype=dtype, shape=(len(offsets), dim))
+    emb = np.lib.format.open_memmap(emb_path + ".tmp", mode="w+", dtype=STORAGE_DTYPES[dtype],
+                                    shape=(len(offsets), dim))
     row = 0
     for path in paths:
         chunk = np.load(path)
@@ -323,14 +352,15 @@ def load_index(index_dir, nprobe=None, ef_search=None, verify_corpus=None):
             raise DataError(f"{path}: missing (the index is incomplete; rebuild it)")
     embeddings = np.load(paths["embeddings"], mmap_mode="r")
     offsets = np.load(paths["offsets"], mmap_mode="r")
-    if embeddings.shape != (count, dim) or embeddings.dtype != np.dtype(meta["dtype"]):
+    if embeddings.shape != (count, dim) or embeddings.dtype != np.dtype(STORAGE_DTYPES.get(meta["dtype"], "?")):
         raise DataError(f"{paths['embeddings']}: {embeddings.dtype} {embeddings.shape}, index_meta.json says "
                         f"{meta['dtype']} ({count}, {dim})")
     if offsets.shape != (count,):
         raise DataError(f"{paths['offsets']}: {offsets.shape[0]} offsets for {count} sentences")
     flags = faiss.IO_FLAG_MMAP if kind == "ivf" else getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
     try:
-        index = faiss.read_index(paths["faiss"], flags)
+        index = (faiss.read_index_binary(paths["faiss"]) if meta["dtype"] == "binary" else
+                 faiss.read_index(paths["faiss"], flags))
     except RuntimeError as e:
         raise DataError(f"{paths['faiss']}: unreadable faiss index ({str(e).splitlines()[0][:200]})") from None
     if index.ntotal != count or index.d != dim:
@@ -380,7 +410,19 @@ def encode_queries(encoder, tokenizer, queries, max_len=128, batch_size=64, devi
 def search_vectors(index, query_emb, top_k=5):
     """(scores, ids) of the ``top_k`` nearest rows of the index per query, best first, as lists of
     arrays (approximate indexes may return fewer than top_k; faiss' -1 padding is dropped)."""
-    scores, ids = index["faiss"].search(np.ascontiguousarray(query_emb, dtype=np.float32), top_k)
+    query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
+    if index["meta"]["dtype"] == "binary":  # Hamming candidates, rescored by inner product with the stored rows
+        _, candidates = index["faiss"].search(binary_codes(query_emb), min(index["faiss"].ntotal,
+                                                                           max(100, RESCORE * top_k)))
+        scores, ids = [], []
+        for q, cand in zip(query_emb, candidates):
+            cand = np.sort(cand[cand >= 0])  # sorted rows: one pass over the memory-mapped file
+            sims = np.asarray(index["embeddings"][cand], dtype=np.float32) @ q
+            best = np.argsort(-sims, kind="stable")[:top_k]
+            scores.append(sims[best])
+            ids.append(cand[best])
+        return scores, ids
+    scores, ids = index["faiss"].search(query_emb, top_k)
     keep = ids >= 0
     return [s[k] for s, k in zip(scores, keep)], [i[k] for i, k in zip(ids, keep)]
 
@@ -403,9 +445,10 @@ def add_index_args(parser):
     p.add_argument("--index_type", choices=("flat", "hnsw", "ivf"), default="flat",
                    help="index: flat = exact (IndexFlatIP), hnsw (IndexHNSWFlat) or ivf (IndexIVFFlat) for "
                         "approximate search; all by inner product over L2-normalised rows = cosine (default: %(default)s)")
-    p.add_argument("--index_dtype", choices=("float32", "float16"), default="float32",
-                   help="index: stored embeddings (and faiss vectors) in float32, or float16 for half the disk "
-                        "(default: %(default)s)")
+    p.add_argument("--index_dtype", choices=tuple(STORAGE_DTYPES), default="float32",
+                   help="index: faiss vectors in float32, float16 (half the memory), int8 (a quarter: scalar "
+                        "quantizer) or binary (1/32: sign bits, flat only, candidates rescored with the float16 rows "
+                        "kept on disk) (default: %(default)s)")
     p.add_argument("--hnsw_m", type=int, default=INDEX_DEFAULTS["hnsw_m"], help="index, hnsw: links per node (default: %(default)s)")
     p.add_argument("--ef_construction", type=int, default=INDEX_DEFAULTS["ef_construction"],
                    help="index, hnsw: candidates while building (default: %(default)s)")
