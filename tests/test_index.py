@@ -111,8 +111,9 @@ def test_killed_build_resumes_byte_identical(ev, kosimcse, tiny_bert, corpus, fl
         build(ev, tiny_bert, corpus[0], tmp_path / "idx")
     monkeypatch.setattr(kosimcse.index, "encode", original)
     with open(tmp_path / "idx" / "chunks" / "progress.json") as f:
-        assert json.load(f)["chunks_done"] == 2
-    assert sorted(os.listdir(tmp_path / "idx" / "chunks")) == ["000000.npy", "000001.npy", "progress.json"]
+        assert json.load(f)["chunk_size"] == CHUNK
+    assert sorted(os.listdir(tmp_path / "idx" / "chunks")) == ["000000.json", "000000.npy", "000001.json",
+                                                               "000001.npy", "progress.json"]
     with pytest.raises(ev.DataError, match="not a complete index .*partial build in chunks/"):
         ev.load_index(str(tmp_path / "idx"))
     with pytest.raises(ev.DataError, match="a partial build with other settings .*chunk_size 64 \\(now 32\\)"):
@@ -121,7 +122,7 @@ def test_killed_build_resumes_byte_identical(ev, kosimcse, tiny_bert, corpus, fl
     capsys.readouterr()
     resumed = build(ev, tiny_bert, corpus[0], tmp_path / "idx")
     n_chunks = -(-len(corpus[1]) // CHUNK)
-    assert f"resuming after 2 of {n_chunks} chunks ({2 * CHUNK:,} sentences already encoded)" in capsys.readouterr().out
+    assert f"resuming with 2 of {n_chunks} chunks already encoded" in capsys.readouterr().out
     for name in ("embeddings.npy", "offsets.npy", "index.faiss"):
         with open(os.path.join(resumed, name), "rb") as a, open(os.path.join(flat_index, name), "rb") as b:
             assert a.read() == b.read(), name
@@ -315,3 +316,52 @@ def test_search_and_index_count_the_corpus_lines_they_cut(ev, tiny_bert, tmp_pat
     assert "search: 1 of 3 corpus sentences cut at --max_len 16" in capsys.readouterr().err
     build(ev, tiny_bert, str(corpus), tmp_path / "idx", "--max_len", "16")
     assert "1 distinct sentences cut at --max_len 16" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sharded_build_under_torchrun_equals_one_process_and_resumes(ev, kosimcse, tiny_bert, corpus, tmp_path,
+                                                                      monkeypatch):
+    """torchrun --nproc_per_node 2 evaluation.py --task index: each rank encodes its contiguous shard of chunks,
+    rank 0 builds the index, which is byte-identical to a one-process build at the same thread count; a build
+    killed after two chunks (one process) is finished by the sharded run; a rank whose model differs from the
+    build's record stops with one line."""
+    import subprocess
+    from conftest import torchrun
+    evaluation = os.path.join(ROOT, "KoSimCSE", "evaluation.py")
+    flags = ["--model_dir", tiny_bert, "--pooling", "mean", "--task", "index", "--corpus_file", corpus[0],
+             "--chunk_size", str(CHUNK), "--max_len", "32", "--batch_size", "16", "--device", "cpu"]
+    single = str(tmp_path / "single")
+    run = subprocess.run([sys.executable, evaluation, *flags, "--index_dir", single], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    sharded = str(tmp_path / "sharded")
+    original, calls = kosimcse.index.encode, []
+
+    def encode_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(kosimcse.index, "encode", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(ev, tiny_bert, corpus[0], sharded)
+    monkeypatch.undo()
+    run = torchrun(evaluation, *flags, "--index_dir", sharded)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stdout and f"resuming with 2 of {-(-len(corpus[1]) // CHUNK)} chunks" in run.stdout
+    for name in ("embeddings.npy", "offsets.npy", "index.faiss"):
+        with open(os.path.join(single, name), "rb") as a, open(os.path.join(sharded, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert ev.load_index(sharded)["meta"]["processes"] == 2
+    other = str(tmp_path / "other")  # a record made with another max_len: the ranks refuse to add shards to it
+    os.makedirs(os.path.join(other, "chunks"))
+    with open(os.path.join(single, "index_meta.json")) as f:
+        meta = json.load(f)
+    record = {"format": meta["format"], "recipe": {k: meta[k] for k in ev.RECIPE_KEYS}, "dtype": "float32",
+              "chunk_size": CHUNK, "batch_size": 16, "device": "cpu", "count": meta["count"],
+              "corpus": {k: meta["corpus"][k] for k in ("path", "size", "sha256")}}
+    record["recipe"]["max_len"] = 16
+    with open(os.path.join(other, "chunks", "progress.json"), "w") as f:
+        json.dump(record, f)
+    run = torchrun(evaluation, *flags, "--index_dir", other)
+    assert run.returncode != 0 and "max_len 16 (now 32)" in run.stderr

@@ -196,38 +196,49 @@ def _mismatches(recorded, current, keys):
     return [f"{k} {recorded.get(k)!r} (now {current.get(k)!r})" for k in keys if recorded.get(k) != current.get(k)]
 
 
+def shard_of(num_chunks, rank, world):
+    """The contiguous range of chunk numbers rank ``rank`` of ``world`` encodes (the first ranks take one more
+    when they do not divide evenly)."""
+    size, extra = divmod(num_chunks, world)
+    start = rank * size + min(rank, extra)
+    return range(start, start + size + (rank < extra))
+
+
+def _chunk_done(chunks_dir, i):
+    """Chunk i is done when its embeddings (written last) and its record are both there."""
+    return all(os.path.isfile(os.path.join(chunks_dir, f"{i:06d}{ext}")) for ext in (".json", ".npy"))
+
+
 def _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progress, recipe, chunk_size,
-                   batch_size, device):
-    """Encode the corpus ``chunk_size`` sentences at a time into chunks_dir/NNNNNN.npy (L2-normalised,
-    in ``progress['dtype']``), each written atomically and then recorded in progress.json, starting
-    after the chunks a previous, interrupted run recorded. Returns the chunk paths."""
-    n, num_chunks = len(offsets), -(-len(offsets) // chunk_size)
-    paths = [os.path.join(chunks_dir, f"{i:06d}.npy") for i in range(num_chunks)]
-    done = progress["chunks_done"]
+                   batch_size, device, shard):
+    """Encode the chunks numbered in ``shard`` (all of them in one process; this rank's under torchrun) that are
+    not done yet, ``chunk_size`` sentences each, into chunks_dir/NNNNNN.npy (L2-normalised, in the storage
+    dtype of ``progress['dtype']``), after a NNNNNN.json record of the lines it cut, each written atomically:
+    a killed build, sharded or not, redoes only the chunks it had not finished."""
+    n = len(offsets)
     prefix, dtype = recipe["passage_prefix"], np.dtype(STORAGE_DTYPES[progress["dtype"]])
-    with tqdm(total=n, initial=min(n, done * chunk_size), desc="index", unit="sent", unit_scale=True,
-              dynamic_ncols=True) as bar, open(corpus_file, "rb") as f:
-        for i in range(done, num_chunks):
+    todo = [i for i in shard if not _chunk_done(chunks_dir, i)]
+    size = lambda i: min(chunk_size, n - i * chunk_size)
+    with tqdm(total=sum(size(i) for i in shard), initial=sum(size(i) for i in shard if i not in todo), desc="index",
+              unit="sent", unit_scale=True, dynamic_ncols=True) as bar, open(corpus_file, "rb") as f:
+        for i in todo:
             f.seek(int(offsets[i * chunk_size]))
-            want, chunk = min(chunk_size, n - i * chunk_size), []
-            while len(chunk) < want:
+            chunk = []
+            while len(chunk) < size(i):
                 line = f.readline().decode("utf-8").strip()
                 if line:
                     chunk.append(prefix + line)
             stats = {}
             emb = torch.nn.functional.normalize(torch.from_numpy(
                 encode(encoder, tokenizer, chunk, recipe["max_len"], batch_size, device, stats=stats)), dim=-1).numpy()
-            save_atomic(paths[i], lambda out: np.save(out, emb.astype(dtype)))
-            progress["chunks_done"] = i + 1
-            progress["truncated"] = progress.get("truncated", 0) + stats["truncated"]  # distinct lines cut
-            save_json_atomic(os.path.join(chunks_dir, "progress.json"), progress)
+            save_json_atomic(os.path.join(chunks_dir, f"{i:06d}.json"), {"truncated": stats["truncated"]})
+            save_atomic(os.path.join(chunks_dir, f"{i:06d}.npy"), lambda out: np.save(out, emb.astype(dtype)))
             bar.update(len(chunk))
-    return paths
 
 
 def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type="flat", dtype="float32",
                 chunk_size=20_000, max_len=128, query_prefix="", passage_prefix="", batch_size=64, device="cpu",
-                params=None, log=print):
+                params=None, log=print, rank=0, world=1, barrier=lambda: None):
     """Encode ``corpus_file`` (one sentence per line, blank lines skipped, as ``semantic_search``
     reads it) once into ``index_dir`` and return its index_meta.json contents.
 
@@ -237,59 +248,92 @@ def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_typ
     chunk and ends byte-identical to an uninterrupted one. At the end the chunks are assembled into
     D/embeddings.npy (``dtype`` float32 or float16), the line offsets into D/offsets.npy, the faiss
     index (``build_faiss_index``) into D/index.faiss, and D/index_meta.json is written last. The build holds
-    an exclusive lock on ``index_dir`` (D/.lock): a second build there while one runs is refused."""
+    an exclusive lock on ``index_dir`` (D/.lock): a second build there while one runs is refused.
+
+    Sharded (``world`` > 1, under torchrun; ``barrier`` waits for every rank): rank 0 takes the lock and writes
+    the build's record, every rank checks it against its own model and flags and encodes its contiguous shard
+    of chunks (``shard_of``), then rank 0 alone assembles the index, which equals a one-process build; the
+    other ranks return None. The ranks must share the index folder (one machine, or a shared file system)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"index dtype {dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
     if dtype == "binary" and index_type != "flat":
         raise DataError(f"--index_dtype binary: --index_type flat only (got {index_type})")
     if os.path.exists(index_dir) and not os.path.isdir(index_dir):
         raise DataError(f"{index_dir}: is a file, not a folder (--index_dir)")
+    if rank != 0:  # rank 0 holds the lock and writes the record; this rank encodes its shard against it
+        barrier()
+        return _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size,
+                            max_len, query_prefix, passage_prefix, batch_size, device, params, log, rank, world,
+                            barrier)
     with FolderLock(index_dir, lambda holder: f"error: {index_dir} is in use by a running index build (pid {holder}); "
                                               f"wait for it to finish or choose another --index_dir"):
         return _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size,
-                            max_len, query_prefix, passage_prefix, batch_size, device, params, log)
+                            max_len, query_prefix, passage_prefix, batch_size, device, params, log, rank, world,
+                            barrier)
+
+
+def _check_progress(progress_file, progress, recipe, chunks_dir, what, then):
+    """DataError (one line) unless the record of a build in chunks_dir matches this run's ``progress``."""
+    try:
+        with open(progress_file) as f:
+            previous = json.load(f)
+        previous["recipe"], previous["corpus"]
+    except OSError as e:
+        raise DataError(f"{progress_file}: no record of the build ({e.strerror or e}); start rank 0 with the others, "
+                        f"on a folder they all share") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{progress_file}: unreadable progress record ({type(e).__name__}: {e}); "
+                        f"delete {chunks_dir} to start over") from None
+    differ = (_mismatches(previous["recipe"], recipe, RECIPE_KEYS)
+              + _mismatches(previous, progress, ("format", "dtype", "chunk_size", "batch_size", "device", "count"))
+              + _mismatches(previous["corpus"], progress["corpus"], ("path", "size", "sha256")))
+    if differ:
+        raise DataError(f"{progress_file}: {what} ({'; '.join(differ)}); {then.format(chunks=chunks_dir)}")
 
 
 def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size, max_len,
-                 query_prefix, passage_prefix, batch_size, device, params, log):
-    if os.path.isfile(os.path.join(index_dir, INDEX_META)):
+                 query_prefix, passage_prefix, batch_size, device, params, log, rank=0, world=1, barrier=lambda: None):
+    if rank == 0 and os.path.isfile(os.path.join(index_dir, INDEX_META)):
         raise DataError(f"{index_dir}: already holds a complete index ({INDEX_META}); remove it or "
                         f"choose another --index_dir")
     start_time = time.time()
     offsets, corpus = corpus_offsets(corpus_file)
     recipe = index_recipe(model_dir, encoder, max_len, query_prefix, passage_prefix)
     chunks_dir = os.path.join(index_dir, "chunks")
-    os.makedirs(chunks_dir, exist_ok=True)
+    num_chunks = -(-len(offsets) // chunk_size)
     progress = {"format": INDEX_FORMAT, "recipe": recipe, "dtype": dtype, "chunk_size": chunk_size,
                 "batch_size": batch_size, "device": torch.device(device).type,
-                "corpus": {k: corpus[k] for k in ("path", "size", "sha256")}, "count": len(offsets),
-                "chunks_done": 0}
+                "corpus": {k: corpus[k] for k in ("path", "size", "sha256")}, "count": len(offsets)}
     progress_file = os.path.join(chunks_dir, "progress.json")
-    if os.path.isfile(progress_file):
-        try:
-            with open(progress_file) as f:
-                previous = json.load(f)
-            previous["recipe"], previous["corpus"], previous["chunks_done"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{progress_file}: unreadable progress record ({type(e).__name__}: {e}); "
-                            f"delete {chunks_dir} to start over") from None
-        differ = (_mismatches(previous["recipe"], recipe, RECIPE_KEYS)
-                  + _mismatches(previous, progress, ("format", "dtype", "chunk_size", "batch_size", "device", "count"))
-                  + _mismatches(previous["corpus"], progress["corpus"], ("path", "size", "sha256")))
-        if differ:
-            raise DataError(f"{progress_file}: a partial build with other settings ({'; '.join(differ)}); "
-                            f"rerun with the same flags to resume it, or delete {chunks_dir} to start over")
-        missing = [f"{i:06d}.npy" for i in range(previous["chunks_done"])
-                   if not os.path.isfile(os.path.join(chunks_dir, f"{i:06d}.npy"))]
-        if missing:
-            raise DataError(f"{progress_file}: records {previous['chunks_done']} chunks but {missing[0]} is "
-                            f"missing; delete {chunks_dir} to start over")
-        progress["chunks_done"], progress["truncated"] = previous["chunks_done"], previous.get("truncated", 0)
-        log(f"{chunks_dir}: resuming after {previous['chunks_done']} of {-(-len(offsets) // chunk_size)} chunks "
-            f"({min(len(offsets), previous['chunks_done'] * chunk_size):,} sentences already encoded)")
-    paths = _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progress, recipe, chunk_size,
-                           batch_size, device)
+    if rank == 0:
+        os.makedirs(chunks_dir, exist_ok=True)
+        if os.path.isfile(progress_file):
+            _check_progress(progress_file, progress, recipe, chunks_dir, "a partial build with other settings",
+                            "rerun with the same flags to resume it, or delete {chunks} to start over")
+            done = sum(_chunk_done(chunks_dir, i) for i in range(num_chunks))
+            log(f"{chunks_dir}: resuming with {done} of {num_chunks} chunks already encoded")
+        else:
+            save_json_atomic(progress_file, progress)
+        barrier()  # the record is there: the other ranks check it and start
+    else:
+        _check_progress(progress_file, progress, recipe, chunks_dir, "the build's record differs from this rank's "
+                        "model or flags", "run every rank with the same model and flags")
+    _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progress, recipe, chunk_size, batch_size,
+                   device, shard_of(num_chunks, rank, world))
+    barrier()  # every shard is encoded
+    if rank != 0:
+        return None
     encode_seconds = time.time() - start_time
+    missing = [f"{i:06d}.npy" for i in range(num_chunks) if not _chunk_done(chunks_dir, i)]
+    if missing:
+        raise DataError(f"{chunks_dir}: {len(missing)} chunk(s) missing after encoding ({missing[0]}, ...); rerun "
+                        f"the same command to encode them")
+    paths = [os.path.join(chunks_dir, f"{i:06d}.npy") for i in range(num_chunks)]
+    truncated = 0
+    for i in range(num_chunks):
+        with open(os.path.join(chunks_dir, f"{i:06d}.json")) as f:
+            truncated += json.load(f)["truncated"]
+    progress["truncated"] = truncated
 
     dim = np.load(paths[0], mmap_mode="r").shape[1]
     emb_path = os.path.join(index_dir, INDEX_FILES["embeddings"])
@@ -309,7 +353,8 @@ def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_ty
     faiss_start = time.time()
     index_info = write_faiss_index(index_dir, np.load(emb_path, mmap_mode="r"), index_type, dtype, params)
     meta = {"format": INDEX_FORMAT, **recipe, "normalized": "l2 (inner product = cosine)", "dtype": dtype,
-            "dim": int(dim), "count": len(offsets), "truncated": progress.get("truncated", 0), "chunk_size": chunk_size, "batch_size": batch_size,
+            "dim": int(dim), "count": len(offsets), "truncated": progress["truncated"], "chunk_size": chunk_size,
+            "batch_size": batch_size, "processes": world,
             "device": progress["device"], "corpus": corpus, "index": index_info, "files": INDEX_FILES,
             "encode_seconds": round(encode_seconds, 1), "faiss_seconds": round(time.time() - faiss_start, 1),
             "build_seconds": round(time.time() - start_time, 1),
@@ -460,13 +505,27 @@ def add_index_args(parser):
 
 
 def run_index(args, encoder, max_len):
-    """evaluation.py --task index: build --index_dir from --corpus_file and print what was built."""
+    """evaluation.py --task index: build --index_dir from --corpus_file and print what was built. Under torchrun
+    (WORLD_SIZE > 1) the build is sharded over the processes (gloo on CPU, NCCL on GPUs; see build_index)."""
     params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search,
               "nlist": args.nlist, "nprobe": args.nprobe}
-    meta = build_index(encoder, encoder.tokenizer, args.model_dir, args.corpus_file, args.index_dir, args.index_type,
-                       args.index_dtype, args.chunk_size, max_len, args.query_prefix or "", args.passage_prefix or "",
-                       args.batch_size, args.device, params)
+    rank, world, barrier = 0, int(os.environ.get("WORLD_SIZE", 1)), lambda: None
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank, barrier = dist.get_rank(), dist.barrier
+    try:
+        meta = build_index(encoder, encoder.tokenizer, args.model_dir, args.corpus_file, args.index_dir,
+                           args.index_type, args.index_dtype, args.chunk_size, max_len, args.query_prefix or "",
+                           args.passage_prefix or "", args.batch_size, args.device, params, rank=rank, world=world,
+                           barrier=barrier)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if meta is None:  # a rank other than 0: its shard is encoded, rank 0 built the index
+        return
     size = sum(os.path.getsize(os.path.join(args.index_dir, f)) for f in INDEX_FILES.values())
     print(f"index: {meta['count']:,} sentences x {meta['dim']} ({meta['dtype']}) -> {args.index_dir} "
-          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s); "
-          f"{meta['truncated']:,} distinct sentences cut at --max_len {max_len}")
+          f"({meta['index']['faiss_class']}, {size / 2 ** 20:,.1f} MiB, {meta['build_seconds']:.1f} s"
+          + (f", {world} processes" if world > 1 else "") + f"); {meta['truncated']:,} distinct sentences cut at "
+          f"--max_len {max_len}")
