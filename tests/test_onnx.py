@@ -73,3 +73,13 @@ def test_missing_export_and_bad_device_are_one_line(kosimcse, tiny_bert, capsys)
         ev.parse_args(["--model_dir", tiny_bert, "--backend", "onnx-int8", "--device", "cuda:0"])
     err = capsys.readouterr().err
     assert "--backend onnx-int8 runs on the CPU" in err or "--device cuda:0" in err
+
+
+def test_a_t5_encoder_exports_exactly(kosimcse, tiny_t5, tmp_path):
+    """KoSentenceT5's folders: the T5 encoder alone (T5EncoderModel) is exported, with its relative positions."""
+    folder = str(tmp_path / "t5")
+    shutil.copytree(tiny_t5, folder)
+    export_onnx.main([folder, "--no_int8"])
+    assert os.listdir(os.path.join(folder, "onnx")) == ["model.onnx"]
+    torch_emb, onnx_emb = (embeddings(kosimcse, folder, backend) for backend in ("torch", "onnx"))
+    assert cosine(torch_emb, onnx_emb).min() >= 0.99999
