@@ -40,6 +40,10 @@ def test_export_writes_both_files_in_sentence_transformers_layout(exported):
     names = sorted(os.listdir(os.path.join(exported, "onnx")))
     assert names[0] == "model.onnx" and len(names) == 2
     assert names[1] == export_onnx.int8_file_name(export_onnx.instruction_set())
+    kept = export_onnx.fp32_nodes(os.path.join(exported, "onnx", "model.onnx"), 1)  # what int8 leaves in float32
+    assert any("/layer.0/intermediate/dense/MatMul" in n for n in kept)
+    assert not any("/layer.1/intermediate/dense/MatMul" in n for n in kept)
+    assert any("/layer.1/attention/self/MatMul" in n for n in kept)  # query x key: two activations
 
 
 @pytest.mark.parametrize("folder", ["KoSimCSE", "KoSBERT"])
