@@ -31,11 +31,11 @@ from common.retrieval import load_retrieval  # noqa: E402
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
-def texts_of(data_dir, questions):
+def texts_of(data_dir, questions, passages=None):
     sts = list(dict.fromkeys(s for a, b, _ in read_sts(resolve_path("korsts-test", data_dir)) for s in (a, b)))
     _, _, corpus, queries, _ = load_retrieval("korquad-dev", data_dir)
     return {"korsts-test sentences": ["query: " + s for s in sts],
-            "korquad passages": ["passage: " + t for t in corpus.values()],
+            "korquad passages": ["passage: " + t for t in list(corpus.values())[:passages]],
             "korquad questions": ["query: " + t for t in list(queries.values())[:questions]]}
 
 
@@ -50,12 +50,13 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="a model folder with onnx/ (python utils/export_onnx.py MODEL)")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--questions", type=int, default=1000)
+    p.add_argument("--passages", type=int, default=None, help="the first N KorQuAD passages (default: all 960)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--output_json", default=None)
     a = p.parse_args(argv)
     from sentence_transformers import SentenceTransformer, models
-    sets = texts_of(a.data_dir, a.questions)
+    sets = texts_of(a.data_dir, a.questions, a.passages)
     encoders = {b: FolderEncoder(a.model, pooling="mean", backend=b).eval() for b in BACKENDS}
     transformer = models.Transformer(a.model, max_seq_length=512)
     st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean")],
