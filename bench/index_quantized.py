@@ -8,7 +8,8 @@ The first --limit lines of the corpus are encoded once ("passage: " prefix, the 
 backend, and the next --num_queries lines (held out of the index) as queries ("query: "). float32 flat, int8 flat
 and binary flat indexes are built from the same rows (common/index.py's build_faiss_index, as --task index builds
 them); each index's memory is its serialized size (the vectors faiss holds), and recall@10 is the share of exact
-search's top 10 that it returns, binary after rescoring top_k * RESCORE candidates with the float16 rows.
+search's top 10 that it returns, int8 and binary after rescoring top_k * RESCORE candidates with the float16 rows
+(as --task search does).
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ def main(argv=None):
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--output_json", default=None)
+    p.add_argument("--cache", default=None, help="an .npz to keep the encoded rows and queries in (reused if present)")
     a = p.parse_args(argv)
     import faiss
     lines = []
@@ -43,11 +45,17 @@ def main(argv=None):
         if len(lines) == a.limit + a.num_queries:
             break
     corpus, queries = lines[:a.limit], lines[a.limit:]
-    encoder = FolderEncoder(a.model, pooling="mean", backend=a.backend).eval()
-    start = time.time()
-    rows = encode(encoder, encoder.tokenizer, ["passage: " + s for s in corpus], 128, a.batch_size, "cpu")
-    encode_seconds = time.time() - start
-    q = encode(encoder, encoder.tokenizer, ["query: " + s for s in queries], 128, a.batch_size, "cpu")
+    if a.cache and os.path.isfile(a.cache):
+        cached = np.load(a.cache)
+        rows, q, encode_seconds = cached["rows"], cached["queries"], float(cached["seconds"])
+    else:
+        encoder = FolderEncoder(a.model, pooling="mean", backend=a.backend).eval()
+        start = time.time()
+        rows = encode(encoder, encoder.tokenizer, ["passage: " + s for s in corpus], 128, a.batch_size, "cpu")
+        encode_seconds = time.time() - start
+        q = encode(encoder, encoder.tokenizer, ["query: " + s for s in queries], 128, a.batch_size, "cpu")
+        if a.cache:
+            np.savez(a.cache, rows=rows, queries=q, seconds=encode_seconds)
     norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     rows, q = norm(rows), norm(q)
     exact, _ = build_faiss_index(rows, "flat", "float32")
@@ -62,8 +70,9 @@ def main(argv=None):
         serialize = faiss.serialize_index_binary if dtype == "binary" else faiss.serialize_index
         memory = len(serialize(index))
         start = time.time()
-        if dtype == "binary":
-            _, cand = index.search(binary_codes(q), max(100, RESCORE * 10))
+        if dtype in ("int8", "binary"):  # as search_vectors: candidates, rescored with the float16 rows
+            query = binary_codes(q, info["thresholds"]) if dtype == "binary" else q
+            _, cand = index.search(query, max(100, RESCORE * 10))
             found = []
             for query, c in zip(q, cand):
                 c = np.sort(c[c >= 0])

@@ -46,7 +46,7 @@ INDEX_DEFAULTS = {"hnsw_m": 32, "ef_construction": 40, "ef_search": 64, "nprobe"
 # --index_dtype -> the dtype of the stored embeddings (chunks/, embeddings.npy). int8 and binary keep float16
 # rows on disk (memory-mapped, not in memory): binary search rescores its candidates with them.
 STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "int8": "float16", "binary": "float16"}
-RESCORE = 10  # binary: top_k * RESCORE candidates by Hamming distance (at least 100) are rescored in float
+RESCORE = 10  # int8, binary: top_k * RESCORE candidates (at least 100) are rescored with the float16 rows
 
 
 # What the queries must share with the corpus embeddings for the scores to mean anything.
@@ -127,8 +127,8 @@ def build_faiss_index(embeddings, index_type="flat", dtype="float32", params=Non
             most count/39) and nprobe; k-means trained on a seeded sample of up to 64*nlist rows.
             float16: IndexIVFScalarQuantizer(QT_fp16).
     int8 is the float16 classes with QT_8bit (a trained range per dimension: 1/4 of float32's memory);
-    binary (flat only) is IndexBinaryFlat over the sign bits (1/32), searched by Hamming distance and
-    rescored in float (search_vectors).
+    binary (flat only) is IndexBinaryFlat over one bit a dimension (above or below the corpus mean, 1/32),
+    searched by Hamming distance. Both are rescored in float (search_vectors).
 
     ``info`` names the class and every parameter, for index_meta.json."""
     import faiss
@@ -142,9 +142,12 @@ def build_faiss_index(embeddings, index_type="flat", dtype="float32", params=Non
             raise DataError(f"--index_dtype binary: --index_type flat only, over a dimension that is a multiple "
                             f"of 8 (got {index_type}, {dim})")
         index = faiss.IndexBinaryFlat(dim)
-        info.update(metric="hamming, rescored by inner product", rescore=RESCORE)
+        # one bit per dimension: above or below the corpus mean there (a sign test around 0 sees almost nothing
+        # in embeddings whose rows share a large common direction, as e5's do)
+        mean = sum(np.asarray(embeddings[i:i + add_batch], dtype=np.float64).sum(0) for i in range(0, n, add_batch)) / n
+        info.update(metric="hamming, rescored by inner product", rescore=RESCORE, thresholds=mean.tolist())
         for start in range(0, n, add_batch):
-            index.add(binary_codes(embeddings[start:start + add_batch]))
+            index.add(binary_codes(embeddings[start:start + add_batch], mean))
         info["faiss_class"] = type(index).__name__
         return index, info
     if index_type == "flat":
@@ -175,9 +178,10 @@ def build_faiss_index(embeddings, index_type="flat", dtype="float32", params=Non
     return index, info
 
 
-def binary_codes(rows):
-    """The sign bits of float rows, packed 8 to a byte (faiss' binary vectors)."""
-    return np.packbits(np.asarray(rows, dtype=np.float32) > 0, axis=1)
+def binary_codes(rows, thresholds):
+    """One bit per dimension of float rows, set where the value is above that dimension's threshold, packed 8 to a
+    byte (faiss' binary vectors)."""
+    return np.packbits(np.asarray(rows, dtype=np.float32) > np.asarray(thresholds, dtype=np.float32), axis=1)
 
 
 def write_faiss_index(index_dir, embeddings, index_type="flat", dtype="float32", params=None):
@@ -457,9 +461,10 @@ def search_vectors(index, query_emb, top_k=5):
     """(scores, ids) of the ``top_k`` nearest rows of the index per query, best first, as lists of
     arrays (approximate indexes may return fewer than top_k; faiss' -1 padding is dropped)."""
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
-    if index["meta"]["dtype"] == "binary":  # Hamming candidates, rescored by inner product with the stored rows
-        _, candidates = index["faiss"].search(binary_codes(query_emb), min(index["faiss"].ntotal,
-                                                                           max(100, RESCORE * top_k)))
+    dtype, wanted = index["meta"]["dtype"], min(index["faiss"].ntotal, max(100, RESCORE * top_k))
+    if dtype in ("int8", "binary"):  # quantized candidates, rescored by inner product with the stored rows
+        query = binary_codes(query_emb, index["meta"]["index"]["thresholds"]) if dtype == "binary" else query_emb
+        _, candidates = index["faiss"].search(query, wanted)
         scores, ids = [], []
         for q, cand in zip(query_emb, candidates):
             cand = np.sort(cand[cand >= 0])  # sorted rows: one pass over the memory-mapped file
@@ -493,8 +498,8 @@ def add_index_args(parser):
                         "approximate search; all by inner product over L2-normalised rows = cosine (default: %(default)s)")
     p.add_argument("--index_dtype", choices=tuple(STORAGE_DTYPES), default="float32",
                    help="index: faiss vectors in float32, float16 (half the memory), int8 (a quarter: scalar "
-                        "quantizer) or binary (1/32: sign bits, flat only, candidates rescored with the float16 rows "
-                        "kept on disk) (default: %(default)s)")
+                        "quantizer) or binary (1/32: a bit a dimension, flat only); int8 and binary candidates are "
+                        "rescored with float16 rows kept on disk (default: %(default)s)")
     p.add_argument("--hnsw_m", type=int, default=INDEX_DEFAULTS["hnsw_m"], help="index, hnsw: links per node (default: %(default)s)")
     p.add_argument("--ef_construction", type=int, default=INDEX_DEFAULTS["ef_construction"],
                    help="index, hnsw: candidates while building (default: %(default)s)")
