@@ -8,8 +8,8 @@ The first --limit lines of the corpus are encoded once ("passage: " prefix, the 
 backend, and the next --num_queries lines (held out of the index) as queries ("query: "). float32 flat, int8 flat
 and binary flat indexes are built from the same rows (common/index.py's build_faiss_index, as --task index builds
 them); each index's memory is its serialized size (the vectors faiss holds), and recall@10 is the share of exact
-search's top 10 that it returns, int8 and binary after rescoring top_k * RESCORE candidates with the float16 rows
-(as --task search does).
+search's top 10 that it returns, int8 and binary after rescoring their candidates (common/index.py's RESCORE) with
+the float16 rows, as --task search does.
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
 from common.data import iter_lines  # noqa: E402
 from common.encoding import encode  # noqa: E402
 from common.folder import BACKENDS, FolderEncoder  # noqa: E402
-from common.index import RESCORE, binary_codes, build_faiss_index  # noqa: E402
+from common.index import binary_codes, build_faiss_index, rescore_candidates  # noqa: E402
 
 
 def main(argv=None):
@@ -72,7 +72,7 @@ def main(argv=None):
         start = time.time()
         if dtype in ("int8", "binary"):  # as search_vectors: candidates, rescored with the float16 rows
             query = binary_codes(q, info["thresholds"]) if dtype == "binary" else q
-            _, cand = index.search(query, max(100, RESCORE * 10))
+            _, cand = index.search(query, rescore_candidates(dtype, 10, len(rows)))
             found = []
             for query, c in zip(q, cand):
                 c = np.sort(c[c >= 0])

@@ -175,7 +175,7 @@ def test_float16_halves_the_embeddings_and_keeps_top1(ev, encoder, tiny_bert, co
 
 def test_int8_and_binary_indexes_take_a_fraction_of_the_memory(ev, encoder, tiny_bert, corpus, flat_index, tmp_path):
     """int8: a scalar quantizer, about a quarter of float32's vectors; binary: a bit a dimension (1/32), searched by
-    Hamming distance. Both rescore their candidates with the float16 rows: with top_k * RESCORE candidates covering
+    Hamming distance. Both rescore their candidates with the float16 rows: with candidates (rescore_candidates) covering
     the whole corpus that must give exact search's ranking (up to float16 ties)."""
     int8 = build(ev, tiny_bert, corpus[0], tmp_path / "int8", "--index_dtype", "int8")
     binary = build(ev, tiny_bert, corpus[0], tmp_path / "binary", "--index_dtype", "binary")
@@ -187,7 +187,7 @@ def test_int8_and_binary_indexes_take_a_fraction_of_the_memory(ev, encoder, tiny
     for exact, quantized in zip(full, search(ev, encoder, int8, top_k=5)):  # 8-bit candidates, rescored in float16
         assert quantized[0][1] == exact[0][1] and len({i for _, i, _ in quantized} & {i for _, i, _ in exact[:5]}) >= 4
         np.testing.assert_allclose([s for s, _, _ in quantized], [s for s, _, _ in exact[:5]], atol=2e-3)
-    assert ev.load_index(flat_index)["meta"]["count"] <= 40 * ev.RESCORE  # every row is a candidate
+    assert ev.rescore_candidates("binary", 40, 10 ** 6) >= ev.load_index(flat_index)["meta"]["count"]  # all rows
     for exact, rescored in zip(full, search(ev, encoder, binary, top_k=40)):  # float16 rows: near ties may swap
         assert rescored[0][1] == exact[0][1]
         assert len({i for _, i, _ in rescored} & {i for _, i, _ in exact}) >= 38
