@@ -55,6 +55,13 @@ def test_onnx_embeddings_equal_torch_on_padded_batches(exported, folder):
     assert cosine(torch_emb, embeddings(ns, exported, "onnx-int8")).min() >= 0.95  # a tiny random model: coarse
 
 
+def test_a_batch_runs_in_pieces_with_the_same_embeddings(kosimcse, exported, monkeypatch):
+    """A batch over MAX_RUN_TOKENS padded tokens runs as several onnxruntime calls (its arena keeps the peak)."""
+    whole = embeddings(kosimcse, exported, "onnx")
+    monkeypatch.setattr(kosimcse.folder, "MAX_RUN_TOKENS", 8)  # one row a run
+    assert cosine(whole, embeddings(kosimcse, exported, "onnx")).min() >= 0.99999
+
+
 def test_evaluation_tasks_run_on_the_onnx_backend(kosimcse, exported, synthetic_data, capsys):
     ev = kosimcse.evaluation
     common = ["--model_dir", exported, "--pooling", "mean", "--data_dir", synthetic_data, "--device", "cpu",

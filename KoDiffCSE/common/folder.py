@@ -5,6 +5,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -27,6 +28,7 @@ def load_backbone(path):
 
 ONNX_DIR = "onnx"  # utils/export_onnx.py writes here, in sentence-transformers' ONNX backend layout
 BACKENDS = ("torch", "onnx", "onnx-int8")
+MAX_RUN_TOKENS = 32_768  # onnx: padded tokens per onnxruntime run (its arena's peak; see OnnxBackbone.forward)
 
 
 def int8_file_name(isa):
@@ -67,18 +69,19 @@ class OnnxBackbone(nn.Module):
         self.file, self.config = os.path.join(onnx_dir, names[0]), config
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        # onnxruntime's arena keeps the largest batch's activations for good (KorQuAD at 512 tokens, batch 256: 19 GB
-        # resident for the rest of the run); without it each run's memory is freed as torch's is
-        options.enable_cpu_mem_arena = False
         try:
             self.session = onnxruntime.InferenceSession(self.file, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # an int8 file made for instructions this CPU lacks, a damaged file
             raise ValueError(f"onnxruntime cannot run {self.file}: {' '.join(str(e).split())[:300]}") from None
 
     def forward(self, input_ids, attention_mask):
-        (hidden,) = self.session.run(["last_hidden_state"], {"input_ids": input_ids.cpu().numpy(),
-                                                              "attention_mask": attention_mask.cpu().numpy()})
-        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
+        # onnxruntime's memory arena keeps its largest run's activations for good (KorQuAD at 512 tokens in one run
+        # of 256 rows: 19 GB resident), so a batch runs in pieces of at most MAX_RUN_TOKENS padded tokens
+        rows = max(1, MAX_RUN_TOKENS // input_ids.shape[1])
+        hidden = [self.session.run(["last_hidden_state"], {"input_ids": input_ids[i:i + rows].cpu().numpy(),
+                                                           "attention_mask": attention_mask[i:i + rows].cpu().numpy()})[0]
+                  for i in range(0, input_ids.shape[0], rows)]
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(np.concatenate(hidden)))
 
 
 class FolderEncoder(nn.Module):
