@@ -40,10 +40,12 @@ def test_export_writes_both_files_in_sentence_transformers_layout(exported):
     names = sorted(os.listdir(os.path.join(exported, "onnx")))
     assert names[0] == "model.onnx" and len(names) == 2
     assert names[1] == export_onnx.int8_file_name(export_onnx.instruction_set())
-    kept = export_onnx.fp32_nodes(os.path.join(exported, "onnx", "model.onnx"), 1)  # what int8 leaves in float32
-    assert any("/layer.0/intermediate/dense/MatMul" in n for n in kept)
-    assert not any("/layer.1/intermediate/dense/MatMul" in n for n in kept)
+    model = os.path.join(exported, "onnx", "model.onnx")
+    kept = export_onnx.fp32_nodes(model)  # what int8 leaves in float32
+    assert any(n.endswith("/layer.1/output/dense/MatMul") for n in kept)  # feed-forward output
+    assert not any("/attention/output/dense/MatMul" in n or "/intermediate/dense/MatMul" in n for n in kept)
     assert any("/layer.1/attention/self/MatMul" in n for n in kept)  # query x key: two activations
+    assert any("/layer.0/intermediate/dense/MatMul" in n for n in export_onnx.fp32_nodes(model, 1))
 
 
 @pytest.mark.parametrize("folder", ["KoSimCSE", "KoSBERT"])
@@ -94,3 +96,17 @@ def test_a_t5_encoder_exports_exactly(kosimcse, tiny_t5, tmp_path):
     assert os.listdir(os.path.join(folder, "onnx")) == ["model.onnx"]
     torch_emb, onnx_emb = (embeddings(kosimcse, folder, backend) for backend in ("torch", "onnx"))
     assert cosine(torch_emb, onnx_emb).min() >= 0.99999
+
+
+def test_an_export_that_cannot_be_written_is_one_line(tiny_bert, tmp_path, capsys):
+    folder = str(tmp_path / "m")
+    shutil.copytree(tiny_bert, folder)
+    open(os.path.join(folder, "onnx"), "w").close()  # a file where the onnx/ folder must go
+    with pytest.raises(SystemExit) as e:
+        export_onnx.main([folder, "--no_int8"])
+    assert str(e.value).startswith(f"error: could not write the export of {folder}: ") and "\n" not in str(e.value)
+    assert os.path.isfile(os.path.join(folder, "onnx"))  # nothing else was touched
+    with pytest.raises(SystemExit):
+        export_onnx.main([folder, "--fp32_layers", "-1"])
+    assert "--fp32_layers -1: must not be negative" in capsys.readouterr().err
+

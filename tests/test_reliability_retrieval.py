@@ -80,13 +80,19 @@ def make_dir_corpus(root):
     return folder
 
 
+def make_queries_only(root):
+    (root / "q").mkdir()
+    (root / "q" / "queries.jsonl").write_text("{}")
+    return str(root / "q")
+
+
 NAME_CASES = {
     "typo": (lambda root: "autorg", r"--dataset autorg: not a known set, a file or a BEIR folder \(STS: korsts-train, korsts-dev"),
     "corpus_json": (make_json_corpus, r"jsoncorpus is a folder without corpus\.jsonl \(it has corpus\.json, qrels, "
                                       r"queries\.jsonl\)"),
     "corpus_dir": (make_dir_corpus, r"dircorpus/corpus\.jsonl is a directory, not a file"),
     "empty_folder": (lambda root: str(root), r": is a directory, not a file \(an STS set is a file; a retrieval set"),
-    "queries_only": (lambda root: (root / "q").mkdir() or (root / "q" / "queries.jsonl").write_text("{}") and str(root / "q"),
+    "queries_only": (lambda root: make_queries_only(root),
                      r"q is a folder without corpus\.jsonl \(it has queries\.jsonl\); a BEIR folder holds"),
 }
 

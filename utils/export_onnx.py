@@ -11,8 +11,9 @@ model_kwargs={"file_name": ...})``):
                                                last_hidden_state (the token embeddings; pooling, Dense and
                                                Normalize stay in the folder's modules, as in the torch model)
   <folder>/onnx/model_qint8_<isa>.onnx         onnxruntime's dynamic int8 quantization of it (int8 weights with a
-                                               scale per output channel, activations quantized per batch; the first
-                                               --fp32_layers layers and the attention products stay float32);
+                                               scale per output channel, activations quantized per batch; the
+                                               feed-forward output projections and the attention products stay
+                                               float32);
                                                <isa> names the instruction set it was made for, as
                                                sentence-transformers names its files: avx512_vnni, avx512, avx2 or
                                                arm64, the best this CPU has
@@ -120,10 +121,13 @@ def instruction_set():
 LAYER = re.compile(r"/(?:layer|block)\.(\d+)/")  # a MatMul's layer in torch.onnx's node names (BERT/XLM-R, T5)
 
 
-def fp32_nodes(onnx_file, fp32_layers):
-    """The MatMul nodes int8 leaves in float32: those of the first ``fp32_layers`` layers, and the attention
-    products of two activations (query x key, weights x value), whose dynamic quantization costs accuracy and
-    saves no weight memory."""
+FFN_OUTPUT = re.compile(r"(?<!/attention)/output/dense/MatMul$|/DenseReluDense/wo/MatMul$")  # BERT/XLM-R, T5
+
+
+def fp32_nodes(onnx_file, fp32_layers=0):
+    """The MatMul nodes int8 leaves in float32: every feed-forward output projection (its input, after the
+    activation function, has the widest range), the attention products of two activations (query x key,
+    weights x value: no weight to shrink), and all those of the first ``fp32_layers`` layers."""
     import onnx
     graph = onnx.load(onnx_file, load_external_data=False).graph
     weights = {w.name for w in graph.initializer}
@@ -132,15 +136,17 @@ def fp32_nodes(onnx_file, fp32_layers):
         if node.op_type != "MatMul":
             continue
         layer = LAYER.search(node.name)
-        if not any(x in weights for x in node.input) or (layer and int(layer.group(1)) < fp32_layers):
+        if (not any(x in weights for x in node.input) or FFN_OUTPUT.search(node.name)
+                or (layer and int(layer.group(1)) < fp32_layers)):
             keep.append(node.name)
     return keep
 
 
-def quantize(onnx_file, out_file, fp32_layers=2):
+def quantize(onnx_file, out_file, fp32_layers=0):
     """onnxruntime's dynamic int8 quantization with per-channel weight scales, leaving fp32_nodes in float32.
-    On multilingual-e5-small (KorSTS test, cosine Spearman with `query: `): float32 76.84; per-tensor int8 of every
-    MatMul 75.80; per-channel 76.51; per-channel with the first two layers in float32 76.62 (bench/README.md)."""
+    Chosen on KorSTS dev (multilingual-e5-small, cosine Spearman with `query: `, see bench/README.md): every MatMul
+    per-channel 80.39; the feed-forward output projections in float32 80.66; the first or last two layers instead
+    80.30."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process first is for static quantization
@@ -156,9 +162,11 @@ def main(argv=None):
     p.add_argument("model_dir", help="a saved model folder (modules.json, or a plain Hugging Face folder)")
     p.add_argument("--no_int8", action="store_true", help="write the float32 model only")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--fp32_layers", type=int, default=2,
-                   help="int8: the first N transformer layers stay in float32 (default: %(default)s; 0 = quantize all)")
+    p.add_argument("--fp32_layers", type=int, default=0, metavar="N",
+                   help="int8: the first N transformer layers also stay in float32 (default: %(default)s)")
     a = p.parse_args(argv)
+    if a.fp32_layers < 0:
+        p.error(f"--fp32_layers {a.fp32_layers}: must not be negative")
     if not os.path.isdir(a.model_dir):
         p.error(f"{a.model_dir}: no such folder")
     check_packages()
@@ -168,6 +176,19 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load {a.model_dir}: {' '.join(str(e).split())}")
     out_dir = os.path.join(transformer_dir(a.model_dir), ONNX_DIR)  # beside the weights, where the backends look
+    try:
+        files, cos = build_files(a, tokenizer, backbone, reference, out_dir)
+    except OSError as e:  # a full or read-only temporary folder or --model_dir: nothing half-written is left
+        sys.exit(f"error: could not write the export of {a.model_dir}: {e.strerror or e}; the model folder is "
+                 f"otherwise unchanged")
+    for name in files:
+        size = os.path.getsize(os.path.join(out_dir, name)) / 2 ** 20
+        print(f"{os.path.join(out_dir, name)} ({size:,.1f} MiB)")
+    print(f"checked: per-sentence cosine to torch >= {cos.min():.6f} on {len(CHECK_SENTENCES)} padded sentences (fp32)")
+
+
+def build_files(a, tokenizer, backbone, reference, out_dir):
+    """Export, check and quantize in a temporary folder, then move each file atomically into ``out_dir``."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = os.path.join(tmp, "model.onnx")
         export(tokenizer, backbone, fp32, a.opset)
@@ -180,18 +201,12 @@ def main(argv=None):
             name = int8_file_name(instruction_set())
             files[name] = os.path.join(tmp, name)
             quantize(fp32, files[name], a.fp32_layers)
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            for name, path in files.items():
-                with open(path, "rb") as f:
-                    data = f.read()
-                save_atomic(os.path.join(out_dir, name), lambda out: out.write(data))
-        except OSError as e:
-            sys.exit(f"error: could not write {out_dir}: {e.strerror or e}; the model folder is otherwise unchanged")
-    for name in files:
-        size = os.path.getsize(os.path.join(out_dir, name)) / 2 ** 20
-        print(f"{os.path.join(out_dir, name)} ({size:,.1f} MiB)")
-    print(f"checked: per-sentence cosine to torch >= {cos.min():.6f} on {len(CHECK_SENTENCES)} padded sentences (fp32)")
+        os.makedirs(out_dir, exist_ok=True)
+        for name, path in files.items():
+            with open(path, "rb") as f:
+                data = f.read()
+            save_atomic(os.path.join(out_dir, name), lambda out: out.write(data))
+    return files, cos
 
 
 if __name__ == "__main__":
