@@ -51,6 +51,8 @@ import subprocess
 import sys
 import tempfile
 import time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECTIVES = ("sup", "unsup", "sts", "nli")
@@ -564,11 +566,10 @@ def main():
     text = report(b, sizes, peak, mfus, elapsed)
     print("\n" + text)
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)) or ".", exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_") and v is not None},
-                       "records": b.records, "matmul_peak": peak, "mfu": mfus, "report": text,
-                       "runtime_s": elapsed}, f, indent=2, ensure_ascii=False)
+        write_json(args.output_json,
+                   {"args": {k: v for k, v in vars(args).items() if not k.startswith("_") and v is not None},
+                    "records": b.records, "matmul_peak": peak, "mfu": mfus, "report": text, "runtime_s": elapsed},
+                   indent=2, ensure_ascii=False)
     shutil.rmtree(b.work, ignore_errors=True)
 
 

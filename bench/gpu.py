@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 import traceback
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json, write_text  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDERS = ("KoSimCSE", "KoSBERT", "KoSentenceT5", "KoDiffCSE")
@@ -137,8 +139,7 @@ def shrink_data(src, dst, n_wiki):
             if path.endswith(".json"):
                 with open(path, encoding="utf-8") as f:
                     rows = json.load(f)
-                with open(out, "w", encoding="utf-8") as f:
-                    json.dump(rows[:300], f, ensure_ascii=False)
+                write_json(out, rows[:300], ensure_ascii=False)
             else:
                 with open(path, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
                     g.writelines(itertools.islice(f, n))
@@ -523,11 +524,8 @@ class Bench:
 
     def write(self):
         self.result["runtime_s"] = time.time() - self.start
-        os.makedirs(self.a.out, exist_ok=True)
-        with open(os.path.join(self.a.out, "gpu.json"), "w") as f:
-            json.dump(self.result, f, indent=2, ensure_ascii=False)
-        with open(os.path.join(self.a.out, "gpu.md"), "w") as f:
-            f.write(markdown(self.result))
+        write_json(os.path.join(self.a.out, "gpu.json"), self.result, indent=2, ensure_ascii=False)
+        write_text(os.path.join(self.a.out, "gpu.md"), markdown(self.result))
 
     def remaining(self):
         return self.a.budget_s - (time.time() - self.start)
@@ -828,8 +826,7 @@ def main(argv=None):
         a.work, a.deadline, a.base = a._work, a._deadline, os.path.join(a._work, "base")
         a.tiny_dev = os.path.join(a.work, "tiny-dev.tsv")
         result = WORKERS[a._job](a, cfg)
-        with open(a._result, "w") as f:
-            json.dump(result, f, ensure_ascii=False)
+        write_json(a._result, result, ensure_ascii=False)
         return 0
     if a.device.startswith("cuda"):
         import torch

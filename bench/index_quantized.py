@@ -12,7 +12,6 @@ search's top 10 that it returns, int8 and binary after rescoring their candidate
 the float16 rows, as --task search does.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,8 @@ from common.data import iter_lines  # noqa: E402
 from common.encoding import encode  # noqa: E402
 from common.folder import BACKENDS, FolderEncoder  # noqa: E402
 from common.index import binary_codes, build_faiss_index, rescore_candidates  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -94,9 +95,7 @@ def main(argv=None):
         print(f"| {dtype} | {r['faiss_class']} | {r['bytes'] / 2 ** 20:,.1f} | {r['bytes'] / base:.3f} | "
               f"{r['recall_at_10']:.4f} | {r['search_ms_per_query']:.2f} |")
     if a.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.output_json)), exist_ok=True)
-        with open(a.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(a.output_json, result, indent=2)
 
 
 if __name__ == "__main__":

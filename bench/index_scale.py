@@ -33,6 +33,8 @@ import signal
 import subprocess
 import sys
 import time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATION = os.path.join(ROOT, "KoSimCSE", "evaluation.py")
@@ -91,11 +93,11 @@ def build_model(tokenizer_dir, out, layers, hidden):
     bert.save_pretrained(out)
     tok.save_pretrained(out)
     os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
-    with open(os.path.join(out, "modules.json"), "w") as f:
-        json.dump([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}], f)
-    with open(os.path.join(out, "1_Pooling", "config.json"), "w") as f:
-        json.dump({"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}, f)
+    write_json(os.path.join(out, "modules.json"),
+               [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    write_json(os.path.join(out, "1_Pooling", "config.json"),
+               {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True})
     return sum(p.numel() for p in bert.parameters())
 
 
@@ -213,8 +215,7 @@ def worker_search(index_dir, model, queries_file, out_file, max_len, sweep):
                 single.append(time.time() - t)
             result["sweep"][value] = {"ids": [row.tolist() for row in ev.search_vectors(index, emb, 10)[1]],
                                       **percentiles(single)}
-    with open(out_file, "w") as f:
-        json.dump(result, f)
+    write_json(out_file, result)
 
 
 def recall_at_10(ids, exact):
@@ -397,8 +398,7 @@ def main():
         for value, s in res["sweep"].items():
             s["recall_at_10"] = round(recall_at_10(s.pop("ids"), exact), 4)
         res.pop("ids")
-    with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
+    write_json(os.path.join(work, "results.json"), results, indent=2, ensure_ascii=False)
     print_table(results)
 
 

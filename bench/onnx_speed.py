@@ -12,7 +12,6 @@ tokens) and its first --questions questions ("query: "). The jobs alternate (tor
 backend's mean and minimum per-text cosine to ours in torch. Run it on a quiet machine.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,8 @@ from common.data import read_sts, resolve_path  # noqa: E402
 from common.encoding import encode  # noqa: E402
 from common.folder import FolderEncoder  # noqa: E402
 from common.retrieval import load_retrieval  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json  # noqa: E402
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
@@ -88,9 +89,7 @@ def main(argv=None):
     print("| texts | encoder | texts/s | vs ST torch | cosine to ours torch (mean / min) |\n|---|---|---:|---:|---|")
     print("\n".join(rows))
     if a.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.output_json)), exist_ok=True)
-        with open(a.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(a.output_json, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ line. Both sides' embeddings are compared (mean cosine of the same text), so a f
 Run it on a quiet machine: another job on the cores slows OpenMP down badly.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
 from common.encoding import encode  # noqa: E402
 from common.folder import FolderEncoder  # noqa: E402
 from common.retrieval import load_retrieval  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json  # noqa: E402
 
 
 def texts_of(data_dir, dataset, limit):
@@ -92,9 +93,7 @@ def main(argv=None):
           f"ST {result['median_seconds']['st']:.1f} s | {result['ours_over_st']:.2f}x | cosine "
           f"{min(cosine):.6f} |")
     if a.output_json:
-        with open(a.output_json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(a.output_json + ".tmp", a.output_json)
+        write_json(a.output_json, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ OUTPUT_DIR/best_model and scored by KoSimCSE/evaluation.py like every other row;
 records the wall time of training.
 """
 import argparse
-import json
 import os
 import sys
 import time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ itself, also when imported by path
+from benchio import write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "KoSimCSE"))
@@ -107,9 +108,7 @@ def main(argv=None):
     model.save(os.path.join(a.output_dir, "best_model"))
     info = {"recipe": a.recipe, "train_seconds": round(seconds, 1), "examples": len(train),
             "best_metric": trainer.state.best_metric, "global_step": trainer.state.global_step, "args": vars(a)}
-    with open(os.path.join(a.output_dir, "st_run.json.tmp"), "w") as f:  # renamed into place: never torn
-        json.dump(info, f, indent=2)
-    os.replace(os.path.join(a.output_dir, "st_run.json.tmp"), os.path.join(a.output_dir, "st_run.json"))
+    write_json(os.path.join(a.output_dir, "st_run.json"), info, indent=2)
     import shutil
     shutil.rmtree(os.path.join(a.output_dir, "trainer"), ignore_errors=True)  # checkpoints: the best is saved
     print(f"trained in {seconds:.0f} s; best dev cosine Spearman {trainer.state.best_metric}")
