@@ -168,3 +168,23 @@ def test_drop_that_removes_every_row_names_the_reason(kosimcse, data, tmp_path):
         guard(kosimcse, data, "drop", tmp_path, source="unsup", files=("train/leaks.txt",))
     assert str(e.value).startswith(f"error: --decontaminate drop removed every row of {data}/train/leaks.txt (each "
                                    f"shares a sentence") and "nothing is left to train on" in str(e.value)
+
+
+@pytest.mark.slow
+def test_drop_that_removes_every_row_stops_every_rank_under_torchrun(data, tiny_bert, tmp_path):
+    """Rank 0 alone filters the files; its stop reaches rank 1, which used to be left at the barrier (killed by
+    torchrun's agent on one machine, waiting out the collective timeout on the other machines of a multi-node run)."""
+    import time
+    from conftest import ROOT, torchrun
+    write(f"{data}/train/leaks.txt", f"{LEAK}\n{LEAK.replace(' ', '  ')}\n")
+    out = tmp_path / "run"
+    start = time.time()
+    proc = torchrun(os.path.join(ROOT, "KoSimCSE", "train.py"), "--model", tiny_bert, "--mode", "unsup",
+                    "--train_file", f"{data}/train/leaks.txt", "--data_dir", data, "--decontaminate", "drop",
+                    "--output_dir", str(out), "--device", "cpu", "--max_steps", "1", timeout=150)
+    assert proc.returncode != 0 and time.time() - start < 150
+    assert f"error: --decontaminate drop removed every row of {data}/train/leaks.txt" in proc.stderr, proc.stderr[-2000:]
+    assert "error: rank 0 of this run stopped (its message is above); rank 1 stops too" in proc.stderr, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr  # no rank aborted
+    assert 'train.py", line' not in proc.stderr and "common/" not in proc.stderr  # no traceback of ours (torchrun's own
+    assert not (out / "best_model").exists()                                     # report of a failed child is its)

@@ -364,3 +364,7 @@ def test_sharded_build_under_torchrun_equals_one_process_and_resumes(ev, kosimcs
         json.dump(record, f)
     run = torchrun(evaluation, *flags, "--index_dir", other)
     assert run.returncode != 0 and "max_len 16 (now 32)" in run.stderr
+    # rank 0 alone refuses a folder that holds a complete index; rank 1 hears it and stops with one line too
+    run = torchrun(evaluation, *flags, "--index_dir", single)
+    assert run.returncode != 0 and "already holds a complete index" in run.stderr, run.stderr[-3000:]
+    assert "error: rank 0 of this run stopped (its message is above); rank 1 stops too" in run.stderr

@@ -14,7 +14,7 @@ from .checkpoint import (RunLock, check_data_fingerprints, check_output_dir, pre
 from .decontaminate import guard
 from .dev import DevEvaluator, model_max_len
 from .files import one_line_errors
-from .stages import autocast_dtype, barrier, setup_distributed
+from .stages import autocast_dtype, barrier, setup_distributed, together
 from .tokenizer import load_tokenizer
 
 
@@ -121,15 +121,22 @@ class Run:
     def __enter__(self):
         args = self.args
         self.rank, self.world = setup_distributed(args)
-        self.lock = RunLock(args.output_dir) if self.rank == 0 else None  # one live run per output folder
-        try:
+        self.lock = None
+
+        def open_run():
+            if self.rank == 0:
+                self.lock = RunLock(args.output_dir)  # one live run per output folder
             stage_dirs = [s.best_dir for s in self.plan]
             self.state = read_checkpoint(args.output_dir, stage_dirs) if args.resume else None
             if self.state is None:
                 check_output_dir(args, stage_dirs)
             # training data that is evaluation data: reported, then kept, dropped or refused (--decontaminate)
             guard(args, [n for s in self.plan for n in s.sources], self.rank, print)
-            barrier(self.world)  # with drop, rank 0 has written the filtered copies
+
+        try:
+            # a stop on one rank (a held lock, drop leaving nothing: rank 0 only) stops every rank; with drop,
+            # rank 0 has written the filtered copies when this returns
+            together(self.world, open_run)
             # the data a resumed run trains on must be the data it started with (every rank: all stop alike)
             check_data_fingerprints(args, [n for s in self.plan for n in s.sources], self.state is not None)
         except BaseException:
@@ -150,7 +157,11 @@ class Run:
             if getattr(args, flag) > args.eval_max_len:                           # crash at the first long text
                 raise SystemExit(f"error: --{flag} {getattr(args, flag)}: {args.model} takes at most "
                                  f"{args.eval_max_len} tokens; give at most that")
-        evaluate = None
+        return together(self.world, lambda: self._start_rank0(tokenizer))  # nobody starts before rank 0's set-up
+
+    def _start_rank0(self, tokenizer):
+        """Rank 0's share of ``start`` (the dev evaluator, the output folder); None on the other ranks."""
+        args, evaluate = self.args, None
         if self.rank == 0:
             evaluate = DevEvaluator(args.dev_file, args.data_dir, tokenizer, args.eval_max_len, args.eval_batch_size,
                                     args.device, autocast_dtype(args), args.dev_protocol, args.batch_size, args.seed,
@@ -159,7 +170,6 @@ class Run:
                 truncate_log(self.log.path, [s.name for s in self.plan], self.state["stage"], self.state["step"])
             else:
                 prepare_output_dir(args, extra=[s.best_dir for s in self.plan])
-        barrier(self.world)  # nobody starts before rank 0 has set up (or truncated) the output folder
         return evaluate
 
     def remaining_stages(self):

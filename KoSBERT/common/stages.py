@@ -85,6 +85,30 @@ def barrier(world):
         dist.barrier()
 
 
+def together(world, fn):
+    """``fn()`` on every rank, then a barrier that also carries failure: if ``fn`` stopped any rank (a one-line
+    SystemExit such as --decontaminate drop leaving nothing, or any exception in rank 0's share of the set-up),
+    every rank stops, the failed ones with their own error and the others with one line pointing at it, instead
+    of waiting forever at the next barrier. Returns ``fn()``'s value."""
+    if world == 1:
+        return fn()
+    failure = None
+    try:
+        value = fn()
+    except BaseException as e:  # noqa: B036 -- SystemExit and KeyboardInterrupt included: the others must know
+        failure = e
+    stopped = [None] * world
+    dist.all_gather_object(stopped, failure is not None)
+    if not any(stopped):
+        return value
+    rank = dist.get_rank()
+    dist.destroy_process_group()  # every rank is stopping: leave the group cleanly, not by an abort at exit
+    if failure is not None:
+        raise failure
+    ranks = ", ".join(str(r) for r, s in enumerate(stopped) if s)
+    raise SystemExit(f"error: rank {ranks} of this run stopped (its message is above); rank {rank} stops too")
+
+
 def wrap_ddp(trainable, world, several_sources):
     """``trainable`` in DistributedDataParallel under torchrun (itself in one process). With several sources,
     parameters idle on one source's batches (KoSBERT's classifier) must not be waited for."""

@@ -249,7 +249,7 @@ def _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progres
 
 def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type="flat", dtype="float32",
                 chunk_size=20_000, max_len=128, query_prefix="", passage_prefix="", batch_size=64, device="cpu",
-                params=None, log=print, rank=0, world=1, barrier=lambda: None):
+                params=None, log=print, rank=0, world=1, sync=lambda fn: fn()):
     """Encode ``corpus_file`` (one sentence per line, blank lines skipped, as ``semantic_search``
     reads it) once into ``index_dir`` and return its index_meta.json contents.
 
@@ -261,26 +261,30 @@ def build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_typ
     index (``build_faiss_index``) into D/index.faiss, and D/index_meta.json is written last. The build holds
     an exclusive lock on ``index_dir`` (D/.lock): a second build there while one runs is refused.
 
-    Sharded (``world`` > 1, under torchrun; ``barrier`` waits for every rank): rank 0 takes the lock and writes
-    the build's record, every rank checks it against its own model and flags and encodes its contiguous shard
-    of chunks (``shard_of``), then rank 0 alone assembles the index, which equals a one-process build; the
-    other ranks return None. The ranks must share the index folder (one machine, or a shared file system)."""
+    Sharded (``world`` > 1, under torchrun; ``sync(fn)`` runs ``fn`` on every rank and returns when all have,
+    stopping every rank if it stopped one: stages.together): rank 0 takes the lock and writes the build's record,
+    every rank checks it against its own model and flags and encodes its contiguous shard of chunks
+    (``shard_of``), then rank 0 alone assembles the index, which equals a one-process build; the other ranks
+    return None. The ranks must share the index folder (one machine, or a shared file system)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"index dtype {dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
     if dtype == "binary" and index_type != "flat":
         raise DataError(f"--index_dtype binary: --index_type flat only (got {index_type})")
     if os.path.exists(index_dir) and not os.path.isdir(index_dir):
         raise DataError(f"{index_dir}: is a file, not a folder (--index_dir)")
-    if rank != 0:  # rank 0 holds the lock and writes the record; this rank encodes its shard against it
-        barrier()
+    locks = []  # rank 0 holds the lock; the other ranks encode their shards against its record
+
+    def claim():
+        if rank == 0:
+            locks.append(FolderLock(index_dir, lambda holder: f"error: {index_dir} is in use by a running index "
+                                    f"build (pid {holder}); wait for it to finish or choose another --index_dir"))
+    try:
+        sync(claim)
         return _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size,
-                            max_len, query_prefix, passage_prefix, batch_size, device, params, log, rank, world,
-                            barrier)
-    with FolderLock(index_dir, lambda holder: f"error: {index_dir} is in use by a running index build (pid {holder}); "
-                                              f"wait for it to finish or choose another --index_dir"):
-        return _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size,
-                            max_len, query_prefix, passage_prefix, batch_size, device, params, log, rank, world,
-                            barrier)
+                            max_len, query_prefix, passage_prefix, batch_size, device, params, log, rank, world, sync)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def _check_progress(progress_file, progress, recipe, chunks_dir, what, then):
@@ -303,10 +307,7 @@ def _check_progress(progress_file, progress, recipe, chunks_dir, what, then):
 
 
 def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_type, dtype, chunk_size, max_len,
-                 query_prefix, passage_prefix, batch_size, device, params, log, rank=0, world=1, barrier=lambda: None):
-    if rank == 0 and os.path.isfile(os.path.join(index_dir, INDEX_META)):
-        raise DataError(f"{index_dir}: already holds a complete index ({INDEX_META}); remove it or "
-                        f"choose another --index_dir")
+                 query_prefix, passage_prefix, batch_size, device, params, log, rank=0, world=1, sync=lambda fn: fn()):
     start_time = time.time()
     offsets, corpus = corpus_offsets(corpus_file)
     recipe = index_recipe(model_dir, encoder, max_len, query_prefix, passage_prefix)
@@ -316,7 +317,13 @@ def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_ty
                 "batch_size": batch_size, "device": torch.device(device).type,
                 "corpus": {k: corpus[k] for k in ("path", "size", "sha256")}, "count": len(offsets)}
     progress_file = os.path.join(chunks_dir, "progress.json")
-    if rank == 0:
+
+    def record():  # rank 0: the build's record, new or checked (a resumed build)
+        if rank != 0:
+            return
+        if os.path.isfile(os.path.join(index_dir, INDEX_META)):
+            raise DataError(f"{index_dir}: already holds a complete index ({INDEX_META}); remove it or "
+                            f"choose another --index_dir")
         os.makedirs(chunks_dir, exist_ok=True)
         if os.path.isfile(progress_file):
             _check_progress(progress_file, progress, recipe, chunks_dir, "a partial build with other settings",
@@ -325,13 +332,16 @@ def _build_index(encoder, tokenizer, model_dir, corpus_file, index_dir, index_ty
             log(f"{chunks_dir}: resuming with {done} of {num_chunks} chunks already encoded")
         else:
             save_json_atomic(progress_file, progress)
-        barrier()  # the record is there: the other ranks check it and start
-    else:
-        _check_progress(progress_file, progress, recipe, chunks_dir, "the build's record differs from this rank's "
-                        "model or flags", "run every rank with the same model and flags")
-    _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progress, recipe, chunk_size, batch_size,
-                   device, shard_of(num_chunks, rank, world))
-    barrier()  # every shard is encoded
+
+    def encode_shard():  # every rank: its contiguous shard of chunks, against rank 0's record
+        if rank != 0:
+            _check_progress(progress_file, progress, recipe, chunks_dir, "the build's record differs from this "
+                            "rank's model or flags", "run every rank with the same model and flags")
+        _encode_chunks(encoder, tokenizer, corpus_file, offsets, chunks_dir, progress, recipe, chunk_size, batch_size,
+                       device, shard_of(num_chunks, rank, world))
+
+    sync(record)  # the record is there: the other ranks check it and start
+    sync(encode_shard)  # every shard is encoded
     if rank != 0:
         return None
     encode_seconds = time.time() - start_time
@@ -522,18 +532,19 @@ def run_index(args, encoder, max_len):
     (WORLD_SIZE > 1) the build is sharded over the processes (gloo on CPU, NCCL on GPUs; see build_index)."""
     params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search,
               "nlist": args.nlist, "nprobe": args.nprobe}
-    rank, world, barrier = 0, int(os.environ.get("WORLD_SIZE", 1)), lambda: None
+    rank, world, sync = 0, int(os.environ.get("WORLD_SIZE", 1)), lambda fn: fn()
     if world > 1:
         import torch.distributed as dist
+        from .stages import together  # here: stages imports the training side, which imports this module
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        rank, barrier = dist.get_rank(), dist.barrier
+        rank, sync = dist.get_rank(), lambda fn: together(world, fn)  # a rank's stop stops every rank
     try:
         meta = build_index(encoder, encoder.tokenizer, args.model_dir, args.corpus_file, args.index_dir,
                            args.index_type, args.index_dtype, args.chunk_size, max_len, args.query_prefix or "",
                            args.passage_prefix or "", args.batch_size, args.device, params, rank=rank, world=world,
-                           barrier=barrier)
+                           sync=sync)
     finally:
-        if world > 1:
+        if world > 1 and dist.is_initialized():  # together() leaves the group itself when it stops the ranks
             dist.destroy_process_group()
     if meta is None:  # a rank other than 0: its shard is encoded, rank 0 built the index
         return
