@@ -6,6 +6,8 @@ Objectives (sentence-transformers' SoftmaxLoss and CosineSimilarityLoss):
   softmax     NLI classification: logits = Linear(3d -> 3)([u, v, |u - v|]), cross-entropy against
               the class id. The classifier exists for training only and is not saved.
   regression  STS: MSE(cos(u, v), score / 5).
+  anchor      optional, added to either (--anchor_weight): 1 - cos(f(x), f0(x)) on other texts x, f0 the
+              frozen starting model, so that tuning for STS moves the embeddings of search text less.
 
 Poolers:
   mean               masked mean over tokens (SBERT/KoSBERT; the default).
@@ -163,23 +165,45 @@ def matryoshka_loss(loss_fn, embeddings, dims, weights=None):
     return loss
 
 
+def anchor_loss(embeddings, reference):
+    """Mean cosine distance between each text's embedding and the frozen starting model's (``reference``, no
+    gradient): 0 while the model has not moved on these texts. A feature-distillation penalty (as in
+    learning-without-forgetting): with the e5 prefixes and (query, passage) texts of the wiki it holds the
+    search geometry in place while an STS loss reshapes the rest."""
+    return (1 - F.cosine_similarity(embeddings.float(), reference.float(), dim=-1)).mean()
+
+
 class PairObjective(nn.Module):
     """The encoder and the NLI classifier in one module, so that DistributedDataParallel sees every
-    trainable parameter; ``forward(source, ...)`` is the loss of one batch of that source: softmax_loss
-    for "nli" (needs the classifier), sts_objective for "sts": ``sts_loss`` (--sts_loss; cosine regression by
-    default), summed over ``matryoshka_dims`` when given. A cosent / angle loss (BATCH_STS_LOSSES) spans the
-    gathered global batch under DDP: the caller multiplies it by the world size (training_step)."""
+    trainable parameter; ``forward(source, ...)`` is (the loss of one batch of that source, the anchor
+    distance or None): softmax_loss for "nli" (needs the classifier), sts_objective for "sts": ``sts_loss``
+    (--sts_loss; cosine regression by default), summed over ``matryoshka_dims`` when given; with
+    ``anchor_input_ids`` (--anchor_file), also anchor_loss of those texts against ``reference``, the frozen
+    starting encoder (kept out of the module's parameters: not trained, not checkpointed). A cosent / angle
+    loss (BATCH_STS_LOSSES) spans the gathered global batch under DDP: the caller multiplies it by the world
+    size (training_step); the anchor distance is a mean over the local texts, as DDP expects."""
 
-    def __init__(self, encoder, classifier=None, sts_loss="cosine", matryoshka_dims=(), matryoshka_weights=None):
+    def __init__(self, encoder, classifier=None, sts_loss="cosine", matryoshka_dims=(), matryoshka_weights=None,
+                 reference=None):
         super().__init__()
         self.encoder, self.classifier = encoder, classifier
         self.sts_loss, self.matryoshka_dims, self.matryoshka_weights = sts_loss, matryoshka_dims, matryoshka_weights
+        self.__dict__["reference"] = reference  # a plain attribute: no gradient, no state_dict entry
+        if reference is not None:
+            reference.eval().requires_grad_(False)
 
-    def forward(self, source, input_ids, attention_mask, labels):
+    def forward(self, source, input_ids, attention_mask, labels, anchor_input_ids=None, anchor_attention_mask=None):
         embeddings = self.encoder(input_ids, attention_mask)
         if source == "nli":
-            return softmax_loss(self.classifier, embeddings, labels)
-        return sts_objective(embeddings, labels, self.sts_loss, self.matryoshka_dims, self.matryoshka_weights)
+            loss = softmax_loss(self.classifier, embeddings, labels)
+        else:
+            loss = sts_objective(embeddings, labels, self.sts_loss, self.matryoshka_dims, self.matryoshka_weights)
+        if anchor_input_ids is None:
+            return loss, None
+        self.reference.to(input_ids.device)  # a no-op after the first call
+        with torch.no_grad():
+            reference = self.reference(anchor_input_ids, anchor_attention_mask)
+        return loss, anchor_loss(self.encoder(anchor_input_ids, anchor_attention_mask), reference)
 
 
 class SentenceEncoder(nn.Module):

@@ -12,6 +12,8 @@ Modes:
   nli_sts    BM-K's KoSBERT: the nli stage, then the sts stage from the best NLI model (<output_dir>/nli_model),
              with a fresh optimizer and warmup (his training_nli.py + con_training_sts.py).
   multitask  NLI and STS batches interleaved under one optimizer (common/stages.py:interleave); --epochs.
+Any mode: --anchor_file F --anchor_weight W adds W x (1 - cos) between the model's and the frozen starting
+model's embeddings of one text of F per training pair (model.anchor_loss): STS tuning that keeps search text put.
 Defaults: BM-K's / sentence-transformers' fit(): batch 32, lr 2e-5, decay 0.01, 10% warmup, clipping 1.0, mean
 pooling, evaluation every 1000 steps and at each epoch end.
 
@@ -26,14 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from common.checkpoint import save_checkpoint
-from common.data import BatchPlan, DataError, PairCollator, PairDataset, load_sts_pairs, resolve_path
+from common.data import BatchPlan, DataError, PairCollator, PairDataset, TokenizedTexts, load_sts_pairs, resolve_path
 from common.dev import best_score_text, BestModel, METHOD
-from common.flags import add_run_args, finish_args, PresetParser, refuse_idle_flags
+from common.flags import add_run_args, explicit_flags, finish_args, PresetParser, refuse_idle_flags
 from common.objectives import add_objective_args, check_objective_args, objective_option
 from common.run import exit_on_data_error, load_or_exit, LossWindow, nonfinite_loss_exit, run_stages
 from common.stages import (autocast_dtype, barrier, describe_stage, interleave, Source, Stage, stage_batches,
                            start_stage, wrap_ddp)
-from dataloader import load_nli_pairs
+from dataloader import AnchorCollator, AnchoredPairs, load_anchor_texts, load_nli_pairs
 from model import BATCH_STS_LOSSES, POOLERS, PairObjective, STS_LOSSES, SentenceEncoder, SoftmaxClassifier
 
 MODES = ("nli", "sts", "nli_sts", "multitask")
@@ -52,10 +54,14 @@ def training_step(model, source, batch, args, world):
     plus ``labels``; PairObjective encodes them in one call and applies that source's loss. softmax and cosine
     regression are means over the local pairs, so DDP's gradient average is already the global batch's
     gradient; --sts_loss cosent / angle are over the gathered global batch, so they are multiplied by the
-    world size (as SimCSE's InfoNCE is)."""
-    loss = model(source, **batch)
+    world size (as SimCSE's InfoNCE is). With --anchor_file the batch also holds one anchor text a pair, whose
+    cosine distance to the frozen starting model's embedding is added, times --anchor_weight."""
+    loss, distance = model(source, **batch)
     spans_ranks = source == "sts" and getattr(model, "module", model).sts_loss in BATCH_STS_LOSSES
-    return loss * world if spans_ranks else loss, {"loss": loss}
+    total = loss * world if spans_ranks else loss
+    if distance is None:
+        return total, {"loss": loss}
+    return total + args.anchor_weight * distance, {"loss": loss, "anchor_distance": distance}
 
 
 def stages(args):
@@ -83,9 +89,16 @@ def build_source(name, args, tokenizer, rank, world, log):
     if dataset.tokenized.num_truncated:
         log(f"{dataset.tokenized.num_truncated:,} of {len(dataset.tokenized):,} {name} sentences were longer "
             f"than --max_len {args.max_len} tokens and were truncated")
+    collator = PairCollator(tokenizer.pad_token_id, torch.long if name == "nli" else torch.float)
+    if args.anchor_file:  # one anchor text a pair: half as many (query, passage) pairs of the file as pairs here
+        queries, passages = load_anchor_texts(resolve_path(args.anchor_file, args.data_dir), -(-len(dataset) // 2),
+                                              args.seed, log)
+        queries = TokenizedTexts(tokenizer, queries, args.max_len, desc=None, prefix=args.query_prefix)
+        passages = TokenizedTexts(tokenizer, passages, args.anchor_max_len, desc=None, prefix=args.passage_prefix)
+        dataset = AnchoredPairs(dataset, queries, passages, args.seed)
+        collator = AnchorCollator(collator, tokenizer.pad_token_id)
     plan = BatchPlan(len(dataset), args.batch_size, args.seed, rank, world, drop_last=False)
-    return Source(name, dataset, plan, PairCollator(tokenizer.pad_token_id, torch.long if name == "nli" else torch.float),
-                  args.nli_file if name == "nli" else [args.sts_file])
+    return Source(name, dataset, plan, collator, args.nli_file if name == "nli" else [args.sts_file])
 
 
 def load_model(args, path, stage):
@@ -96,8 +109,12 @@ def load_model(args, path, stage):
         p, pooler=args.pooler, bucket_tokens=args.bucket_tokens, mini_batch_size=args.mini_batch_size,
         matryoshka_dims=dims), path)
     classifier = SoftmaxClassifier(encoder.dim, num_labels=3) if stage != "sts" else None
+    reference = None  # --anchor_file: the starting model (--model, in every stage), frozen
+    if args.anchor_file:
+        reference = load_or_exit(lambda p: SentenceEncoder.from_pretrained(p, pooler=args.pooler,
+                                                                           bucket_tokens=args.bucket_tokens), args.model)
     return encoder, PairObjective(encoder, classifier, objective_option(args, "sts_loss"), dims,
-                                  objective_option(args, "matryoshka_weights"))
+                                  objective_option(args, "matryoshka_weights"), reference=reference)
 
 
 # --- the loop (the same code in every method folder) ---------------------------------------------------
@@ -196,6 +213,12 @@ def parse_args(argv=None):
                         "in backward (same loss and gradients; activation memory of N sentences); 0 = off")
     p.add_argument("--nli_epochs", type=int, default=1, help="epochs of --mode nli and of the nli_sts NLI stage")
     p.add_argument("--sts_epochs", type=int, default=4, help="epochs of --mode sts and of the nli_sts STS stage")
+    p.add_argument("--anchor_file", default=None,
+                   help="(query, passage) pairs (a pairs TSV or BEIR folder, as KoSimCSE --mode pairs reads) whose "
+                        "texts keep the starting model's embeddings: one text a training pair, queries with "
+                        "--query_prefix, passages with --passage_prefix (model.anchor_loss)")
+    p.add_argument("--anchor_weight", type=float, default=1.0, help="weight of the anchor loss (--anchor_file)")
+    p.add_argument("--anchor_max_len", type=int, default=128, help="token limit of the anchor passages")
     add_objective_args(p, sts_losses=STS_LOSSES)
     add_run_args(p, batch_size=32, lr=2e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0, max_len=128,
                  eval_steps=1000, eval_each_epoch=True)
@@ -211,6 +234,15 @@ def parse_args(argv=None):
                     "use --nli_file / --sts_file for nli_sts and multitask")
     check_objective_args(p, args)
     refuse_idle_flags(p, args, IDLE_FLAGS)
+    if not args.anchor_file and not args.resume:
+        argv = list(p.argv)
+        given = explicit_flags(p, argv)  # it parses again, which resets p.argv
+        p.argv = argv
+        idle = [f for f in ("anchor_weight", "anchor_max_len") if f in given]
+        if idle:
+            p.error(f"--{idle[0]} acts on --anchor_file, which is not given")
+    if not args.anchor_weight > 0:
+        p.error(f"--anchor_weight {args.anchor_weight}: give a weight above 0 (leave out --anchor_file for none)")
     if args.matryoshka_dims and args.mode == "nli":
         p.error("--matryoshka_dims wraps the STS objective; the NLI softmax classifier reads [u, v, |u - v|] at the "
                 "full dimension (use --mode sts, nli_sts or multitask)")

@@ -63,6 +63,13 @@ ROWS = {
                                     "passage: "], 3, "KoSBERT STS with CoSENT, trained with e5's prompts"),
     "kosbert-sts-cosent-prompts-merged": ("merged", "kosbert-sts-cosent-prompts", None, [], 3,
                                           "the row above merged with the backbone at the dev-chosen alpha"),
+    "kosbert-sts-cosent-anchor": ("ours", "KoSBERT", "real-sts.args",
+                                  ["--sts_loss", "cosent", "--query_prefix", "query: ", "--passage_prefix", "passage: ",
+                                   "--anchor_file", "ICT", "--anchor_weight", "10"], 3,
+                                  "the CoSENT row with prompts, its embeddings of ICT wiki texts anchored to the "
+                                  "backbone's (one a pair, weight 10)"),
+    "kosbert-sts-cosent-anchor-merged": ("merged", "kosbert-sts-cosent-anchor", None, [], 3,
+                                         "the row above merged with the backbone at the dev-chosen alpha"),
     "kosimcse-pairs-ict": ("ours", "KoSimCSE", "real-pairs-ict.args", ["--train_file", "ICT"], 1,
                            "KoSimCSE pairs on 4,800 ICT pairs of the wiki, e5's prompts"),
     "kosimcse-pairs-ict-merged": ("merged", "kosimcse-pairs-ict", None, [], 1,

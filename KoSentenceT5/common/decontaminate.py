@@ -252,7 +252,7 @@ def _filtered_copy(path, kind, contaminated, out_dir):
 
 # The flag that names the files of each training source (the names of the folders' build_source).
 SOURCE_FLAGS = {"sup": "train_file", "unsup": "train_file", "wiki": "train_file", "nli": "nli_file",
-                "sts": "sts_file", "pairs": "train_file"}
+                "sts": "sts_file", "pairs": "train_file", "anchor": "anchor_file"}
 
 
 def guard(args, source_names, rank=0, log=print):

@@ -131,14 +131,14 @@ class Run:
             if self.state is None:
                 check_output_dir(args, stage_dirs)
             # training data that is evaluation data: reported, then kept, dropped or refused (--decontaminate)
-            guard(args, [n for s in self.plan for n in s.sources], self.rank, print)
+            guard(args, self.training_sources(), self.rank, print)
 
         try:
             # a stop on one rank (a held lock, drop leaving nothing: rank 0 only) stops every rank; with drop,
             # rank 0 has written the filtered copies when this returns
             together(self.world, open_run)
             # the data a resumed run trains on must be the data it started with (every rank: all stop alike)
-            check_data_fingerprints(args, [n for s in self.plan for n in s.sources], self.state is not None)
+            check_data_fingerprints(args, self.training_sources(), self.state is not None)
         except BaseException:
             if self.lock is not None:
                 self.lock.release()
@@ -147,14 +147,20 @@ class Run:
         self.log = RunLog(os.path.join(args.output_dir, "train_log.jsonl"), self.rank)  # opened at its first record
         return self
 
+    def training_sources(self):
+        """The names of every training file the run reads (decontaminate.SOURCE_FLAGS): the stages' sources, and
+        "anchor" where a KoSBERT run keeps its embeddings of --anchor_file near the starting model's."""
+        return [n for s in self.plan for n in s.sources] + (["anchor"] if getattr(self.args, "anchor_file", None) else [])
+
     def start(self, tokenizer, encoder):
         """Every input has loaded: build the dev evaluator (rank 0; None elsewhere), then prepare the output
         folder (a new run) or cut its log back to the checkpoint (a resumed one)."""
         args = self.args
         args.eval_max_len = model_max_len(tokenizer, encoder)  # dev sentences and saved models: never cut short
         pairs = str(getattr(args, "mode", "")).startswith("pairs")  # the modes that read --passage_max_len
-        for flag in ("max_len", "passage_max_len") if pairs else ("max_len",):  # beyond the position table: a
-            if getattr(args, flag) > args.eval_max_len:                           # crash at the first long text
+        flags = ["max_len"] + ["passage_max_len"] * pairs + ["anchor_max_len"] * bool(getattr(args, "anchor_file", None))
+        for flag in flags:  # beyond the model's position table: a crash at the first long text
+            if getattr(args, flag) > args.eval_max_len:
                 raise SystemExit(f"error: --{flag} {getattr(args, flag)}: {args.model} takes at most "
                                  f"{args.eval_max_len} tokens; give at most that")
         return together(self.world, lambda: self._start_rank0(tokenizer))  # nobody starts before rank 0's set-up
